@@ -1,0 +1,17 @@
+"""Fused kernels for training math-reasoning models with SFT and GRPO.
+
+Every op takes backend=None|"cuda"|"triton"|"torch"; see _dispatch for how the choice is made.
+The compiled extension is optional: without it, HAS_CUDA_EXT is False and the Triton and
+torch backends still work.
+"""
+
+from ._dispatch import BACKENDS, HAS_CUDA_EXT, HAS_TRITON, available_backends
+from .group_advantages import group_advantages
+
+__all__ = [
+    "BACKENDS",
+    "HAS_CUDA_EXT",
+    "HAS_TRITON",
+    "available_backends",
+    "group_advantages",
+]
