@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks: one module per op, run together by `python -m bench`."""

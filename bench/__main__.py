@@ -1,0 +1,31 @@
+"""`python -m bench --device cpu|cuda`: every kernel benchmark, tables under bench/results/."""
+
+import argparse
+import os
+
+import torch
+
+from . import bench_group_advantages
+from .common import RESULTS_DIR, header_line
+
+BENCHMARKS = {"group_advantages": bench_group_advantages}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these ops")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    out_dir = args.out or os.path.join(RESULTS_DIR, args.device)
+    print(header_line(args.device))
+    for name in args.only or BENCHMARKS:
+        print(f"\n=== {name} ===")
+        BENCHMARKS[name].run(args.device, out_dir)
+    print(f"results written to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

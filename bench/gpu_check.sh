@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one script to run on a machine with a CUDA GPU: builds the extension there, runs the
+# GPU tests and the kernel benchmarks, and leaves logs and tables under $OUT.
+# Budget: under 8 minutes in all (each step has its own timeout).
+#   OUT=/some/dir bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-local}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET FASTMATH_BACKEND
+summary="$OUT/summary.txt"
+: > "$summary"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, logs to $OUT/NAME.log, records rc and time
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$summary"
+  tail -n 3 "$OUT/$name.log"
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1
+  python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
+  nvcc --version | tail -n 1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# sm_90 machine code only: the PTX copy is for newer GPUs and only lengthens this build.
+MAX_JOBS=${MAX_JOBS:-16} FASTMATH_CUDA_ARCHS=${FASTMATH_CUDA_ARCHS:-9.0} \
+  step build 300 python setup.py build_ext --inplace || { echo "build failed; see $OUT/build.log"; exit 1; }
+step import 60 python -c "import fastmath_kernels as f; print(f.available_backends(), f.HAS_CUDA_EXT); assert f.HAS_CUDA_EXT and 'cuda' in f.available_backends()"
+step pytest_gpu 150 python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+step bench 150 python -m bench --device cuda --out "$OUT/bench"
+echo "logs and tables in $OUT"

@@ -1,0 +1,1 @@
+"""The lean SFT + GRPO trainer built on fastmath_kernels."""
