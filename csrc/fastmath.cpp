@@ -16,4 +16,23 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fastmath, m) {
   // scale_mode: 0 = group std, 1 = batch std, 2 = none (mean-centred only).
   m.def("group_advantages(Tensor rewards, int group_size, int scale_mode, float eps) -> Tensor");
+
+  // Row-wise log-softmax statistics of logits [N, V] (last dim contiguous) at targets [N]:
+  // float32 logp, entropy ([0] unless with_entropy) and lse of logits / temperature.
+  m.def(
+      "token_logprobs_forward(Tensor logits, Tensor targets, float temperature, bool with_entropy)"
+      " -> (Tensor logp, Tensor entropy, Tensor lse)");
+  // Gradient w.r.t. logits, elementwise given the forward's row statistics; grad_logits may be
+  // the logits tensor itself (in place) or any tensor of the same shape.
+  m.def(
+      "token_logprobs_backward(Tensor(a!) grad_logits, Tensor logits, Tensor targets, Tensor lse,"
+      " Tensor? entropy, Tensor grad_logp, Tensor? grad_entropy, float temperature) -> ()");
+
+  // Clipped GRPO token loss on float32 [B, T] log-probs with advantages [B].
+  m.def(
+      "grpo_token_loss_forward(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? ref_logp,"
+      " float beta, float eps_low, float eps_high) -> Tensor");
+  m.def(
+      "grpo_token_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages,"
+      " Tensor? ref_logp, float beta, float eps_low, float eps_high) -> Tensor");
 }
