@@ -26,6 +26,11 @@ except ImportError as error:
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def has_cuda_op(name):
+    """Whether the loaded extension defines torch.ops.fastmath.<name> (an older build may not)."""
+    return HAS_CUDA_EXT and hasattr(torch.ops.fastmath, name)
+
+
 def triton_interpreter_enabled():
     """True when Triton kernels run on the CPU through the interpreter.
 

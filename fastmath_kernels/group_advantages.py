@@ -2,7 +2,7 @@
 
 import torch
 
-from ._dispatch import HAS_CUDA_EXT, resolve_backend
+from ._dispatch import has_cuda_op, resolve_backend
 
 SCALES = ("group", "batch", "none")
 _CUDA_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
@@ -72,7 +72,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend=No
     )
 
 
-if HAS_CUDA_EXT:
+if has_cuda_op("group_advantages"):
 
     @torch.library.register_fake("fastmath::group_advantages")
     def _group_advantages_fake(rewards, group_size, scale_mode, eps):

@@ -1,0 +1,50 @@
+"""Argument checks shared by the ops. Each raises ValueError naming the argument, before any launch."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(value, name, *, floating=False):
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
+    """targets: int64 of expected_shape, each in [0, vocab_size) or equal to ignore_index.
+
+    The range check reads the tensor on the host: one sync, paid so that a bad index is a
+    clear error instead of an illegal memory access inside a kernel.
+    """
+    check_tensor(targets, "targets")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64 token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(expected_shape):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(expected_shape)}")
+    if targets.numel() == 0:
+        return
+    checked = targets if ignore_index is None else targets[targets != ignore_index]
+    if checked.numel() == 0:
+        return
+    low, high = int(checked.min()), int(checked.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"targets holds token id {bad}, outside {allowed}")
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_same_device(name, tensor, reference_name, reference):
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")

@@ -1,0 +1,98 @@
+"""The SFT loss, F.cross_entropy(hidden @ weight.T, targets), one chunk of tokens at a time.
+
+With reduction "mean" or "sum" the upstream gradient is a scalar, so the forward pass also
+computes the gradients chunk by chunk (one logits computation per chunk in all) and the
+backward pass only scales them. Peak extra memory: one chunk of fp32 logits plus the
+gradients themselves (the weight's accumulated in fp32).
+"""
+
+import torch
+
+from ._checks import check_targets
+from ._dispatch import resolve_backend
+from .linear_token_logprobs import (
+    ChunkedLinear,
+    check_linear_arguments,
+    chunk_bounds,
+    default_chunk_size,
+    finish_weight_grad,
+    linear_token_logprobs,
+    weight_grad_buffer,
+)
+from .token_logprobs import logprob_rows_backward, logprob_rows_forward
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, backend):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        valid = flat_targets != ignore_index
+        safe_targets = torch.where(valid, flat_targets, 0)
+        # d(-logp)/d(logp) on counted tokens, 0 on ignored ones: the per-row upstream gradient.
+        row_grad = -valid.float()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(rows) if need_hidden else None
+        grad_weight = weight_grad_buffer(weight) if need_weight else None
+        projection = ChunkedLinear(rows, weight)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for start, end in chunk_bounds(rows.shape[0], chunk_size):
+            logits = projection.logits(start, end)
+            logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend)
+            loss_sum += torch.dot(logp, row_grad[start:end])
+            if need_hidden or need_weight:
+                logprob_rows_backward(
+                    logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0, backend
+                )
+                projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
+        count = valid.sum()
+        divisor = count.clamp_min(1).float() if reduction == "mean" else torch.ones((), device=rows.device)
+        if need_weight:
+            grad_weight = finish_weight_grad(grad_weight, weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+        ctx.hidden_shape, ctx.backward_done = hidden.shape, False
+        return loss_sum / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("linear_cross_entropy: its gradients are scaled in place, so only one backward per forward")
+        ctx.backward_done = True
+        grad_hidden, grad_weight, divisor = ctx.saved_tensors
+        scale = grad_loss / divisor
+        # The precomputed gradients are scaled in place: no second copy of the weight gradient.
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype)).view(ctx.hidden_shape)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=None, backend=None
+):
+    """Cross-entropy of `hidden @ weight.T` against targets, without the full logits.
+
+    hidden: [..., H]; weight: [V, H] of the same dtype; targets: [...] int64 in [0, V) or
+    ignore_index. reduction "mean" averages over counted tokens (a batch with none gives 0 and
+    zero gradients), "sum" adds them, "none" returns float32 [...] with 0 at ignored tokens.
+    """
+    check_linear_arguments(hidden, weight, chunk_size)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index=ignore_index)
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    backend = resolve_backend(backend, hidden)
+    chunk_size = chunk_size or default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
+    if reduction == "none":
+        valid = targets != ignore_index
+        logp = linear_token_logprobs(
+            hidden, weight, torch.where(valid, targets, 0), chunk_size=chunk_size, backend=backend
+        )
+        return torch.where(valid, -logp, 0.0)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size, backend)

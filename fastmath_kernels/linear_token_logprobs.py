@@ -1,0 +1,161 @@
+"""Token log-probs of `hidden @ weight.T` computed a chunk of tokens at a time.
+
+The full [tokens, vocab] logits never exist: each chunk's fp32 logits go through the row
+kernels of token_logprobs and are dropped. The backward pass recomputes each chunk's logits
+(the upstream per-token gradient is unknown during the forward) and accumulates the weight
+gradient in fp32.
+"""
+
+import torch
+
+from ._checks import check_chunk_size, check_targets, check_temperature, check_tensor
+from ._dispatch import resolve_backend
+from .token_logprobs import logprob_rows_backward, logprob_rows_forward
+
+# Elements of one fp32 logits chunk: 32 MB on CPU (cache-friendly, a small fraction of the
+# naive peak), 1 GB on GPU (large enough that the matmuls stay efficient).
+_CPU_CHUNK_ELEMENTS = 1 << 23
+_GPU_CHUNK_ELEMENTS = 1 << 28
+
+
+def default_chunk_size(num_tokens, vocab_size, device):
+    budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    return max(1, min(num_tokens, budget // max(vocab_size, 1)))
+
+
+def check_linear_arguments(hidden, weight, chunk_size):
+    check_tensor(hidden, "hidden", floating=True)
+    check_tensor(weight, "weight", floating=True)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be [..., H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has hidden size {weight.shape[1]} but hidden has {hidden.shape[-1]} "
+            f"(weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)})"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; cast one to match")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    check_chunk_size(chunk_size)
+
+
+class ChunkedLinear:
+    """hidden [N, H] @ weight [V, H].T one chunk of tokens at a time, with its gradient products."""
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.weight = hidden, weight
+        self.mixed_precision_gpu = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+        # Without a mixed-precision matmul (CPU), low-precision inputs work on one fp32 weight copy.
+        exact = weight.dtype == torch.float32 or self.mixed_precision_gpu
+        self.weight_fp32 = weight if exact else weight.float()
+
+    def logits(self, start, end):
+        """float32 logits of tokens [start, end)."""
+        chunk = self.hidden[start:end]
+        if self.mixed_precision_gpu:
+            return torch.ops.aten.mm.dtype(chunk, self.weight.T, torch.float32)
+        return chunk.float() @ self.weight_fp32.T
+
+    def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32):
+        """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden."""
+        chunk = self.hidden[start:end]
+        if self.mixed_precision_gpu:
+            operand = grad_logits.to(self.weight.dtype)  # fp32 gradient, rounded once for tensor cores
+            if grad_hidden is not None:
+                torch.mm(operand, self.weight, out=grad_hidden[start:end])
+            if grad_weight_fp32 is not None:
+                torch.ops.aten.addmm.dtype_out(
+                    grad_weight_fp32, operand.T, chunk, torch.float32, out=grad_weight_fp32
+                )
+            return
+        if grad_hidden is not None:
+            grad_hidden[start:end] = grad_logits @ self.weight_fp32
+        if grad_weight_fp32 is not None:
+            grad_weight_fp32.addmm_(grad_logits.T, chunk.float())
+
+
+def chunk_bounds(num_tokens, chunk_size):
+    for start in range(0, num_tokens, chunk_size):
+        yield start, min(start + chunk_size, num_tokens)
+
+
+def weight_grad_buffer(weight):
+    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+
+def finish_weight_grad(grad_weight_fp32, weight):
+    return grad_weight_fp32 if weight.dtype == torch.float32 else grad_weight_fp32.to(weight.dtype)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        num_tokens = rows.shape[0]
+        projection = ChunkedLinear(rows, weight)
+        logp = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else None
+        for start, end in chunk_bounds(num_tokens, chunk_size):
+            chunk_logp, chunk_entropy, chunk_lse = logprob_rows_forward(
+                projection.logits(start, end), flat_targets[start:end], temperature, with_entropy, backend
+            )
+            logp[start:end], lse[start:end] = chunk_logp, chunk_lse
+            if with_entropy:
+                entropy[start:end] = chunk_entropy
+        ctx.save_for_backward(rows, weight, flat_targets, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.backend, ctx.hidden_shape = temperature, chunk_size, backend, hidden.shape
+        logp = logp.view(targets.shape)
+        return logp, (entropy.view(targets.shape) if with_entropy else None)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        rows, weight, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(rows) if need_hidden else None
+        grad_weight = weight_grad_buffer(weight) if need_weight else None
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
+        grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
+        projection = ChunkedLinear(rows, weight)
+        for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
+            logits = projection.logits(start, end)
+            logprob_rows_backward(
+                logits, logits, targets[start:end], lse[start:end],
+                None if entropy is None else entropy[start:end], grad_logp[start:end],
+                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
+            )
+            projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
+        if need_hidden:
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+        if need_weight:
+            grad_weight = finish_weight_grad(grad_weight, weight)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_token_logprobs(
+    hidden, weight, targets, *, temperature=1.0, with_entropy=False, chunk_size=None, backend=None
+):
+    """log_softmax((hidden @ weight.T) / temperature) at targets, never holding the full logits.
+
+    hidden: [..., H]; weight: [V, H] of the same dtype; targets: [...] int64 in [0, V).
+    chunk_size: tokens per chunk (default: a chunk of fp32 logits near 32 MB on CPU, 1 GB on GPU).
+    Returns float32 logp [...] or (logp, entropy). Gradients flow to hidden and weight.
+    """
+    check_linear_arguments(hidden, weight, chunk_size)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0])
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    check_temperature(temperature)
+    backend = resolve_backend(backend, hidden)
+    num_tokens = targets.numel()
+    chunk_size = chunk_size or default_chunk_size(num_tokens, weight.shape[0], hidden.device)
+    logp, entropy = _LinearTokenLogprobs.apply(
+        hidden, weight, targets, float(temperature), with_entropy, chunk_size, backend
+    )
+    return (logp, entropy) if with_entropy else logp
