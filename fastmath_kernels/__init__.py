@@ -7,6 +7,10 @@ torch backends still work.
 
 from ._dispatch import BACKENDS, HAS_CUDA_EXT, HAS_TRITON, available_backends
 from .group_advantages import group_advantages
+from .grpo_token_loss import grpo_token_loss
+from .linear_cross_entropy import linear_cross_entropy
+from .linear_token_logprobs import linear_token_logprobs
+from .token_logprobs import token_logprobs
 
 __all__ = [
     "BACKENDS",
@@ -14,4 +18,8 @@ __all__ = [
     "HAS_TRITON",
     "available_backends",
     "group_advantages",
+    "grpo_token_loss",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
+    "token_logprobs",
 ]

@@ -26,13 +26,16 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy):
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     for start, end in _reference_chunks(num_rows, logits.shape[1]):
-        scaled = logits[start:end].float() / temperature
-        chunk_lse = torch.logsumexp(scaled, dim=-1)
-        lse[start:end] = chunk_lse
-        logp[start:end] = scaled.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+        # Work relative to the row max: at logits near 1e4, z - lse would lose ~1e-3 to rounding.
+        shifted = (logits[start:end].float() / temperature)
+        row_max = shifted.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        shifted.sub_(row_max)
+        log_sum = shifted.exp().sum(dim=-1, keepdim=True).log_()
+        lse[start:end] = (row_max + log_sum).squeeze(1)
+        logp[start:end] = (shifted.gather(1, targets[start:end, None]) - log_sum).squeeze(1)
         if with_entropy:
-            log_probs = scaled.sub_(chunk_lse[:, None])
-            # -sum p log p on normalised log-probs: no cancellation at large logits.
+            log_probs = shifted.sub_(log_sum)
             entropy[start:end] = -(log_probs.exp() * log_probs).sum(dim=-1)
     return logp, entropy, lse
 
@@ -44,7 +47,7 @@ def logprob_rows_backward_reference(grad_logits, logits, targets, lse, entropy, 
     """
     use_entropy = grad_entropy is not None and entropy is not None
     for start, end in _reference_chunks(logits.shape[0], logits.shape[1]):
-        log_probs = logits[start:end].float().div_(temperature).sub_(lse[start:end, None])
+        log_probs = (logits[start:end].float() / temperature).sub_(lse[start:end, None])
         probs = log_probs.exp()
         grad = probs * (-grad_logp[start:end, None])
         grad.scatter_add_(1, targets[start:end, None], grad_logp[start:end, None])

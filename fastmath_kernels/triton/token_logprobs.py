@@ -77,7 +77,8 @@ def _logprob_rows_backward_kernel(
     in_row = cols < vocab_size
     z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
     log_probs = z * inv_temperature - tl.load(lse_ptr + row)
-    probs = tl.exp(log_probs)
+    # log p <= 0 in exact arithmetic; the clamp also keeps masked lanes from overflowing.
+    probs = tl.exp(tl.minimum(log_probs, 0.0))
     grad_logp = tl.load(grad_logp_ptr + row)
     target = tl.load(targets_ptr + row)
     grad = tl.where(cols == target, grad_logp, 0.0) - grad_logp * probs

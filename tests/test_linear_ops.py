@@ -1,0 +1,178 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmath_kernels import linear_cross_entropy, linear_token_logprobs
+from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
+
+# (token shape, H, V): N=1, 3-D hidden, V and H not multiples of any block size.
+SHAPES = [((1,), 8, 7), ((23,), 19, 1001), ((2, 3), 16, 257), ((40,), 32, 4099)]
+
+
+def random_problem(token_shape, hidden_size, vocab_size, dtype, device, seed, ignore_every=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*token_shape, hidden_size, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab_size, hidden_size, generator=generator, dtype=torch.float64) / hidden_size**0.5
+    targets = torch.randint(0, vocab_size, token_shape, generator=generator)
+    if ignore_every:
+        targets.view(-1)[1::ignore_every] = -100
+    return hidden.to(dtype).to(device), weight.to(dtype).to(device), targets.to(device)
+
+
+def leaf(tensor):
+    return tensor.detach().clone().requires_grad_()
+
+
+def float64_cross_entropy(hidden, weight, targets, reduction, upstream):
+    hidden, weight = leaf(hidden.double()), leaf(weight.double())
+    loss = F.cross_entropy((hidden @ weight.T).flatten(0, -2), targets.flatten(), reduction=reduction)
+    loss = loss.view(targets.shape) if reduction == "none" else loss
+    (loss * upstream.double()).sum().backward()
+    return loss, hidden.grad, weight.grad
+
+
+def run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chunk_size=None):
+    hidden, weight = leaf(hidden), leaf(weight)
+    loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size, backend=backend)
+    (loss * upstream).sum().backward()
+    return loss, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, chunk_size):
+    backend, device = backend_device
+    token_shape, hidden_size, vocab_size = shape
+    hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 3, ignore_every=4)
+    upstream = torch.randn(token_shape if reduction == "none" else (), device=device)
+    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chunk_size)
+    ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, reduction, upstream)
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
+    assert_fp32_accurate(loss, ref_loss, "loss")
+    assert_fp32_accurate(grad_hidden, ref_hidden, "grad_hidden")
+    assert_fp32_accurate(grad_weight, ref_weight, "grad_weight")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_gives_zero_loss_and_zero_grads(backend_device, reduction):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((6,), 8, 33, torch.float32, device, 1)
+    targets.fill_(-100)
+    upstream = torch.ones((6,) if reduction == "none" else (), device=device)
+    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, reduction, upstream, backend)
+    assert loss.abs().max() == 0 and torch.isfinite(loss).all()
+    assert grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_custom_ignore_index(backend_device):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((12,), 8, 33, torch.float32, device, 2)
+    targets[::3] = 7  # token 7 is ignored here although it is a valid id
+    loss = linear_cross_entropy(hidden, weight, targets, ignore_index=7, backend=backend)
+    expected = F.cross_entropy(hidden.double() @ weight.double().T, targets, ignore_index=7)
+    assert_fp32_accurate(loss, expected, "loss")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_low_precision_within_twice_plain_torch(backend_device, dtype):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((37,), 24, 515, dtype, device, 5, ignore_every=6)
+    upstream = torch.tensor(1.0, device=device)
+    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, "mean", upstream, backend, chunk_size=8)
+    ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", upstream)
+    plain_hidden, plain_weight = leaf(hidden), leaf(weight)
+    plain_loss = F.cross_entropy(plain_hidden @ plain_weight.T, targets)
+    plain_loss.backward()
+    assert_within_twice_plain_torch(loss, plain_loss, ref_loss, "loss")
+    assert_within_twice_plain_torch(grad_hidden, plain_hidden.grad, ref_hidden, "grad_hidden")
+    assert_within_twice_plain_torch(grad_weight, plain_weight.grad, ref_weight, "grad_weight")
+
+
+def float64_token_logprobs(hidden, weight, targets, temperature, upstream_logp, upstream_entropy):
+    hidden, weight = leaf(hidden.double()), leaf(weight.double())
+    log_probs = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
+    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (logp * upstream_logp.double() + entropy * upstream_entropy.double()).sum().backward()
+    return logp, entropy, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, temperature):
+    backend, device = backend_device
+    token_shape, hidden_size, vocab_size = shape
+    hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 8)
+    upstream_logp = torch.randn(token_shape, device=device)
+    upstream_entropy = torch.randn(token_shape, device=device)
+    hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
+    logp, entropy = linear_token_logprobs(
+        hidden_leaf, weight_leaf, targets, temperature=temperature, with_entropy=True, chunk_size=6, backend=backend
+    )
+    (logp * upstream_logp + entropy * upstream_entropy).sum().backward()
+    ref = float64_token_logprobs(hidden, weight, targets, temperature, upstream_logp, upstream_entropy)
+    for name, ours, expected in zip(
+        ("logp", "entropy", "grad_hidden", "grad_weight"), (logp, entropy, hidden_leaf.grad, weight_leaf.grad), ref
+    ):
+        assert ours.shape == expected.shape, name
+        assert_fp32_accurate(ours, expected, name)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_linear_token_logprobs_bf16_within_twice_plain_torch(backend_device):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((2, 11), 24, 301, torch.bfloat16, device, 6)
+    upstream = torch.randn(2, 11, device=device)
+    hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
+    logp = linear_token_logprobs(hidden_leaf, weight_leaf, targets, chunk_size=7, backend=backend)
+    (logp * upstream).sum().backward()
+    ref_logp, _, ref_hidden, ref_weight = float64_token_logprobs(hidden, weight, targets, 1.0, upstream, torch.zeros_like(upstream))
+    plain_hidden, plain_weight = leaf(hidden), leaf(weight)
+    plain_logp = torch.log_softmax(plain_hidden @ plain_weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (plain_logp * upstream.to(torch.bfloat16)).sum().backward()
+    assert_within_twice_plain_torch(logp, plain_logp, ref_logp, "logp")
+    assert_within_twice_plain_torch(hidden_leaf.grad, plain_hidden.grad, ref_hidden, "grad_hidden")
+    assert_within_twice_plain_torch(weight_leaf.grad, plain_weight.grad, ref_weight, "grad_weight")
+
+
+def test_no_grad_forward_and_frozen_weight():
+    hidden, weight, targets = random_problem((9,), 8, 50, torch.float32, "cpu", 4)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets)
+    assert_fp32_accurate(loss, F.cross_entropy(hidden.double() @ weight.double().T, targets), "loss")
+    hidden_leaf = leaf(hidden)
+    linear_cross_entropy(hidden_leaf, weight, targets).backward()  # weight needs no gradient
+    reference = leaf(hidden.double())
+    F.cross_entropy(reference @ weight.double().T, targets).backward()
+    assert_fp32_accurate(hidden_leaf.grad, reference.grad, "grad_hidden")
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        (dict(weight=torch.randn(50, 9)), "weight"),  # hidden size mismatch
+        (dict(weight=torch.randn(50, 8, dtype=torch.float64)), "weight"),  # dtype mismatch
+        (dict(weight=torch.randn(50)), "weight"),
+        (dict(targets=torch.full((9,), 50)), "targets"),
+        (dict(targets=torch.zeros(9)), "targets"),
+        (dict(targets=torch.zeros(8, dtype=torch.long)), "targets"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(backend="xla"), "backend"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    hidden, weight, targets = random_problem((9,), 8, 50, torch.float32, "cpu", 0)
+    arguments = dict(hidden=hidden, weight=weight, targets=targets) | kwargs
+    with pytest.raises(ValueError, match=argument):
+        linear_cross_entropy(**arguments)
+    if "reduction" not in kwargs:
+        with pytest.raises(ValueError, match=argument):
+            linear_token_logprobs(**arguments)

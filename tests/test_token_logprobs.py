@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from fastmath_kernels import token_logprobs
+from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
+
+# Odd shapes: N=1, V=1, V not a multiple of any block, 3-D inputs, a V larger than one block.
+SHAPES = [(1, 7), (4, 1), (17, 33), (3, 5, 1001), (2, 4099)]
+
+
+def float64_reference(logits, targets, temperature, upstream_logp, upstream_entropy):
+    """Plain float64 log_softmax, its entropy and the logits gradient of a random combination."""
+    logits = logits.detach().double().requires_grad_()
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (logp * upstream_logp.double() + entropy * upstream_entropy.double()).sum().backward()
+    return logp, entropy, logits.grad
+
+
+def random_case(shape, dtype, device, seed, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype).to(device)
+    targets = torch.randint(0, shape[-1], shape[:-1], generator=generator).to(device)
+    upstream_logp = torch.randn(shape[:-1], generator=generator).to(device)
+    upstream_entropy = torch.randn(shape[:-1], generator=generator).to(device)
+    return logits, targets, upstream_logp, upstream_entropy
+
+
+def run_op(logits, targets, temperature, upstream_logp, upstream_entropy, backend):
+    logits = logits.detach().clone().requires_grad_()
+    original = logits.detach().clone()
+    logp, entropy = token_logprobs(logits, targets, temperature=temperature, with_entropy=True, backend=backend)
+    (logp * upstream_logp + entropy * upstream_entropy).sum().backward()
+    assert torch.equal(logits.detach(), original), "the op must not modify its input"
+    return logp, entropy, logits.grad
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_matches_float64(backend_device, shape, temperature):
+    backend, device = backend_device
+    case = random_case(shape, torch.float32, device, seed=sum(shape))
+    logits, targets, upstream_logp, upstream_entropy = case
+    logp, entropy, grad = run_op(logits, targets, temperature, upstream_logp, upstream_entropy, backend)
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, temperature, upstream_logp, upstream_entropy)
+    assert logp.dtype == entropy.dtype == torch.float32 and grad.dtype == torch.float32
+    assert logp.shape == targets.shape and grad.shape == logits.shape
+    assert_fp32_accurate(logp, ref_logp, "logp")
+    if shape[-1] > 1:  # a single-token vocabulary has entropy 0 exactly
+        assert_fp32_accurate(entropy, ref_entropy, "entropy")
+        assert_fp32_accurate(grad, ref_grad, "grad")
+    else:
+        assert entropy.abs().max() < 1e-6 and grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_torch(backend_device, dtype):
+    backend, device = backend_device
+    logits, targets, upstream_logp, upstream_entropy = random_case((6, 7, 333), dtype, device, seed=7)
+    logp, entropy, grad = run_op(logits, targets, 0.7, upstream_logp, upstream_entropy, backend)
+    assert grad.dtype == dtype
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 0.7, upstream_logp, upstream_entropy)
+    # Plain PyTorch in the same dtype: log_softmax, gather and backward all in `dtype`.
+    plain_logits = logits.detach().clone().requires_grad_()
+    plain_log_probs = torch.log_softmax(plain_logits / 0.7, dim=-1)
+    plain_logp = plain_log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    plain_entropy = -(plain_log_probs.exp() * plain_log_probs).sum(-1)
+    (plain_logp * upstream_logp.to(dtype) + plain_entropy * upstream_entropy.to(dtype)).sum().backward()
+    assert_within_twice_plain_torch(logp, plain_logp, ref_logp, "logp")
+    assert_within_twice_plain_torch(entropy, plain_entropy, ref_entropy, "entropy")
+    assert_within_twice_plain_torch(grad, plain_logits.grad, ref_grad, "grad")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_extreme_logits(backend_device):
+    backend, device = backend_device
+    logits, targets, upstream_logp, upstream_entropy = random_case((5, 257), torch.float32, device, seed=1, scale=1e4)
+    logits[0, :] = 1e4  # a flat row at the top of the range
+    logits[1, :] = -1e4
+    logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert_fp32_accurate(logp, ref_logp, "logp")
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
+    assert_fp32_accurate(grad, ref_grad, "grad")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_logp_only_gradient(backend_device):
+    backend, device = backend_device
+    logits, targets, upstream_logp, _ = random_case((9, 70), torch.float32, device, seed=4)
+    logits.requires_grad_()
+    logp = token_logprobs(logits, targets, backend=backend)
+    (logp * upstream_logp).sum().backward()
+    _, _, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, torch.zeros_like(upstream_logp))
+    assert_fp32_accurate(logits.grad, ref_grad, "grad")
+
+
+def test_non_contiguous_rows_are_read_in_place():
+    base = torch.randn(6, 50)
+    logits = base[:, :41]  # row stride 50, last dim contiguous
+    targets = torch.randint(0, 41, (6,))
+    for backend in ("torch", "triton"):
+        expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+        assert_fp32_accurate(token_logprobs(logits, targets, backend=backend), expected, backend)
+
+
+@pytest.mark.parametrize(
+    "logits,targets,kwargs,argument",
+    [
+        (torch.randn(3, 5), torch.zeros(3), {}, "targets"),  # float targets
+        (torch.randn(3, 5), torch.zeros(4, dtype=torch.long), {}, "targets"),  # shape mismatch
+        (torch.randn(3, 5), torch.tensor([0, 5, 1]), {}, "targets"),  # out of range high
+        (torch.randn(3, 5), torch.tensor([0, -1, 1]), {}, "targets"),  # out of range low
+        (torch.randn(3, 5), torch.zeros(3, dtype=torch.long), {"backend": "tpu"}, "backend"),
+        (torch.randn(3, 5), torch.zeros(3, dtype=torch.long), {"temperature": 0.0}, "temperature"),
+        (torch.arange(15).view(3, 5), torch.zeros(3, dtype=torch.long), {}, "logits"),
+    ],
+)
+def test_bad_arguments_name_the_argument(logits, targets, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        token_logprobs(logits, targets, **kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_pass_opcheck():
+    logits, targets, _, _ = random_case((7, 1001), torch.bfloat16, "cuda", seed=2)
+    for with_entropy in (False, True):
+        torch.library.opcheck(torch.ops.fastmath.token_logprobs_forward.default, (logits, targets, 0.7, with_entropy))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_recipe_vocabulary(backend):
+    # Qwen's vocabulary: 151,936 columns, bf16, with the vectorised paths exercised.
+    logits, targets, upstream_logp, upstream_entropy = random_case((64, 151936), torch.bfloat16, "cuda", seed=9)
+    logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    assert_fp32_accurate(logp, ref_logp, "logp")
+    assert_fp32_accurate(entropy, ref_entropy, "entropy")
+    # The gradient is rounded to bf16 once on store.
+    assert (grad.double() - ref_grad).abs().max() <= ref_grad.abs().max() * 2**-8
