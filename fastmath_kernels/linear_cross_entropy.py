@@ -19,7 +19,7 @@ from .linear_token_logprobs import (
     linear_token_logprobs,
     weight_grad_buffer,
 )
-from .token_logprobs import logprob_rows_backward, logprob_rows_forward
+from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -38,13 +38,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = weight_grad_buffer(weight) if need_weight else None
         projection = ChunkedLinear(rows, weight)
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
+        buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(rows.shape[0], chunk_size):
-            logits = projection.logits(start, end)
-            logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend)
+            logits = projection.logits(start, end, buffer)
+            logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend, workspace)
             loss_sum += torch.dot(logp, row_grad[start:end])
             if need_hidden or need_weight:
                 logprob_rows_backward(
-                    logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0, backend
+                    logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0,
+                    backend, workspace,
                 )
                 projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
         count = valid.sum()

@@ -10,7 +10,7 @@ import torch
 
 from ._checks import check_chunk_size, check_targets, check_temperature, check_tensor
 from ._dispatch import resolve_backend
-from .token_logprobs import logprob_rows_backward, logprob_rows_forward
+from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 # Elements of one fp32 logits chunk: 32 MB on CPU (cache-friendly, a small fraction of the
 # naive peak), 1 GB on GPU (large enough that the matmuls stay efficient).
@@ -54,12 +54,17 @@ class ChunkedLinear:
         exact = weight.dtype == torch.float32 or self.mixed_precision_gpu
         self.weight_fp32 = weight if exact else weight.float()
 
-    def logits(self, start, end):
-        """float32 logits of tokens [start, end)."""
-        chunk = self.hidden[start:end]
+    def logits_buffer(self, chunk_size):
+        """One fp32 chunk of logits, reused by every chunk (fresh large allocations fault pages)."""
+        rows = min(chunk_size, self.hidden.shape[0])
+        return torch.empty(rows, self.weight.shape[0], dtype=torch.float32, device=self.hidden.device)
+
+    def logits(self, start, end, buffer):
+        """float32 logits of tokens [start, end), written into the front of buffer."""
+        chunk, out = self.hidden[start:end], buffer[: end - start]
         if self.mixed_precision_gpu:
-            return torch.ops.aten.mm.dtype(chunk, self.weight.T, torch.float32)
-        return chunk.float() @ self.weight_fp32.T
+            return torch.ops.aten.mm.dtype_out(chunk, self.weight.T, torch.float32, out=out)
+        return torch.mm(chunk.float(), self.weight_fp32.T, out=out)
 
     def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32):
         """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden."""
@@ -74,7 +79,10 @@ class ChunkedLinear:
                 )
             return
         if grad_hidden is not None:
-            grad_hidden[start:end] = grad_logits @ self.weight_fp32
+            if grad_hidden.dtype == torch.float32:
+                torch.mm(grad_logits, self.weight_fp32, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end] = grad_logits @ self.weight_fp32
         if grad_weight_fp32 is not None:
             grad_weight_fp32.addmm_(grad_logits.T, chunk.float())
 
@@ -102,9 +110,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         logp = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else None
+        buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(num_tokens, chunk_size):
             chunk_logp, chunk_entropy, chunk_lse = logprob_rows_forward(
-                projection.logits(start, end), flat_targets[start:end], temperature, with_entropy, backend
+                projection.logits(start, end, buffer), flat_targets[start:end], temperature, with_entropy,
+                backend, workspace, logits_are_scratch=True,
             )
             logp[start:end], lse[start:end] = chunk_logp, chunk_lse
             if with_entropy:
@@ -123,12 +133,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
         projection = ChunkedLinear(rows, weight)
+        buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
-            logits = projection.logits(start, end)
+            logits = projection.logits(start, end, buffer)
             logprob_rows_backward(
                 logits, logits, targets[start:end], lse[start:end],
                 None if entropy is None else entropy[start:end], grad_logp[start:end],
-                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
+                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend, workspace,
             )
             projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
         if need_hidden:

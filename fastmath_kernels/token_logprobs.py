@@ -9,58 +9,104 @@ import torch
 from ._checks import check_targets, check_temperature, check_tensor
 from ._dispatch import has_cuda_op, resolve_backend
 
-# Rows per chunk of the torch path: a chunk's fp32 temporaries stay near 16 MB.
+# Rows per sub-chunk of the torch path: each fp32 work buffer stays near 16 MB.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 22
 
 
-def _reference_chunks(num_rows, vocab_size):
-    rows = max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab_size, 1))
-    for start in range(0, num_rows, rows):
-        yield start, min(start + rows, num_rows)
+class Workspace:
+    """Reusable fp32 buffers of one sub-chunk for the torch path: chunk loops allocate nothing.
+
+    Fresh multi-megabyte allocations cost page faults on every chunk, which on a CPU is
+    slower than the arithmetic done in them.
+    """
+
+    def __init__(self, vocab_size, device):
+        self.rows = max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab_size, 1))
+        self.vocab_size, self.device = vocab_size, device
+        self.buffers = {}
+
+    def get(self, name, rows):
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        return self.buffers[name][:rows]
+
+    def chunks(self, num_rows):
+        for start in range(0, num_rows, self.rows):
+            yield start, min(start + self.rows, num_rows)
 
 
-def logprob_rows_forward_reference(logits, targets, temperature, with_entropy):
-    """Torch path: logits [N, V] -> float32 (logp [N], entropy [N] or None, lse [N]), chunked."""
-    num_rows = logits.shape[0]
+def _is_same_fp32_tensor(a, b):
+    return a.dtype == torch.float32 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+
+
+def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace=None, logits_are_scratch=False):
+    """Torch path: logits [N, V] -> float32 (logp [N], entropy [N] or None, lse [N]).
+
+    With logits_are_scratch (fp32 logits the caller will recompute or drop) the work happens
+    in place and the logits are overwritten.
+    """
+    num_rows, vocab_size = logits.shape
+    workspace = workspace or Workspace(vocab_size, logits.device)
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
-    for start, end in _reference_chunks(num_rows, logits.shape[1]):
+    in_place = logits_are_scratch and logits.dtype == torch.float32
+    for start, end in workspace.chunks(num_rows):
+        rows = end - start
+        shifted = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
+        if temperature != 1.0:
+            shifted.div_(temperature)
         # Work relative to the row max: at logits near 1e4, z - lse would lose ~1e-3 to rounding.
-        shifted = (logits[start:end].float() / temperature)
         row_max = shifted.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         shifted.sub_(row_max)
-        log_sum = shifted.exp().sum(dim=-1, keepdim=True).log_()
+        exps = torch.exp(shifted, out=workspace.get("exps", rows))
+        sum_exp = exps.sum(dim=-1, keepdim=True)
+        log_sum = sum_exp.log()
         lse[start:end] = (row_max + log_sum).squeeze(1)
         logp[start:end] = (shifted.gather(1, targets[start:end, None]) - log_sum).squeeze(1)
         if with_entropy:
-            log_probs = shifted.sub_(log_sum)
-            entropy[start:end] = -(log_probs.exp() * log_probs).sum(dim=-1)
+            # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.
+            entropy[start:end] = (log_sum - exps.mul_(shifted).sum(dim=-1, keepdim=True) / sum_exp).squeeze(1)
     return logp, entropy, lse
 
 
-def logprob_rows_backward_reference(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature):
+def logprob_rows_backward_reference(
+    grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace=None
+):
     """Torch path: writes d(loss)/d(logits) into grad_logits (which may be logits itself).
 
-    grad = (g * (onehot - p) - g_entropy * p * (log p + H)) / T, computed in fp32.
+    grad = (g * onehot - p * (g + g_entropy * (log p + H))) / T, computed in fp32.
     """
+    num_rows, vocab_size = logits.shape
+    workspace = workspace or Workspace(vocab_size, logits.device)
     use_entropy = grad_entropy is not None and entropy is not None
-    for start, end in _reference_chunks(logits.shape[0], logits.shape[1]):
-        log_probs = (logits[start:end].float() / temperature).sub_(lse[start:end, None])
-        probs = log_probs.exp()
-        grad = probs * (-grad_logp[start:end, None])
-        grad.scatter_add_(1, targets[start:end, None], grad_logp[start:end, None])
+    in_place = _is_same_fp32_tensor(grad_logits, logits)
+    target_grad = (grad_logp / temperature)[:, None]
+    for start, end in workspace.chunks(num_rows):
+        rows = end - start
+        work = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
+        if temperature != 1.0:
+            work.div_(temperature)
+        log_probs = work.sub_(lse[start:end, None])
         if use_entropy:
-            log_probs.add_(entropy[start:end, None]).mul_(probs).mul_(grad_entropy[start:end, None])
-            grad.sub_(log_probs)
-        grad_logits[start:end].copy_(grad.div_(temperature))
+            probs = torch.exp(log_probs, out=workspace.get("exps", rows))
+            weight = log_probs.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
+            work = weight.add_(grad_logp[start:end, None]).mul_(probs).mul_(-1.0 / temperature)
+        else:
+            work = log_probs.exp_().mul_(-target_grad[start:end])
+        work.scatter_add_(1, targets[start:end, None], target_grad[start:end])
+        if not in_place:
+            grad_logits[start:end].copy_(work)
 
 
-def logprob_rows_forward(logits, targets, temperature, with_entropy, backend):
-    """(logp, entropy or None, lse), all float32 [N], for logits [N, V] with a contiguous last dim."""
+def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None, logits_are_scratch=False):
+    """(logp, entropy or None, lse), all float32 [N], for logits [N, V] with a contiguous last dim.
+
+    workspace and logits_are_scratch only matter to the torch path (see its reference).
+    """
     if backend == "torch":
-        return logprob_rows_forward_reference(logits, targets, temperature, with_entropy)
+        return logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace, logits_are_scratch)
     if backend == "triton":
         from .triton.token_logprobs import logprob_rows_forward_triton
 
@@ -69,13 +115,17 @@ def logprob_rows_forward(logits, targets, temperature, with_entropy, backend):
     return logp, (entropy if with_entropy else None), lse
 
 
-def logprob_rows_backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, backend):
+def logprob_rows_backward(
+    grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, backend, workspace=None
+):
     """Writes the logits gradient into grad_logits ([N, V], any float dtype; may alias logits)."""
     grad_logp = grad_logp.float().contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.float().contiguous()
     if backend == "torch":
-        logprob_rows_backward_reference(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature)
+        logprob_rows_backward_reference(
+            grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace
+        )
     elif backend == "triton":
         from .triton.token_logprobs import logprob_rows_backward_triton
 
