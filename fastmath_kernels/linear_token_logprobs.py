@@ -1,15 +1,18 @@
 """Token log-probs of `hidden @ weight.T` computed a chunk of tokens at a time.
 
-The full [tokens, vocab] logits never exist: each chunk's fp32 logits go through the row
-kernels of token_logprobs and are dropped. The backward pass recomputes each chunk's logits
-(the upstream per-token gradient is unknown during the forward) and accumulates the weight
-gradient in fp32.
+The full [tokens, vocab] logits never exist. On GPU backends each chunk of tokens' fp32 logits
+goes through the row kernels of token_logprobs and is dropped; the backward pass recomputes
+each chunk's logits (the upstream per-token gradient is unknown during the forward) and
+accumulates the weight gradient in fp32. The torch path slices the vocabulary instead
+(linear_vocab_chunks), which suits CPU matmuls better; chunk_size then sets the slice so that
+one slice holds as many logits as chunk_size tokens' rows.
 """
 
 import torch
 
 from ._checks import check_chunk_size, check_targets, check_temperature, check_tensor
 from ._dispatch import resolve_backend
+from .linear_vocab_chunks import vocab_chunked_backward, vocab_chunked_forward
 from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 # Elements of one fp32 logits chunk: 32 MB on CPU (cache-friendly, a small fraction of the
@@ -100,12 +103,23 @@ def finish_weight_grad(grad_weight_fp32, weight):
     return grad_weight_fp32 if weight.dtype == torch.float32 else grad_weight_fp32.to(weight.dtype)
 
 
+def vocab_slice_size(chunk_size, num_tokens, vocab_size):
+    """Vocabulary columns per slice holding as many logits as chunk_size tokens' rows would."""
+    return max(1, min(vocab_size, chunk_size * vocab_size // max(num_tokens, 1)))
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         num_tokens = rows.shape[0]
+        ctx.temperature, ctx.chunk_size, ctx.backend, ctx.hidden_shape = temperature, chunk_size, backend, hidden.shape
+        if backend == "torch":
+            slice_size = vocab_slice_size(chunk_size, num_tokens, weight.shape[0])
+            logp, entropy, lse = vocab_chunked_forward(rows, weight, flat_targets, temperature, with_entropy, slice_size)
+            ctx.save_for_backward(rows, weight, flat_targets, lse, entropy)
+            return logp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
         projection = ChunkedLinear(rows, weight)
         logp = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
         lse = torch.empty_like(logp)
@@ -120,7 +134,6 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[start:end] = chunk_entropy
         ctx.save_for_backward(rows, weight, flat_targets, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.backend, ctx.hidden_shape = temperature, chunk_size, backend, hidden.shape
         logp = logp.view(targets.shape)
         return logp, (entropy.view(targets.shape) if with_entropy else None)
 
@@ -128,10 +141,19 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         rows, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(rows) if need_hidden else None
-        grad_weight = weight_grad_buffer(weight) if need_weight else None
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
+        if ctx.backend == "torch":
+            slice_size = vocab_slice_size(ctx.chunk_size, rows.shape[0], weight.shape[0])
+            grad_hidden, grad_weight = vocab_chunked_backward(
+                rows, weight, targets, lse, entropy, grad_logp, grad_entropy, ctx.temperature, slice_size,
+                need_hidden, need_weight,
+            )
+            if need_hidden:
+                grad_hidden = grad_hidden.view(ctx.hidden_shape)
+            return grad_hidden, grad_weight, None, None, None, None, None
+        grad_hidden = torch.empty_like(rows) if need_hidden else None
+        grad_weight = weight_grad_buffer(weight) if need_weight else None
         projection = ChunkedLinear(rows, weight)
         buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):

@@ -1,0 +1,108 @@
+"""The torch path of linear_token_logprobs: chunks over the vocabulary, not over tokens.
+
+Each step multiplies all tokens by one slice of the weight, so the matmuls keep every token
+(M = N) and the weight gradient of a slice is one full reduction over tokens, written once;
+token chunks would instead re-read the whole weight per chunk and accumulate a [V, H] fp32
+buffer chunk after chunk. The forward merges the slices with an online log-sum-exp per
+token; the backward needs only the forward's per-token lse (and entropy) to rebuild each
+slice's probabilities.
+"""
+
+import torch
+
+
+def vocab_slices(vocab_size, slice_size):
+    for start in range(0, vocab_size, slice_size):
+        yield start, min(start + slice_size, vocab_size)
+
+
+class VocabSlices:
+    """fp32 views of the inputs and reusable buffers for one pass over vocabulary slices."""
+
+    def __init__(self, hidden, weight, slice_size, buffers):
+        self.hidden = hidden.float()
+        self.weight = weight.float()
+        self.slice_size = slice_size
+        size = hidden.shape[0] * min(slice_size, weight.shape[0])
+        self.flat_buffers = [torch.empty(size, dtype=torch.float32, device=hidden.device) for _ in range(buffers)]
+
+    def buffer(self, index, columns):
+        return self.flat_buffers[index][: self.hidden.shape[0] * columns].view(-1, columns)
+
+    def logits(self, start, end):
+        out = self.buffer(0, end - start)
+        return torch.mm(self.hidden, self.weight[start:end].T, out=out)
+
+
+def _targets_in_slice(targets, start, end):
+    """Column of each token's target inside [start, end) (clamped) and whether it is there."""
+    inside = (targets >= start) & (targets < end)
+    return (targets - start).clamp(0, end - start - 1)[:, None], inside
+
+
+def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, slice_size):
+    """float32 (logp [N], entropy [N] or None, lse [N]) of log_softmax(hidden @ weight.T / T)."""
+    num_tokens, device = hidden.shape[0], hidden.device
+    slices = VocabSlices(hidden, weight, slice_size, buffers=2)
+    running_max = torch.full((num_tokens,), float("-inf"), device=device)
+    sum_exp = torch.zeros(num_tokens, device=device)
+    weighted = torch.zeros(num_tokens, device=device)  # sum exp(z - m) * (z - m)
+    target_logit = torch.zeros(num_tokens, device=device)
+    for start, end in vocab_slices(weight.shape[0], slice_size):
+        z = slices.logits(start, end)
+        if temperature != 1.0:
+            z.div_(temperature)
+        column, inside = _targets_in_slice(targets, start, end)
+        target_logit = torch.where(inside, z.gather(1, column).squeeze(1), target_logit)
+        new_max = torch.maximum(running_max, z.amax(dim=1))
+        safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
+        rescale = torch.exp(running_max - safe_max)
+        z.sub_(safe_max[:, None])
+        exps = torch.exp(z, out=slices.buffer(1, end - start))
+        slice_sum = exps.sum(dim=1)
+        if with_entropy:
+            shift = torch.where(sum_exp > 0, running_max - safe_max, 0.0)
+            weighted = rescale * (weighted + sum_exp * shift) + exps.mul_(z).sum(dim=1)
+        sum_exp = sum_exp * rescale + slice_sum
+        running_max = new_max
+    log_sum = sum_exp.log()
+    lse = running_max + log_sum
+    entropy = log_sum - weighted / sum_exp if with_entropy else None
+    return target_logit - lse, entropy, lse
+
+
+def vocab_chunked_backward(
+    hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, temperature, slice_size, need_hidden, need_weight
+):
+    """Gradients (hidden [N, H] or None, weight [V, H] or None) in the inputs' dtypes.
+
+    d/dz = (g * onehot - p * (g + g_entropy * (log p + H))) / T for each slice of the vocabulary.
+    """
+    use_entropy = grad_entropy is not None and entropy is not None
+    slices = VocabSlices(hidden, weight, slice_size, buffers=2 if use_entropy else 1)
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    target_grad = grad_logp / temperature
+    for start, end in vocab_slices(weight.shape[0], slice_size):
+        log_probs = slices.logits(start, end)
+        if temperature != 1.0:
+            log_probs.div_(temperature)
+        log_probs.sub_(lse[:, None])
+        if use_entropy:
+            probs = torch.exp(log_probs, out=slices.buffer(1, end - start))
+            weight_term = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
+            grad_logits = weight_term.mul_(probs).mul_(-1.0 / temperature)
+        else:
+            grad_logits = log_probs.exp_().mul_(-target_grad[:, None])
+        column, inside = _targets_in_slice(targets, start, end)
+        grad_logits.scatter_add_(1, column, torch.where(inside, target_grad, 0.0)[:, None])
+        if need_weight:
+            if grad_weight.dtype == torch.float32:
+                torch.mm(grad_logits.T, slices.hidden, out=grad_weight[start:end])
+            else:
+                grad_weight[start:end] = grad_logits.T @ slices.hidden
+        if need_hidden:
+            grad_hidden.addmm_(grad_logits, slices.weight[start:end])
+    if need_hidden and hidden.dtype != torch.float32:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight
