@@ -5,10 +5,14 @@ import os
 
 import torch
 
-from . import bench_group_advantages
+from . import bench_group_advantages, bench_linear_ops, bench_token_logprobs
 from .common import RESULTS_DIR, header_line
 
-BENCHMARKS = {"group_advantages": bench_group_advantages}
+BENCHMARKS = {
+    "group_advantages": bench_group_advantages,
+    "token_logprobs": bench_token_logprobs,
+    "linear_ops": bench_linear_ops,
+}
 
 
 def main(argv=None):

@@ -23,11 +23,16 @@ OPS = ("linear_cross_entropy", "linear_token_logprobs")
 # (tokens N, hidden H, vocab V, dtype)
 CPU_CASES = [(1024, 256, 32768, "float32"), (4096, 256, 32768, "float32")]
 GPU_CASES = [(4096, 4096, 151936, "bfloat16"), (16384, 4096, 151936, "bfloat16"), (16384, 1536, 151936, "bfloat16")]
-IMPLEMENTATIONS = ("naive torch", "fastmath")
 COLUMNS = [
     "op", "N", "H", "V", "dtype", "implementation", "median_s", "min_s", "max_s",
-    "peak_extra_MB", "speedup_vs_naive", "memory_vs_naive",
+    "peak_extra_MB", "speedup_vs_naive", "memory_vs_naive", "matmul_fraction",
 ]
+
+
+def implementations(device):
+    if device == "cuda":
+        return ("naive torch", "fastmath cuda", "fastmath triton")
+    return ("naive torch", "fastmath torch")
 
 
 def make_inputs(case, device, seed=0):
@@ -44,27 +49,28 @@ def make_inputs(case, device, seed=0):
 def forward_backward(op, implementation, inputs):
     hidden, weight, targets, upstream = inputs
     hidden.grad = weight.grad = None
+    backend = implementation.removeprefix("fastmath ")
     if op == "linear_cross_entropy":
         if implementation == "naive torch":
             loss = F.cross_entropy(hidden @ weight.T, targets)
         else:
-            loss = fk.linear_cross_entropy(hidden, weight, targets)
+            loss = fk.linear_cross_entropy(hidden, weight, targets, backend=backend)
         loss.backward()
         return
     if implementation == "naive torch":
         logits = (hidden @ weight.T).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     else:
-        logp = fk.linear_token_logprobs(hidden, weight, targets)
+        logp = fk.linear_token_logprobs(hidden, weight, targets, backend=backend)
     (logp * upstream).sum().backward()
 
 
 def time_round_robin(op, inputs, device, repeats):
-    samples = {name: [] for name in IMPLEMENTATIONS}
-    for name in IMPLEMENTATIONS:  # warm-up
+    samples = {name: [] for name in implementations(device)}
+    for name in samples:  # warm-up
         forward_backward(op, name, inputs)
     for _ in range(repeats):
-        for name in IMPLEMENTATIONS:
+        for name in samples:
             synchronize(device)
             start = time.perf_counter()
             forward_backward(op, name, inputs)
@@ -88,6 +94,12 @@ def measure_memory_here(arguments):
 def run(device, out_dir, repeats=None):
     cases = GPU_CASES if device == "cuda" else CPU_CASES
     repeats = repeats or (10 if device == "cuda" else 5)
+    matmul_rate = None
+    if device == "cuda":
+        from .roofline import matmul_flops_per_s
+
+        matmul_rate = matmul_flops_per_s()
+        print(f"measured bf16 matmul rate: {matmul_rate / 1e12:.0f} TFLOP/s")
     rows = []
     for op in OPS:
         for case in cases:
@@ -99,11 +111,13 @@ def run(device, out_dir, repeats=None):
                     "bench.bench_linear_ops",
                     {"device": device, "case": list(case), "op": op, "implementation": name},
                 )
-                for name in IMPLEMENTATIONS
+                for name in implementations(device)
             }
             naive_time = statistics.median(samples["naive torch"])
-            for name in IMPLEMENTATIONS:
+            for name in implementations(device):
                 median = statistics.median(samples[name])
+                # Forward + backward of a linear layer and its loss: 6 N H V flops.
+                flops = 6 * case[0] * case[1] * case[2]
                 rows.append({
                     "op": op, "N": case[0], "H": case[1], "V": case[2], "dtype": case[3],
                     "implementation": name, "median_s": median,
@@ -111,9 +125,11 @@ def run(device, out_dir, repeats=None):
                     "peak_extra_MB": memory[name] / 2**20,
                     "speedup_vs_naive": naive_time / median,
                     "memory_vs_naive": memory[name] / max(memory["naive torch"], 1),
+                    "matmul_fraction": flops / median / matmul_rate if matmul_rate else "",
                 })
             print(f"{op} {case}: " + ", ".join(
-                f"{r['implementation']} {r['median_s']:.3f} s {r['peak_extra_MB']:.0f} MB" for r in rows[-2:]
+                f"{r['implementation']} {r['median_s']:.3f} s {r['peak_extra_MB']:.0f} MB"
+                for r in rows[-len(samples):]
             ), flush=True)
     markdown = write_results("linear_ops", rows, COLUMNS, device, out_dir)
     print(markdown)
