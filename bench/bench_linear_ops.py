@@ -91,6 +91,14 @@ def measure_memory_here(arguments):
     return measure_extra_bytes(lambda: forward_backward(arguments["op"], arguments["implementation"], inputs), device)
 
 
+def measure_memory(device, case, op, implementation):
+    """CUDA counts allocated bytes, so one process serves; CPU peak RSS needs a fresh one per case."""
+    arguments = {"device": device, "case": list(case), "op": op, "implementation": implementation}
+    if device == "cuda":
+        return measure_memory_here(arguments)
+    return measure_in_subprocess("bench.bench_linear_ops", arguments)
+
+
 def run(device, out_dir, repeats=None):
     cases = GPU_CASES if device == "cuda" else CPU_CASES
     repeats = repeats or (10 if device == "cuda" else 5)
@@ -106,13 +114,7 @@ def run(device, out_dir, repeats=None):
             inputs = make_inputs(case, device)
             samples = time_round_robin(op, inputs, device, repeats)
             del inputs
-            memory = {
-                name: measure_in_subprocess(
-                    "bench.bench_linear_ops",
-                    {"device": device, "case": list(case), "op": op, "implementation": name},
-                )
-                for name in implementations(device)
-            }
+            memory = {name: measure_memory(device, case, op, name) for name in implementations(device)}
             naive_time = statistics.median(samples["naive torch"])
             for name in implementations(device):
                 median = statistics.median(samples[name])
