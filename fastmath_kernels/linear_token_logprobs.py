@@ -47,13 +47,18 @@ def check_linear_arguments(hidden, weight, chunk_size):
     check_chunk_size(chunk_size)
 
 
+# bf16/fp16 matmuls with fp32 output (CUDA, torch >= 2.8); older torch upcasts the operands.
+_HAS_MIXED_PRECISION_MM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 class ChunkedLinear:
     """hidden [N, H] @ weight [V, H].T one chunk of tokens at a time, with its gradient products."""
 
     def __init__(self, hidden, weight):
         self.hidden, self.weight = hidden, weight
-        self.mixed_precision_gpu = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
-        # Without a mixed-precision matmul (CPU), low-precision inputs work on one fp32 weight copy.
+        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+        self.mixed_precision_gpu = hidden.is_cuda and low_precision and _HAS_MIXED_PRECISION_MM
+        # Without a mixed-precision matmul, low-precision inputs work on one fp32 weight copy.
         exact = weight.dtype == torch.float32 or self.mixed_precision_gpu
         self.weight_fp32 = weight if exact else weight.float()
 
