@@ -19,6 +19,11 @@ constexpr int kScaleBatch = 1;
 // Non-finite rewards (NaN from a failed reward, +-inf) are missing values.
 __device__ __forceinline__ bool is_valid(float value) { return isfinite(value); }
 
+// With eps = 0 a group of equal rewards has std 0 and deviations 0: its advantages are 0.
+__device__ __forceinline__ float safe_inverse(float denominator) {
+  return denominator > 0.0f ? 1.0f / denominator : 0.0f;
+}
+
 template <typename scalar_t>
 __global__ void group_advantages_kernel(const scalar_t* __restrict__ rewards,
                                         float* __restrict__ advantages, int64_t num_groups,
@@ -70,9 +75,9 @@ __global__ void group_advantages_kernel(const scalar_t* __restrict__ rewards,
         if (is_valid(value)) squares += (value - mean) * (value - mean);
       }
       const float std = sqrtf(squares / static_cast<float>(count > 1 ? count - 1 : 1));
-      inv_scale = 1.0f / (std + eps);
+      inv_scale = safe_inverse(std + eps);
     } else if (scale_mode == kScaleBatch) {
-      inv_scale = 1.0f / (batch_std + eps);
+      inv_scale = safe_inverse(batch_std + eps);
     }
     for (int64_t j = 0; j < group_size; ++j) {
       const float value = static_cast<float>(row[j]);

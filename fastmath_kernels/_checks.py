@@ -1,5 +1,7 @@
 """Argument checks shared by the ops. Each raises ValueError naming the argument, before any launch."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -25,10 +27,13 @@ def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(expected_shape)}")
     if targets.numel() == 0:
         return
-    checked = targets if ignore_index is None else targets[targets != ignore_index]
-    if checked.numel() == 0:
-        return
-    low, high = int(checked.min()), int(checked.max())
+    if ignore_index is None:
+        low, high = torch.aminmax(targets)
+    else:
+        ignored = targets == ignore_index
+        low = torch.where(ignored, 0, targets).min()
+        high = torch.where(ignored, 0, targets).max()
+    low, high = torch.stack([low, high]).tolist()  # one host sync for both bounds
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
@@ -36,8 +41,9 @@ def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
 
 
 def check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    valid = not isinstance(temperature, bool) and isinstance(temperature, (int, float))
+    if not valid or not math.isfinite(temperature) or not temperature >= 1e-4:
+        raise ValueError(f"temperature must be a finite number >= 1e-4, got {temperature!r}")
 
 
 def check_chunk_size(chunk_size):

@@ -27,6 +27,11 @@ def _check_arguments(rewards, group_size, scale, eps):
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
+def _scaled(deviation, denominator):
+    """deviation / denominator, with 0 where the denominator is 0 (eps=0 and equal rewards)."""
+    return torch.where(denominator > 0, deviation / denominator, 0.0)
+
+
 def group_advantages_reference(rewards, group_size, scale="group", eps=1e-4):
     """The torch implementation: fp32, vectorised over groups, no host sync."""
     grouped = rewards.float().view(-1, group_size)
@@ -36,13 +41,13 @@ def group_advantages_reference(rewards, group_size, scale="group", eps=1e-4):
     deviation = torch.where(valid, grouped - mean, 0.0)
     if scale == "group":
         variance = deviation.square().sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)
-        advantages = deviation / (variance.sqrt() + eps)
+        advantages = _scaled(deviation, variance.sqrt() + eps)
     elif scale == "batch":
         total = count.sum()
         batch_mean = torch.where(valid, grouped, 0.0).sum() / total.clamp_min(1.0)
         squares = torch.where(valid, grouped - batch_mean, 0.0).square().sum()
         batch_std = (squares / (total - 1.0).clamp_min(1.0)).sqrt()
-        advantages = deviation / (batch_std + eps)
+        advantages = _scaled(deviation, batch_std + eps)
     else:
         advantages = deviation
     advantages = torch.where(valid & (count >= 2.0), advantages, 0.0)

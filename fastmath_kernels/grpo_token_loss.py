@@ -1,5 +1,7 @@
 """The clipped GRPO (PPO-style) per-token loss with an optional k3 KL penalty to a reference."""
 
+import math
+
 import torch
 
 from ._checks import check_tensor
@@ -28,6 +30,7 @@ class _GrpoTokenLossTriton(torch.autograd.Function):
         return grpo_token_loss_forward_triton(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         from .triton.grpo_token_loss import grpo_token_loss_backward_triton
 
@@ -76,8 +79,9 @@ def grpo_token_loss(logp, old_logp, advantages, *, ref_logp=None, beta=0.0, eps_
     _check_arguments(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
     backend = resolve_backend(backend, logp)
     shape = logp.shape
-    rows = lambda t: None if t is None else t.detach().float().reshape(shape[0], -1).contiguous()  # noqa: E731
-    flat_logp = logp.float().reshape(shape[0], -1).contiguous()
+    tokens_per_row = math.prod(shape[1:])  # explicit, so that an empty batch reshapes too
+    rows = lambda t: None if t is None else t.detach().float().reshape(shape[0], tokens_per_row).contiguous()  # noqa: E731
+    flat_logp = logp.float().reshape(shape[0], tokens_per_row).contiguous()
     old_rows, ref_rows, advantages = rows(old_logp), rows(ref_logp if beta != 0 else None), advantages.detach().float().contiguous()
     coefficients = (float(beta), float(eps_low), float(eps_high))
     if backend == "torch":

@@ -26,14 +26,19 @@ REDUCTIONS = ("mean", "sum", "none")
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, backend):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         valid = flat_targets != ignore_index
         safe_targets = torch.where(valid, flat_targets, 0)
-        # d(-logp)/d(logp) on counted tokens, 0 on ignored ones: the per-row upstream gradient.
-        row_grad = -valid.float()
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        count = valid.sum()
+        divisor = count.clamp_min(1).float() if reduction == "mean" else torch.ones((), device=rows.device)
+        # d(loss)/d(logp) per row: -1/divisor on counted tokens, 0 on ignored ones. Folding the
+        # mean in here keeps low-precision gradients in range and rounds them only once.
+        row_grad = -valid.float() / divisor
+        # Grad mode is off inside forward, so the caller says whether gradients are wanted.
+        need_hidden = compute_grads and ctx.needs_input_grad[0]
+        need_weight = compute_grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(rows) if need_hidden else None
         grad_weight = weight_grad_buffer(weight) if need_weight else None
         projection = ChunkedLinear(rows, weight)
@@ -42,34 +47,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start, end in chunk_bounds(rows.shape[0], chunk_size):
             logits = projection.logits(start, end, buffer)
             logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend, workspace)
-            loss_sum += torch.dot(logp, row_grad[start:end])
+            loss_sum += torch.dot(logp, row_grad[start:end])  # already divided by divisor
             if need_hidden or need_weight:
                 logprob_rows_backward(
                     logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0,
                     backend, workspace,
                 )
                 projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
-        count = valid.sum()
-        divisor = count.clamp_min(1).float() if reduction == "mean" else torch.ones((), device=rows.device)
         if need_weight:
             grad_weight = finish_weight_grad(grad_weight, weight)
-        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_shape, ctx.backward_done = hidden.shape, False
-        return loss_sum / divisor
+        return loss_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         if ctx.backward_done:
             raise RuntimeError("linear_cross_entropy: its gradients are scaled in place, so only one backward per forward")
         ctx.backward_done = True
-        grad_hidden, grad_weight, divisor = ctx.saved_tensors
-        scale = grad_loss / divisor
-        # The precomputed gradients are scaled in place: no second copy of the weight gradient.
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place (no second copy of the weight gradient); an fp32 0-d factor is applied
+        # in fp32 arithmetic, so the scale itself is not rounded to the gradients' dtype.
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype)).view(ctx.hidden_shape)
+            grad_hidden = grad_hidden.mul_(grad_loss.float()).view(ctx.hidden_shape)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(scale.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+            grad_weight = grad_weight.mul_(grad_loss.float())
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -97,4 +101,7 @@ def linear_cross_entropy(
             hidden, weight, torch.where(valid, targets, 0), chunk_size=chunk_size, backend=backend
         )
         return torch.where(valid, -logp, 0.0)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size, backend)
+    compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads
+    )

@@ -119,6 +119,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         num_tokens = rows.shape[0]
+        ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size, ctx.backend, ctx.hidden_shape = temperature, chunk_size, backend, hidden.shape
         if backend == "torch":
             slice_size = vocab_slice_size(chunk_size, num_tokens, weight.shape[0])
@@ -143,9 +144,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return logp, (entropy.view(targets.shape) if with_entropy else None)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         rows, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
         if ctx.backend == "torch":

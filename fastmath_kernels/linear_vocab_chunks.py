@@ -10,6 +10,8 @@ slice's probabilities.
 
 import torch
 
+from .token_logprobs import LOG_PROB_FLOOR
+
 
 def vocab_slices(vocab_size, slice_size):
     for start in range(0, vocab_size, slice_size):
@@ -21,7 +23,7 @@ class VocabSlices:
 
     def __init__(self, hidden, weight, slice_size, buffers):
         self.hidden = hidden.float()
-        self.weight = weight.float()
+        self.weight = weight  # converted a slice at a time: no fp32 copy of a low-precision weight
         self.slice_size = slice_size
         size = hidden.shape[0] * min(slice_size, weight.shape[0])
         self.flat_buffers = [torch.empty(size, dtype=torch.float32, device=hidden.device) for _ in range(buffers)]
@@ -29,9 +31,12 @@ class VocabSlices:
     def buffer(self, index, columns):
         return self.flat_buffers[index][: self.hidden.shape[0] * columns].view(-1, columns)
 
+    def weight_slice(self, start, end):
+        return self.weight[start:end].float()
+
     def logits(self, start, end):
         out = self.buffer(0, end - start)
-        return torch.mm(self.hidden, self.weight[start:end].T, out=out)
+        return torch.mm(self.hidden, self.weight_slice(start, end).T, out=out)
 
 
 def _targets_in_slice(targets, start, end):
@@ -57,7 +62,7 @@ def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, sl
         new_max = torch.maximum(running_max, z.amax(dim=1))
         safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
         rescale = torch.exp(running_max - safe_max)
-        z.sub_(safe_max[:, None])
+        z.sub_(safe_max[:, None]).clamp_(min=LOG_PROB_FLOOR)  # -inf logits: exp 0, 0 * floor = 0
         exps = torch.exp(z, out=slices.buffer(1, end - start))
         slice_sum = exps.sum(dim=1)
         if with_entropy:
@@ -87,7 +92,7 @@ def vocab_chunked_backward(
         log_probs = slices.logits(start, end)
         if temperature != 1.0:
             log_probs.div_(temperature)
-        log_probs.sub_(lse[:, None])
+        log_probs.sub_(lse[:, None]).clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=slices.buffer(1, end - start))
             weight_term = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
@@ -102,7 +107,7 @@ def vocab_chunked_backward(
             else:
                 grad_weight[start:end] = grad_logits.T @ slices.hidden
         if need_hidden:
-            grad_hidden.addmm_(grad_logits, slices.weight[start:end])
+            grad_hidden.addmm_(grad_logits, slices.weight_slice(start, end))
     if need_hidden and hidden.dtype != torch.float32:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight

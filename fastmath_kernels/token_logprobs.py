@@ -9,6 +9,10 @@ import torch
 from ._checks import check_targets, check_temperature, check_tensor
 from ._dispatch import has_cuda_op, resolve_backend
 
+# Stand-in for log(0) in products with probabilities: exp() of it is 0 and 0 * it is 0,
+# where -inf would give NaN. Small enough that no real log-probability reaches it.
+LOG_PROB_FLOOR = -1e20
+
 # Rows per sub-chunk of the torch path: each fp32 work buffer stays near 16 MB.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 22
 
@@ -60,11 +64,14 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, w
         row_max = shifted.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         shifted.sub_(row_max)
+        target_shifted = shifted.gather(1, targets[start:end, None])
+        # -inf logits (masked tokens) become a finite floor: exp gives 0 and 0 * floor stays 0.
+        shifted.clamp_(min=LOG_PROB_FLOOR)
         exps = torch.exp(shifted, out=workspace.get("exps", rows))
         sum_exp = exps.sum(dim=-1, keepdim=True)
         log_sum = sum_exp.log()
         lse[start:end] = (row_max + log_sum).squeeze(1)
-        logp[start:end] = (shifted.gather(1, targets[start:end, None]) - log_sum).squeeze(1)
+        logp[start:end] = (target_shifted - log_sum).squeeze(1)
         if with_entropy:
             # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.
             entropy[start:end] = (log_sum - exps.mul_(shifted).sum(dim=-1, keepdim=True) / sum_exp).squeeze(1)
@@ -88,7 +95,7 @@ def logprob_rows_backward_reference(
         work = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
         if temperature != 1.0:
             work.div_(temperature)
-        log_probs = work.sub_(lse[start:end, None])
+        log_probs = work.sub_(lse[start:end, None]).clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=workspace.get("exps", rows))
             weight = log_probs.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
@@ -136,35 +143,60 @@ def logprob_rows_backward(
         )
 
 
-def _as_rows(logits):
-    """[..., V] -> [N, V] whose last dim is contiguous (a view whenever possible)."""
-    rows = logits.reshape(-1, logits.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+def row_blocks(logits):
+    """2-D [rows, V] views of logits (last dim contiguous) covering its rows in order, no copy.
+
+    A view such as logits[:, :-1] cannot merge its leading dims into one row stride; it is
+    split along the first dim instead of being copied.
+    """
+    vocab_size = logits.shape[-1]
+    if logits.stride(-1) != 1:
+        return [logits.reshape(-1, vocab_size).contiguous()]
+    try:
+        return [logits.view(-1, vocab_size)]
+    except RuntimeError:
+        return [block for part in logits.unbind(0) for block in row_blocks(part)]
+
+
+def _offsets(blocks):
+    start = 0
+    for block in blocks:
+        yield block, start, start + block.shape[0]
+        start += block.shape[0]
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, with_entropy, backend):
-        rows = _as_rows(logits)
+        ctx.set_materialize_grads(False)
         flat_targets = targets.reshape(-1)
-        logp, entropy, lse = logprob_rows_forward(rows, flat_targets, temperature, with_entropy, backend)
-        ctx.save_for_backward(rows, flat_targets, lse, entropy)
-        ctx.temperature, ctx.backend, ctx.logits_shape = temperature, backend, logits.shape
-        if entropy is None:
-            return logp.view(targets.shape), None
-        return logp.view(targets.shape), entropy.view(targets.shape)
+        outputs = [
+            logprob_rows_forward(block, flat_targets[start:end], temperature, with_entropy, backend)
+            for block, start, end in _offsets(row_blocks(logits))
+        ]
+        logp, lse = (torch.cat([out[i] for out in outputs]) for i in (0, 2))
+        entropy = torch.cat([out[1] for out in outputs]) if with_entropy else None
+        ctx.save_for_backward(logits, flat_targets, lse, entropy)
+        ctx.temperature, ctx.backend = temperature, backend
+        return logp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        rows, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_logits = torch.empty_like(rows)
-        logprob_rows_backward(
-            grad_logits, rows, targets, lse, entropy, grad_logp.reshape(-1),
-            None if grad_entropy is None else grad_entropy.reshape(-1), ctx.temperature, ctx.backend,
-        )
-        return grad_logits.view(ctx.logits_shape), None, None, None, None
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
+        grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad_logits.view(-1, logits.shape[-1])
+        for block, start, end in _offsets(row_blocks(logits)):
+            logprob_rows_backward(
+                grad_rows[start:end], block, targets[start:end], lse[start:end],
+                None if entropy is None else entropy[start:end], grad_logp[start:end],
+                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
+            )
+        return grad_logits, None, None, None, None
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, backend=None):
@@ -186,10 +218,15 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, back
         backend = "triton" if logits.is_cuda else "torch"  # the CUDA kernels cover 16/32-bit floats
     temperature = float(temperature)
     if backend == "cuda":
-        rows = _as_rows(logits)
-        logp, entropy, _ = torch.ops.fastmath.token_logprobs_forward(rows, targets.reshape(-1), temperature, with_entropy)
-        logp = logp.view(targets.shape)
-        return (logp, entropy.view(targets.shape)) if with_entropy else logp
+        flat_targets = targets.reshape(-1)
+        outputs = [
+            torch.ops.fastmath.token_logprobs_forward(block, flat_targets[start:end], temperature, with_entropy)
+            for block, start, end in _offsets(row_blocks(logits))
+        ]
+        logp = torch.cat([out[0] for out in outputs]).view(targets.shape)
+        if not with_entropy:
+            return logp
+        return logp, torch.cat([out[1] for out in outputs]).view(targets.shape)
     logp, entropy = _TokenLogprobs.apply(logits, targets, temperature, with_entropy, backend)
     return (logp, entropy) if with_entropy else logp
 
@@ -215,10 +252,13 @@ if has_cuda_op("token_logprobs_forward"):
         _, entropy, lse = output
         ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
         ctx.mark_non_differentiable(lse)  # a statistic saved for backward, not a result
+        ctx.set_materialize_grads(False)
         ctx.temperature = temperature
 
     def _token_logprobs_autograd_backward(ctx, grad_logp, grad_entropy, grad_lse):
         logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         if entropy is None:

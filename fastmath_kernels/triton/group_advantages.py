@@ -17,6 +17,13 @@ _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
+def _safe_divide(deviation, denominator):
+    # With eps = 0 a group of equal rewards has std 0 and deviations 0: its advantages are 0.
+    positive = denominator > 0.0
+    return tl.where(positive, deviation / tl.where(positive, denominator, 1.0), 0.0)
+
+
+@triton.jit
 def _group_advantages_kernel(
     rewards_ptr,
     advantages_ptr,
@@ -65,9 +72,9 @@ def _group_advantages_kernel(
         deviation = tl.where(valid, x - mean[:, None], 0.0)
         if SCALE_MODE == 0:
             group_std = tl.sqrt(tl.sum(deviation * deviation, axis=1) / tl.maximum(count - 1.0, 1.0))
-            advantages = deviation / (group_std[:, None] + eps)
+            advantages = _safe_divide(deviation, group_std[:, None] + eps)
         elif SCALE_MODE == 1:
-            advantages = deviation / (batch_std + eps)
+            advantages = _safe_divide(deviation, batch_std + eps)
         else:
             advantages = deviation
         advantages = tl.where(valid & (count[:, None] >= 2.0), advantages, 0.0)

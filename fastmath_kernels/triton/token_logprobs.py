@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 _NEG_INF = tl.constexpr(float("-inf"))
+_LOG_PROB_FLOOR = tl.constexpr(-1e20)
 
 
 @triton.jit
@@ -76,9 +77,10 @@ def _logprob_rows_backward_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < vocab_size
     z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
-    log_probs = z * inv_temperature - tl.load(lse_ptr + row)
-    # log p <= 0 in exact arithmetic; the clamp also keeps masked lanes from overflowing.
-    probs = tl.exp(tl.minimum(log_probs, 0.0))
+    # log p <= 0 in exact arithmetic: the upper clamp keeps masked lanes from overflowing, the
+    # lower one turns -inf logits into a finite floor so that 0 * log p stays 0, not NaN.
+    log_probs = tl.minimum(tl.maximum(z * inv_temperature - tl.load(lse_ptr + row), _LOG_PROB_FLOOR), 0.0)
+    probs = tl.exp(log_probs)
     grad_logp = tl.load(grad_logp_ptr + row)
     target = tl.load(targets_ptr + row)
     grad = tl.where(cols == target, grad_logp, 0.0) - grad_logp * probs
