@@ -5,13 +5,20 @@ import os
 
 import torch
 
-from . import bench_group_advantages, bench_linear_ops, bench_token_logprobs
+from . import (
+    bench_group_advantages,
+    bench_linear_cross_entropy,
+    bench_linear_token_logprobs,
+    bench_token_logprobs,
+)
 from .common import RESULTS_DIR, header_line
+from .harness import run_benchmark
 
 BENCHMARKS = {
-    "group_advantages": bench_group_advantages,
+    "linear_cross_entropy": bench_linear_cross_entropy,
+    "linear_token_logprobs": bench_linear_token_logprobs,
     "token_logprobs": bench_token_logprobs,
-    "linear_ops": bench_linear_ops,
+    "group_advantages": bench_group_advantages,
 }
 
 
@@ -27,7 +34,11 @@ def main(argv=None):
     print(header_line(args.device))
     for name in args.only or BENCHMARKS:
         print(f"\n=== {name} ===")
-        BENCHMARKS[name].run(args.device, out_dir)
+        module = BENCHMARKS[name]
+        if hasattr(module, "run"):
+            module.run(args.device, out_dir)
+        else:
+            run_benchmark(module, args.device, out_dir)
     print(f"results written to {out_dir}")
 
 

@@ -22,6 +22,30 @@ from .linear_token_logprobs import (
 from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 REDUCTIONS = ("mean", "sum", "none")
+# Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
+_CACHE_RESIDENT_ELEMENTS = 1 << 19
+
+
+def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
+    """Torch path, in place on fp32 scratch logits [n, V]: returns logp [n].
+
+    With want_grad the logits are left holding d(loss)/d(logits) = row_grad * (onehot - p),
+    computed from the same exponentials as the forward (no second pass over lse).
+    """
+    num_rows, vocab_size = logits.shape
+    logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    step = max(2, _CACHE_RESIDENT_ELEMENTS // vocab_size)
+    for start in range(0, num_rows, step):
+        end = min(start + step, num_rows)
+        z, rows_targets = logits[start:end], targets[start:end, None]
+        z.sub_(z.amax(dim=1, keepdim=True))
+        target_shifted = z.gather(1, rows_targets)
+        sum_exp = z.exp_().sum(dim=1, keepdim=True)
+        logp[start:end] = (target_shifted - sum_exp.log()).squeeze(1)
+        if want_grad:
+            rows_grad = row_grad[start:end, None]
+            z.mul_(-rows_grad / sum_exp).scatter_add_(1, rows_targets, rows_grad)
+    return logp
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -46,6 +70,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(rows.shape[0], chunk_size):
             logits = projection.logits(start, end, buffer)
+            if backend == "torch":
+                want_grad = need_hidden or need_weight
+                logp = cross_entropy_rows_torch(logits, safe_targets[start:end], row_grad[start:end], want_grad)
+                loss_sum += torch.dot(logp, row_grad[start:end])
+                if want_grad:
+                    projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
+                continue
             logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend, workspace)
             loss_sum += torch.dot(logp, row_grad[start:end])  # already divided by divisor
             if need_hidden or need_weight:

@@ -21,9 +21,16 @@ _CPU_CHUNK_ELEMENTS = 1 << 23
 _GPU_CHUNK_ELEMENTS = 1 << 28
 
 
+# CPU matmuls with fewer rows than this lose much of their speed, whatever the vocabulary.
+_CPU_MIN_CHUNK_TOKENS = 128
+
+
 def default_chunk_size(num_tokens, vocab_size, device):
-    budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
-    return max(1, min(num_tokens, budget // max(vocab_size, 1)))
+    if device.type == "cuda":
+        rows = _GPU_CHUNK_ELEMENTS // max(vocab_size, 1)
+    else:
+        rows = max(_CPU_MIN_CHUNK_TOKENS, _CPU_CHUNK_ELEMENTS // max(vocab_size, 1))
+    return max(1, min(num_tokens, rows))
 
 
 def check_linear_arguments(hidden, weight, chunk_size):
