@@ -1,0 +1,153 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) written atomically, and the final HF export.
+
+A checkpoint is written to `step_XXXXXXXX.tmp`, given a manifest of every file's size, and only
+then renamed to `step_XXXXXXXX`. A directory without a manifest that matches its files is never
+loaded: a save killed halfway leaves the previous checkpoint the latest complete one.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .parallel import barrier
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_root(run_dir):
+    return os.path.join(run_dir, "checkpoints")
+
+
+def _rng_state():
+    """This rank's random generators, in plain types that weights_only loading accepts."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(python_state), gauss],
+        "numpy": [numpy_keys.tolist(), numpy_pos, numpy_has_gauss, numpy_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    keys, pos, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_value))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_manifest(directory):
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, directory)] = os.path.getsize(path)
+    with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as handle:
+        json.dump({"files": files}, handle)
+    os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
+
+
+def is_complete(directory):
+    """True when the manifest exists and every file it lists has its recorded size."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as handle:
+            files = json.load(handle)["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(
+        os.path.isfile(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == size
+        for name, size in files.items()
+    )
+
+
+def latest_checkpoint(run_dir, log=print):
+    """The newest complete checkpoint directory, or None; incomplete ones are reported and skipped."""
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((name for name in os.listdir(root) if _STEP_DIR.match(name)), reverse=True)
+    for name in steps:
+        path = os.path.join(root, name)
+        if is_complete(path):
+            return path
+        log(f"checkpoint {path} is incomplete or corrupted (manifest check failed); skipping it")
+    return None
+
+
+def save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, rank, keep):
+    """Collective: every rank calls it. Returns the final directory."""
+    root = checkpoint_root(run_dir)
+    final = os.path.join(root, f"step_{step:08d}")
+    temporary = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=temporary)
+    torch.save(
+        {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "rng": _rng_state()},
+        os.path.join(temporary, f"trainer_state_rank{rank}.pt"),
+    )
+    barrier()
+    if rank == 0:
+        _write_manifest(temporary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(temporary, final)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root, keep):
+    complete = sorted(name for name in os.listdir(root) if _STEP_DIR.match(name))
+    for name in complete[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(path, model, optimizer, scheduler, rank):
+    """Restores model, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    saved = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=True)
+    scheduler.load_state_dict(saved["scheduler"])
+    _restore_rng(saved["rng"])
+    return saved["trainer"]
+
+
+def export_hf(root_module, tokenizer, directory, rank):
+    """Collective: writes a Hugging Face directory (safetensors, config, tokenizer), atomically."""
+    full_state = get_model_state_dict(root_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        prefix = "causal_lm."
+        weights = {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
+        temporary = directory.rstrip("/") + ".tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        root_module.causal_lm.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.rename(temporary, directory)
+    barrier()
+    return directory

@@ -1,0 +1,208 @@
+"""Run configuration: typed dataclasses, read from YAML, with `section.key=value` overrides.
+
+Every key is checked before anything heavy happens: an unknown key is rejected with the
+closest known one suggested, and a value of the wrong type names its key.
+"""
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line naming the key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = ""  # a local Hugging Face model directory (config, safetensors, tokenizer)
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    chat_template: Optional[str] = None  # a Jinja template replacing the tokenizer's own
+    system_prompt: Optional[str] = None
+    attn_implementation: str = "sdpa"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_files: list = dataclasses.field(default_factory=list)  # jsonl, json or parquet
+    problem_field: str = "problem"
+    solution_field: str = "solution"
+    messages_field: Optional[str] = None  # chat data: a list of {role, content} per row
+    max_seq_len: int = 2048
+    overlong: str = "truncate"  # or "drop": what happens to an example longer than max_seq_len
+    pack: bool = True
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stops earlier than the epochs when set
+    micro_batch_size: int = 1  # packed sequences per forward pass and rank
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end
+    keep: int = 2
+    resume: str = "none"  # "auto": continue from the latest complete checkpoint in run_dir
+    export_hf: bool = True
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+
+
+@dataclasses.dataclass
+class RunConfig:
+    stage: str = "sft"
+    run_dir: str = "runs/sft"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+
+CHOICES = {
+    "stage": ("sft",),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.overlong": ("truncate", "drop"),
+}
+
+
+def _suggest(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(value, annotation, key):
+    """value checked (and, for strings from the command line, parsed) against annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part]
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _apply(target, values, prefix=""):
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    hints = typing.get_type_hints(type(target))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(name, list(fields))}")
+        if dataclasses.is_dataclass(fields[name].type) or dataclasses.is_dataclass(getattr(target, name)):
+            _apply(getattr(target, name), value, prefix=f"{key}.")
+        else:
+            setattr(target, name, _convert(value, hints[name], key))
+
+
+def _set_dotted(values, dotted, raw):
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = raw
+
+
+def validate(config):
+    for key, allowed in CHOICES.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
+        "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
+        "train.log_every": config.train.log_every, "checkpoint.keep": config.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1 or unset, got {config.train.max_steps}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {config.optim.lr}")
+    if not 0 <= config.optim.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {config.optim.warmup_ratio}")
+    if config.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
+    if not config.model.path:
+        raise ConfigError("model.path: no model directory given")
+    if not config.data.train_files:
+        raise ConfigError("data.train_files: no training data given")
+    return config
+
+
+def load_config(path=None, overrides=(), base=None):
+    """RunConfig from an optional YAML file, then `section.key=value` overrides, validated."""
+    config = base if base is not None else RunConfig()
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as handle:
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        _apply(config, values)
+    override_values = {}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form section.key=value")
+        dotted, raw = override.split("=", 1)
+        _set_dotted(override_values, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    _apply(config, override_values)
+    return validate(config)

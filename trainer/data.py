@@ -1,0 +1,213 @@
+"""SFT data: local jsonl/json/parquet files through `datasets`, chat-formatted, packed.
+
+Each example becomes one document: the prompt (system + user turns) and the completion
+(the assistant turn). Only completion tokens carry a loss. Documents are packed into
+sequences of at most max_seq_len tokens; position ids restart per document and the
+attention mask is block-diagonal, so no token sees another document.
+"""
+
+import dataclasses
+import json
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad input data, reported in one line naming the file and line or field."""
+
+
+@dataclasses.dataclass
+class Document:
+    input_ids: list
+    completion_mask: list  # True where the token belongs to the completion
+
+
+@dataclasses.dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_empty_completion: int = 0
+
+
+def _check_jsonl(path):
+    """A malformed line is reported with its number instead of a parser traceback."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+
+
+def load_records(files):
+    """Rows of every file, each with (file, row number) for error messages."""
+    import datasets
+
+    records = []
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: data file not found")
+        extension = os.path.splitext(path)[1].lower()
+        if extension in (".jsonl", ".json"):
+            if extension == ".jsonl":
+                _check_jsonl(path)
+            builder = "json"
+        elif extension == ".parquet":
+            builder = "parquet"
+        else:
+            raise DataError(f"{path}: unsupported data file type {extension!r} (use .jsonl, .json or .parquet)")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as error:  # datasets raises many types; the user needs the file and the reason
+            raise DataError(f"{path}: could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        records.extend((path, number, row) for number, row in enumerate(dataset, start=1))
+    if not records:
+        raise DataError(f"no examples in {', '.join(files)}")
+    return records
+
+
+def to_messages(row, data_config, system_prompt, where):
+    """The chat of one row: its messages field, or a user turn (problem) and an assistant turn (solution)."""
+    if data_config.messages_field:
+        messages = row.get(data_config.messages_field)
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field {data_config.messages_field!r} must be a non-empty list of messages")
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+                raise DataError(f"{where}: each message needs a 'role' and a string 'content'")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (the completion)")
+    else:
+        fields = {}
+        for name in (data_config.problem_field, data_config.solution_field):
+            value = row.get(name)
+            if value is None:
+                raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row))})")
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+            fields[name] = value
+        messages = [
+            {"role": "user", "content": fields[data_config.problem_field]},
+            {"role": "assistant", "content": fields[data_config.solution_field]},
+        ]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def tokenize_chat(tokenizer, messages, where):
+    """Document of one chat; the completion is what the template adds after the generation prompt."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the full chat")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return Document(prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids))
+
+
+def build_documents(records, tokenizer, data_config, system_prompt):
+    stats = DataStats()
+    documents = []
+    for path, number, row in records:
+        where = f"{path}:{number}"
+        document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), where)
+        stats.examples += 1
+        if len(document.input_ids) > data_config.max_seq_len:
+            if data_config.overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+            document = Document(
+                document.input_ids[: data_config.max_seq_len], document.completion_mask[: data_config.max_seq_len]
+            )
+        if sum(document.completion_mask[1:]) == 0:  # nothing left to learn from
+            stats.dropped_empty_completion += 1
+            continue
+        documents.append(document)
+    if not documents:
+        raise DataError(
+            f"no usable examples: {stats.examples} read, {stats.dropped_overlong} over max_seq_len "
+            f"dropped, {stats.dropped_empty_completion} without completion tokens"
+        )
+    return documents, stats
+
+
+@dataclasses.dataclass
+class Pack:
+    input_ids: list
+    targets: list
+    position_ids: list
+    document_lengths: list
+
+
+def document_targets(document):
+    """Next-token targets: the following token where it is a completion token, else ignored."""
+    ids, mask = document.input_ids, document.completion_mask
+    return [ids[i + 1] if mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def pack_documents(documents, max_seq_len, pack=True):
+    """Documents in order, concatenated into packs of at most max_seq_len tokens."""
+    packs, current = [], None
+    for document in documents:
+        length = len(document.input_ids)
+        if current is None or not pack or len(current.input_ids) + length > max_seq_len:
+            current = Pack([], [], [], [])
+            packs.append(current)
+        current.input_ids.extend(document.input_ids)
+        current.targets.extend(document_targets(document))
+        current.position_ids.extend(range(length))
+        current.document_lengths.append(length)
+    return packs
+
+
+def block_causal_mask(document_lengths, length, dtype):
+    """[1, L, L] additive mask: 0 where a token may attend (same document, not later), -inf elsewhere."""
+    document_index = torch.repeat_interleave(
+        torch.arange(len(document_lengths)), torch.tensor(document_lengths)
+    )
+    padding = length - len(document_index)
+    document_index = torch.cat([document_index, torch.full((padding,), -1)])
+    same_document = document_index[:, None] == document_index[None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = same_document & causal
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves: no NaN rows
+    mask = torch.zeros(length, length, dtype=dtype)
+    return mask.masked_fill_(~allowed, float("-inf"))[None]
+
+
+def collate(packs, pad_token_id, dtype):
+    """Micro-batch tensors: input_ids, position_ids, targets [B, L] and a [B, 1, L, L] attention mask."""
+    length = max(len(p.input_ids) for p in packs)
+    input_ids = torch.full((len(packs), length), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(packs), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(packs), length), dtype=torch.long)
+    masks = []
+    for row, pack in enumerate(packs):
+        size = len(pack.input_ids)
+        input_ids[row, :size] = torch.tensor(pack.input_ids)
+        targets[row, :size] = torch.tensor(pack.targets)
+        position_ids[row, :size] = torch.tensor(pack.position_ids)
+        masks.append(block_causal_mask(pack.document_lengths, length, dtype))
+    return {
+        "input_ids": input_ids, "position_ids": position_ids, "targets": targets,
+        "attention_mask": torch.stack(masks),
+    }
+
+
+def epoch_order(num_packs, epoch, seed):
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(num_packs, generator=generator).tolist()

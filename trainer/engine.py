@@ -1,0 +1,83 @@
+"""The one training core both stages drive: model, FSDP, optimizer, schedule, step."""
+
+import math
+
+import torch
+
+from .model import CausalLMLoss, load_causal_lm, load_tokenizer
+from .parallel import all_reduce_sum, apply_fsdp, init_distributed
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example a non-finite loss); the message says why."""
+
+
+def warmup_cosine(total_steps, warmup_ratio, min_lr_ratio):
+    """Learning-rate multiplier: linear warmup, then cosine decay to min_lr_ratio."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class Engine:
+    def __init__(self, config):
+        self.config = config
+        self.rank, self.world_size, self.device = init_distributed()
+        torch.manual_seed(config.train.seed)
+        self.tokenizer = load_tokenizer(config.model)
+        causal_lm = load_causal_lm(config.model, self.device)
+        self.module = apply_fsdp(CausalLMLoss(causal_lm), self.device, config.parallel)
+        self.parameters = [p for p in self.module.parameters() if p.requires_grad]
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
+        )
+        self.scheduler = None
+
+    @property
+    def compute_dtype(self):
+        return self.module.causal_lm.dtype if self.device.type == "cpu" else torch.bfloat16
+
+    def set_schedule(self, total_steps):
+        optim = self.config.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(total_steps, optim.warmup_ratio, optim.min_lr_ratio)
+        )
+
+    def train_step(self, micro_batches):
+        """One optimizer step over this rank's micro-batches; returns plain-number metrics.
+
+        The loss is the mean over every counted token of the step, on all ranks: each micro-batch
+        contributes its token-loss sum divided by the global token count. FSDP's gradient
+        reduce-scatter averages over ranks, hence the factor world_size.
+        """
+        local_tokens = sum((batch["targets"] != -100).sum() for batch in micro_batches)
+        global_tokens = all_reduce_sum(local_tokens.clone().to(self.device, torch.float32))
+        scale = self.world_size / global_tokens.clamp_min(1.0)
+        step_loss = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            loss = self.module(**batch) * scale
+            loss.backward()
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        mean_loss = all_reduce_sum(step_loss) / self.world_size
+        values = torch.stack([mean_loss, grad_norm.float(), global_tokens]).tolist()  # one host sync
+        if not all(math.isfinite(v) for v in values[:2]):
+            raise TrainingError(
+                f"non-finite loss or gradient norm (loss {values[0]}, grad norm {values[1]}); "
+                "the last complete checkpoint is kept; lower optim.lr or check the data"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": values[0], "grad_norm": values[1], "tokens": int(values[2]), "lr": lr}

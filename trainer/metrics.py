@@ -1,0 +1,98 @@
+"""What a run reports: a progress bar, metrics.jsonl, TensorBoard when installed, a loss plot at the end."""
+
+import json
+import os
+import time
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks keep quiet. Values passed in are plain Python numbers."""
+
+    def __init__(self, run_dir, rank, total_steps, start_step=0, description="train"):
+        self.rank, self.run_dir = rank, run_dir
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.started = time.perf_counter()
+        self.bar = self.writer = None
+        if rank != 0:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._drop_records_after(start_step)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def _drop_records_after(self, step):
+        """A resumed run repeats the steps after its checkpoint: their old records go."""
+        records = [r for r in read_metrics(self.run_dir) if r["step"] <= step]
+        with open(self.path + ".tmp", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log_step(self, step, values):
+        if self.rank != 0:
+            return
+        record = {"step": step, **values, "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+        shown = {k: values[k] for k in ("loss", "lr", "tokens_per_s") if k in values}
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(1)
+
+    def message(self, text):
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_loss(run_dir, key="loss", filename="loss.png", title="training loss"):
+    """PNG of key against step from metrics.jsonl; returns its path, or None without matplotlib."""
+    records = [r for r in read_metrics(run_dir) if key in r]
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([r["step"] for r in records], [r[key] for r in records], linewidth=1.5)
+    axis.set_xlabel("step")
+    axis.set_ylabel(key)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path = os.path.join(run_dir, filename)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,68 @@
+"""Loading a local Hugging Face causal LM and its tokenizer, and the loss module FSDP wraps."""
+
+import os
+
+import torch
+from torch import nn
+
+from fastmath_kernels import linear_cross_entropy
+
+from .data import DataError
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(model_config):
+    from transformers import AutoTokenizer
+
+    path = model_config.path
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: model directory not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise DataError(f"{path}: no usable tokenizer ({str(error).splitlines()[0][:160]})") from None
+    if model_config.chat_template:
+        tokenizer.chat_template = model_config.chat_template
+    if not tokenizer.chat_template:
+        raise DataError(f"{path}: the tokenizer has no chat template; set model.chat_template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(model_config, device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_config.dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_config.path, dtype=dtype, trust_remote_code=model_config.trust_remote_code,
+            attn_implementation=model_config.attn_implementation,
+        )
+    except (OSError, ValueError) as error:
+        raise DataError(f"{model_config.path}: could not load the model ({str(error).splitlines()[0][:160]})") from None
+    return model.to(device)
+
+
+class CausalLMLoss(nn.Module):
+    """The root module FSDP wraps: backbone, then the fused-linear loss on the final hidden states.
+
+    The loss runs inside the root's forward, where FSDP has gathered the root's own parameters,
+    so lm_head.weight (tied to the embeddings or not) is a whole tensor there. The full logits
+    are never computed.
+    """
+
+    def __init__(self, causal_lm):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids, position_ids, attention_mask, targets):
+        hidden = self.causal_lm.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        return linear_cross_entropy(hidden, self.causal_lm.lm_head.weight, targets, reduction="sum")

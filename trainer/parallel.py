@@ -1,0 +1,65 @@
+"""torch.distributed set-up and FSDP2: fully_shard per decoder layer, then the root."""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """(rank, world_size, device); a process group only when launched by torchrun with several ranks."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return rank, world_size, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown():
+    if is_distributed():
+        dist.barrier()  # every rank reaches teardown before the group goes away
+        dist.destroy_process_group()
+
+
+def apply_fsdp(root, device, parallel_config):
+    """Shards each decoder layer, then the root; a single process keeps the plain module."""
+    causal_lm = root.causal_lm
+    if parallel_config.activation_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not is_distributed():
+        return root
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options = {}
+    if device.type == "cuda":
+        # bf16 compute, fp32 gradient reduction across ranks.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if parallel_config.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in causal_lm.model.layers:
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
+    return root

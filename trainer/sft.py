@@ -1,0 +1,94 @@
+"""Stage 1: supervised fine-tuning on packed chat sequences, loss on completions only."""
+
+import os
+import time
+
+from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import build_documents, collate, epoch_order, load_records, pack_documents
+from .engine import Engine
+from .metrics import MetricsLogger, plot_loss
+from .parallel import shutdown
+
+
+class SFTData:
+    """Packs in a seeded order per epoch; the data position is the step number alone."""
+
+    def __init__(self, config, tokenizer, world_size, log):
+        data = config.data
+        records = load_records(data.train_files)
+        documents, stats = build_documents(records, tokenizer, data, config.model.system_prompt)
+        self.packs = pack_documents(documents, data.max_seq_len, data.pack)
+        self.micro_batch_size, self.grad_accum = config.train.micro_batch_size, config.train.grad_accum
+        self.world_size, self.seed = world_size, config.train.seed
+        self.pad_token_id = tokenizer.pad_token_id
+        self.packs_per_step = self.micro_batch_size * self.grad_accum * world_size
+        self.steps_per_epoch = len(self.packs) // self.packs_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.packs)} packed sequences are fewer than one step needs "
+                f"({self.packs_per_step} = micro_batch_size x grad_accum x ranks)"
+            )
+        unused = len(self.packs) - self.steps_per_epoch * self.packs_per_step
+        log(
+            f"data: {stats.examples} examples, {stats.truncated} truncated and {stats.dropped_overlong} dropped "
+            f"as longer than {data.max_seq_len} tokens, {stats.dropped_empty_completion} without completion "
+            f"tokens; {len(documents)} documents in {len(self.packs)} sequences, {self.steps_per_epoch} "
+            f"steps per epoch ({unused} sequences per epoch left out to keep steps whole)"
+        )
+
+    def micro_batches(self, step, rank, mask_dtype):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.packs), epoch, self.seed)
+        chosen = order[index * self.packs_per_step : (index + 1) * self.packs_per_step][rank :: self.world_size]
+        size = self.micro_batch_size
+        return [
+            collate([self.packs[i] for i in chosen[start : start + size]], self.pad_token_id, mask_dtype)
+            for start in range(0, len(chosen), size)
+        ]
+
+
+def run_sft(config):
+    engine = Engine(config)
+    rank = engine.rank
+    log = print if rank == 0 else (lambda *_: None)
+    data = SFTData(config, engine.tokenizer, engine.world_size, log)
+    total_steps = data.steps_per_epoch * config.train.epochs
+    if config.train.max_steps:
+        total_steps = min(total_steps, config.train.max_steps)
+    engine.set_schedule(total_steps)
+
+    start_step = 0
+    if config.checkpoint.resume == "auto":
+        path = latest_checkpoint(config.run_dir, log=log)
+        if path:
+            start_step = load_checkpoint(path, engine.module, engine.optimizer, engine.scheduler, rank)["step"]
+            log(f"resumed from {path} at step {start_step}")
+        else:
+            log("no complete checkpoint to resume from; starting at step 0")
+
+    metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description="sft")
+    every = config.checkpoint.every_steps
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            values = engine.train_step(data.micro_batches(step, rank, engine.compute_dtype))
+            values["epoch"] = step // data.steps_per_epoch
+            values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - started, 1e-9)
+            metrics.log_step(step + 1, values)
+            if every and (step + 1) % every == 0 and step + 1 < total_steps:
+                save_checkpoint(config.run_dir, step + 1, engine.module, engine.optimizer, engine.scheduler,
+                                {"step": step + 1}, rank, config.checkpoint.keep)
+        if start_step < total_steps:
+            save_checkpoint(config.run_dir, total_steps, engine.module, engine.optimizer, engine.scheduler,
+                            {"step": total_steps}, rank, config.checkpoint.keep)
+        if config.checkpoint.export_hf:
+            export = export_hf(engine.module, engine.tokenizer, os.path.join(config.run_dir, "hf_model"), rank)
+            metrics.message(f"exported a Hugging Face model to {export}")
+    finally:
+        metrics.close()
+    if rank == 0:
+        plot = plot_loss(config.run_dir, title="SFT loss")
+        if plot:
+            print(f"loss curve: {plot}")
+    shutdown()
+    return config.run_dir

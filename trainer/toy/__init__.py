@@ -1,0 +1,1 @@
+"""The embedded default task: a tiny model and data built locally, no downloads."""

@@ -1,0 +1,61 @@
+"""Word problems on small numbers with a short chain of thought, as jsonl in the recipe's fields.
+
+"tom has 37 apples . he gets 5 more . he gives away 8 . how many apples does he have ?"
+-> solution "37 + 5 = 42 . 42 - 8 = 34 . </think> \\boxed{ 34 }", answer "34".
+Every intermediate result stays in 0..99; numbers are written with one token per digit.
+"""
+
+import json
+import random
+
+NAMES = ["tom", "ann", "bob", "eve"]
+ITEMS = ["apples", "coins", "books", "cards"]
+WORDS = (
+    NAMES + ITEMS
+    + ["has", "he", "she", "gets", "more", "gives", "away", "doubles", "triples", "them", "how", "many", "does",
+       "have", "?", ".", "+", "-", "x", "=", "</think>", "\\boxed{", "}", "wait", ",", "check", "yes", "so"]
+)
+
+
+def _operation(rng, value):
+    """(text, symbol, operand, result) of one step that keeps the result in 0..99."""
+    choices = []
+    if value <= 90:
+        choices.append("add")
+    if value >= 1:
+        choices.append("sub")
+    if value <= 33:
+        choices.append("mul")
+    kind = rng.choice(choices)
+    if kind == "add":
+        operand = rng.randint(1, min(9, 99 - value))
+        return f"gets {operand} more", "+", operand, value + operand
+    if kind == "sub":
+        operand = rng.randint(1, min(9, value))
+        return f"gives away {operand}", "-", operand, value - operand
+    factor = 2 if value > 24 or rng.random() < 0.5 else 3
+    return ("doubles them" if factor == 2 else "triples them"), "x", factor, value * factor
+
+
+def make_problem(rng):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    pronoun = "she" if name in ("ann", "eve") else "he"
+    value = rng.randint(1, 40)
+    sentences = [f"{name} has {value} {item} ."]
+    steps = []
+    for _ in range(rng.randint(2, 3)):
+        text, symbol, operand, result = _operation(rng, value)
+        sentences.append(f"{pronoun} {text} .")
+        steps.append(f"{value} {symbol} {operand} = {result} .")
+        value = result
+    sentences.append(f"how many {item} does {pronoun} have ?")
+    solution = " ".join(steps) + f" </think> \\boxed{{ {value} }}"
+    return {"problem": " ".join(sentences), "solution": solution, "answer": str(value)}
+
+
+def write_problems(path, count, seed):
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            handle.write(json.dumps(make_problem(rng)) + "\n")
+    return path
