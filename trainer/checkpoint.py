@@ -5,11 +5,13 @@ then renamed to `step_XXXXXXXX`. A directory without a manifest that matches its
 loaded: a save killed halfway leaves the previous checkpoint the latest complete one.
 """
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -26,6 +28,14 @@ from .parallel import barrier
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save and load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoint_root(run_dir):
@@ -104,7 +114,8 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, r
         os.makedirs(temporary)
     barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=temporary)
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=temporary)
     torch.save(
         {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "rng": _rng_state()},
         os.path.join(temporary, f"trainer_state_rank{rank}.pt"),
@@ -128,7 +139,8 @@ def _prune(root, keep):
 def load_checkpoint(path, model, optimizer, scheduler, rank):
     """Restores model, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     saved = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=True)

@@ -33,8 +33,14 @@ class DataStats:
     dropped_empty_completion: int = 0
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 def _check_jsonl(path):
     """A malformed line is reported with its number instead of a parser traceback."""
+    records = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -49,6 +55,9 @@ def _check_jsonl(path):
                 raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records += 1
+    if records == 0:
+        raise DataError(f"{path}: no examples (the file is empty)")
 
 
 def load_records(files):
@@ -71,7 +80,7 @@ def load_records(files):
         try:
             dataset = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as error:  # datasets raises many types; the user needs the file and the reason
-            raise DataError(f"{path}: could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+            raise DataError(f"{path}: could not be read ({_first_line(error)})") from None
         records.extend((path, number, row) for number, row in enumerate(dataset, start=1))
     if not records:
         raise DataError(f"no examples in {', '.join(files)}")

@@ -1,0 +1,188 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, load_config
+from trainer.data import block_causal_mask, collate, pack_documents, tokenize_chat, to_messages
+from trainer.metrics import read_metrics
+from trainer.toy.model_dir import build_model_dir
+from trainer.toy.task import WORDS, write_problems
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    model = build_model_dir(str(root / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(root / "train.jsonl"), 128, seed=0)
+    return {"root": root, "model": model, "data": data}
+
+
+def sft_config(toy, run_dir, *overrides):
+    base = [
+        f"run_dir={run_dir}", f"model.path={toy['model']}", f"data.train_files={toy['data']}",
+        "data.max_seq_len=192", "optim.lr=3e-3", "optim.warmup_ratio=0.1", "train.micro_batch_size=2",
+        "train.grad_accum=2", "checkpoint.export_hf=false",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def test_packed_documents_do_not_see_each_other(toy):
+    """A token's logits are the same alone and packed beside other documents."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    model = AutoModelForCausalLM.from_pretrained(toy["model"], dtype=torch.float32).eval()
+    config = sft_config(toy, "unused").data
+    rows = [json.loads(line) for line in open(toy["data"])][:3]
+    documents = [tokenize_chat(tokenizer, to_messages(row, config, None, "row"), "row") for row in rows]
+
+    def logits_of(docs):
+        batch = collate(pack_documents(docs, 10_000), tokenizer.pad_token_id, torch.float32)
+        with torch.no_grad():
+            return model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
+            ).logits[0]
+
+    alone = logits_of([documents[1]])
+    packed = logits_of(documents)
+    start = len(documents[0].input_ids)
+    beside = packed[start : start + len(documents[1].input_ids)]
+    assert (beside - alone).abs().max() < 1e-5
+
+
+def test_block_causal_mask_shape_and_isolation():
+    mask = block_causal_mask([2, 3], 6, torch.float32)[0]
+    allowed = mask == 0
+    assert allowed[1, 0] and not allowed[0, 1]  # causal inside a document
+    assert not allowed[2, 1] and allowed[4, 2]  # second document sees only itself
+    assert allowed[5, 5] and not allowed[5, 4]  # padding attends to itself only
+
+
+def test_completion_only_targets(toy):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    row = json.loads(open(toy["data"]).readline())
+    document = tokenize_chat(tokenizer, to_messages(row, sft_config(toy, "x").data, "be brief", "row"), "row")
+    (pack,) = pack_documents([document], 10_000)
+    counted = [t for t in pack.targets if t != -100]
+    completion = [i for i, m in zip(document.input_ids, document.completion_mask) if m]
+    assert counted == completion  # every completion token is predicted, nothing else
+    assert tokenizer.decode(completion).split()[-1] == "<|im_end|>"
+
+
+def test_short_run_lowers_the_loss_and_exports_a_loadable_model(toy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sft import run_sft
+
+    config = sft_config(toy, str(tmp_path / "run"), "train.epochs=3", "checkpoint.export_hf=true")
+    run_sft(config)
+    records = read_metrics(config.run_dir)
+    losses = [r["loss"] for r in records]
+    assert {r["epoch"] for r in records} == {0, 1, 2}
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(config.run_dir, "hf_model"))
+    assert exported.config.num_hidden_layers == 2
+    assert os.path.exists(os.path.join(config.run_dir, "loss.png"))
+
+
+def test_resume_repeats_the_same_losses(toy, tmp_path):
+    from trainer.sft import run_sft
+
+    straight = sft_config(toy, str(tmp_path / "straight"), "train.max_steps=8")
+    run_sft(straight)
+    first = sft_config(toy, str(tmp_path / "resumed"), "train.max_steps=8", "checkpoint.every_steps=3")
+    run_sft(first)
+    # Keep only the step-3 checkpoint and the metrics before it, as if the run had died at step 5.
+    root = os.path.join(first.run_dir, "checkpoints")
+    for name in os.listdir(root):
+        if name != "step_00000003":
+            import shutil
+
+            shutil.rmtree(os.path.join(root, name))
+    resumed = sft_config(toy, first.run_dir, "train.max_steps=8", "checkpoint.every_steps=3", "checkpoint.resume=auto")
+    run_sft(resumed)
+    expected = [r["loss"] for r in read_metrics(straight.run_dir)]
+    got = [r["loss"] for r in read_metrics(resumed.run_dir)]
+    assert [r["step"] for r in read_metrics(resumed.run_dir)] == list(range(1, 9))
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_incomplete_checkpoint_is_skipped(toy, tmp_path):
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.sft import run_sft
+
+    config = sft_config(toy, str(tmp_path / "run"), "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3")
+    run_sft(config)
+    root = os.path.join(config.run_dir, "checkpoints")
+    newest = os.path.join(root, "step_00000004")
+    with open(os.path.join(newest, "manifest.json")) as handle:
+        some_file = sorted(json.load(handle)["files"])[0]
+    with open(os.path.join(newest, some_file), "ab") as handle:
+        handle.write(b"corruption")  # size no longer matches the manifest
+    messages = []
+    assert latest_checkpoint(config.run_dir, log=messages.append) == os.path.join(root, "step_00000002")
+    assert "step_00000004" in messages[0]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.run", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def cli_error(toy, tmp_path, *overrides, data=None):
+    args = [f"run_dir={tmp_path / 'run'}", f"model.path={toy['model']}", f"data.train_files={data or toy['data']}"]
+    completed = run_cli(*args, *overrides)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints"), "nothing may be written for bad input"
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_bad_input_gets_one_line_errors(toy, tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    assert missing in cli_error(toy, tmp_path, data=missing)
+
+    malformed = tmp_path / "malformed.jsonl"
+    good = open(toy["data"]).readline()
+    malformed.write_text(good + '{"problem": "x", "solution": \n' + good)
+    assert f"{malformed}:2" in cli_error(toy, tmp_path, data=str(malformed))
+
+    no_field = tmp_path / "no_field.jsonl"
+    no_field.write_text(good + json.dumps({"problem": "tom has 3 apples ."}) + "\n")
+    message = cli_error(toy, tmp_path, data=str(no_field))
+    assert f"{no_field}:2" in message and "solution" in message
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert str(empty) in cli_error(toy, tmp_path, data=str(empty))
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in os.listdir(toy["model"]):
+        if name in ("config.json", "model.safetensors", "generation_config.json"):
+            (no_tokenizer / name).write_bytes(open(os.path.join(toy["model"], name), "rb").read())
+    assert str(no_tokenizer) in cli_error(toy, tmp_path, f"model.path={no_tokenizer}")
+
+    assert "did you mean 'lr'" in cli_error(toy, tmp_path, "optim.lrr=1e-3")
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="did you mean 'max_seq_len'"):
+        load_config(None, ["data.max_seq_length=10"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=many", "model.path=x", "data.train_files=y"])
+    with pytest.raises(ConfigError, match="data.overlong"):
+        load_config(None, ["data.overlong=split", "model.path=x", "data.train_files=y"])
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, ["data.train_files=y"])
