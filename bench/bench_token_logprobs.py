@@ -13,8 +13,10 @@ import torch
 import fastmath_kernels as fk
 
 from .common import RESULTS_DIR, synchronize, write_results
+from .harness import PeerUnavailable
+from .peers import import_peer
 
-CPU_CASES = [(2048, 32768, "float32"), (512, 151936, "float32")]
+CPU_CASES = [(2048, 32768, "float32"), (512, 151936, "float32"), (1024, 32768, "bfloat16")]
 GPU_CASES = [(4096, 151936, "bfloat16"), (16384, 151936, "bfloat16"), (16384, 32768, "bfloat16")]
 COLUMNS = [
     "N", "V", "dtype", "pass", "implementation", "median_ms", "min_ms", "max_ms",
@@ -27,10 +29,14 @@ def naive(logits, targets):
 
 
 def implementations(device):
-    impls = {"naive torch": naive}
+    impls = {"naive torch": naive, "torch.compile naive": torch.compile(naive, dynamic=True)}
     backends = [b for b in fk.available_backends() if not (device == "cpu" and b == "triton")]
     for backend in backends:
         impls[f"fastmath {backend}"] = lambda x, t, b=backend: fk.token_logprobs(x, t, backend=b)
+    try:
+        impls["trl selective_log_softmax"] = import_peer("trl.trainer.utils", "trl").selective_log_softmax
+    except PeerUnavailable as reason:
+        print(f"trl selective_log_softmax: {reason}")
     return impls
 
 

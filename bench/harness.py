@@ -9,8 +9,9 @@ and optionally work(case) -> {"flops": ...} or {"bytes": ...} for the GPU roofli
 
 Times: medians of warm repeats taken round-robin over the implementations in one process.
 Peak extra memory: on CUDA max_memory_allocated in this process; on CPU the peak resident set
-of a fresh subprocess per (case, implementation), after a tiny warm-up call (which also
-compiles torch.compile peers) and with the peak reset just before the measured call.
+of a fresh subprocess per case, one implementation after another, each after a tiny warm-up
+call (which also compiles torch.compile peers), with freed memory handed back to the OS and
+the peak reset just before the measured call.
 A peer that cannot run here keeps a row that says why.
 """
 
@@ -98,26 +99,31 @@ def _tiny(case):
     return dict(case, N=min(case["N"], 8))
 
 
-def measure_memory(module_name, case, implementation_name, device):
-    """Peak extra bytes of one call of one implementation on one case."""
+def measure_memory(module_name, case, implementation_names, device):
+    """name -> peak extra bytes of one call, for each implementation on one case."""
     if device == "cuda":
-        return _measure_here(module_name, case, implementation_name, device)
+        return _measure_here(module_name, case, implementation_names, device)
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.harness", "--memory-of", module_name, json.dumps(case), implementation_name],
+        [sys.executable, "-m", "bench.harness", "--memory-of", module_name, json.dumps(case),
+         json.dumps(implementation_names)],
         capture_output=True, text=True,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"memory subprocess failed:\n{completed.stderr[-1500:]}")
-    return int(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _measure_here(module_name, case, implementation_name, device):
+def _measure_here(module_name, case, implementation_names, device):
     module = importlib.import_module(module_name)
-    (impl,) = [i for i in module.implementations(device) if i.name == implementation_name]
-    run = impl.make()
-    run(module.make_inputs(_tiny(case), device))
-    inputs = module.make_inputs(case, device)
-    return measure_extra_bytes(lambda: run(inputs), device)
+    by_name = {impl.name: impl for impl in module.implementations(device)}
+    peaks = {}
+    for name in implementation_names:
+        run = by_name[name].make()
+        run(module.make_inputs(_tiny(case), device))
+        inputs = module.make_inputs(case, device)
+        peaks[name] = measure_extra_bytes(lambda: run(inputs), device)
+        del inputs, run
+    return peaks
 
 
 def run_benchmark(module, device, out_dir, repeats=None):
@@ -130,10 +136,7 @@ def run_benchmark(module, device, out_dir, repeats=None):
         inputs = module.make_inputs(case, device)
         samples, failures = _time_round_robin(runs, inputs, device, repeats)
         del inputs
-        memory = {}
-        for name in runs:
-            if name not in failures:
-                memory[name] = measure_memory(module.__name__, case, name, device)
+        memory = measure_memory(module.__name__, case, [n for n in runs if n not in failures], device)
         case_rows = []
         for impl in impls:
             status = reasons.get(impl.name) or failures.get(impl.name, "ok")
@@ -184,10 +187,10 @@ def _roofline(module, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="internal: one memory measurement in a fresh process")
-    parser.add_argument("--memory-of", nargs=3, metavar=("MODULE", "CASE_JSON", "IMPLEMENTATION"), required=True)
+    parser.add_argument("--memory-of", nargs=3, metavar=("MODULE", "CASE_JSON", "NAMES_JSON"), required=True)
     args = parser.parse_args(argv)
-    module_name, case_json, implementation = args.memory_of
-    print(_measure_here(module_name, json.loads(case_json), implementation, "cpu"))
+    module_name, case_json, names_json = args.memory_of
+    print(json.dumps(_measure_here(module_name, json.loads(case_json), json.loads(names_json), "cpu")))
 
 
 if __name__ == "__main__":

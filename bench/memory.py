@@ -5,6 +5,7 @@ CPU: the process's peak resident set (VmHWM) above its resident set before the c
 peak reset first through /proc/self/clear_refs (Linux), so imports and set-up do not count.
 """
 
+import ctypes
 import gc
 import json
 import os
@@ -22,9 +23,18 @@ def _read_status_kib(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def release_freed_memory():
+    """Hands freed heap memory back to the OS (glibc), so the next peak starts from a clean floor."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure_extra_bytes(fn, device):
     """Runs fn() once and returns the peak memory it added, in bytes."""
-    gc.collect()
+    release_freed_memory()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
