@@ -186,3 +186,20 @@ def test_config_errors_name_the_key():
         load_config(None, ["data.overlong=split", "model.path=x", "data.train_files=y"])
     with pytest.raises(ConfigError, match="model.path"):
         load_config(None, ["data.train_files=y"])
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(toy, tmp_path):
+    run_dir = tmp_path / "run"
+    # A learning rate this large sends the weights to inf within a few steps.
+    completed = run_cli(
+        f"run_dir={run_dir}", f"model.path={toy['model']}", f"data.train_files={toy['data']}",
+        "data.max_seq_len=192", "optim.lr=1e30", "optim.warmup_ratio=0", "optim.grad_clip=1e30",
+        "train.max_steps=20", "checkpoint.every_steps=1", "checkpoint.keep=1", "checkpoint.export_hf=false",
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    (line,) = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert "non-finite" in line and "Traceback" not in completed.stderr
+    steps = [r["step"] for r in read_metrics(str(run_dir))]
+    (kept,) = os.listdir(run_dir / "checkpoints")
+    assert kept == f"step_{steps[-1]:08d}", "the last finite step's checkpoint is the one kept"

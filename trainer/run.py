@@ -15,6 +15,7 @@ import fastmath_kernels as fk
 
 from .config import ConfigError, load_config
 from .data import DataError
+from .engine import TrainingError
 
 
 def parse_args(argv=None):
@@ -65,6 +66,9 @@ def main(argv=None):
         # Bad input is a one-line message, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
