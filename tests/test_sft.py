@@ -203,3 +203,31 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(toy, tmp_pa
     steps = [r["step"] for r in read_metrics(str(run_dir))]
     (kept,) = os.listdir(run_dir / "checkpoints")
     assert kept == f"step_{steps[-1]:08d}", "the last finite step's checkpoint is the one kept"
+
+
+@pytest.mark.slow
+def test_cli_run_from_a_yaml_config_lowers_the_loss(toy, tmp_path):
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"model: {{path: {toy['model']}}}\n"
+        f"data: {{train_files: [{toy['data']}], max_seq_len: 192}}\n"
+        "optim: {lr: 3.0e-3, warmup_ratio: 0.1}\n"
+        "train: {epochs: 2, micro_batch_size: 2, grad_accum: 2}\n"
+        "checkpoint: {export_hf: false}\n"
+    )
+    completed = run_cli("--config", str(config))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "run"))]
+    assert len(losses) >= 10 and sum(losses[-3:]) < 0.85 * sum(losses[:3])
+
+
+def test_activation_checkpointing_gives_the_same_losses(toy, tmp_path):
+    from trainer.sft import run_sft
+
+    plain = sft_config(toy, str(tmp_path / "plain"), "train.max_steps=3")
+    checkpointed = sft_config(toy, str(tmp_path / "ckpt"), "train.max_steps=3", "parallel.activation_checkpointing=true")
+    run_sft(plain)
+    run_sft(checkpointed)
+    expected = [r["loss"] for r in read_metrics(plain.run_dir)]
+    assert [r["loss"] for r in read_metrics(checkpointed.run_dir)] == pytest.approx(expected, rel=1e-6)

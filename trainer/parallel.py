@@ -48,7 +48,11 @@ def apply_fsdp(root, device, parallel_config):
     """Shards each decoder layer, then the root; a single process keeps the plain module."""
     causal_lm = root.causal_lm
     if parallel_config.activation_checkpointing:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing composes with FSDP2; transformers >= 5.x renamed the method.
+        if hasattr(causal_lm, "activation_checkpointing_enable"):
+            causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not is_distributed():
         return root
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
