@@ -231,3 +231,30 @@ def test_activation_checkpointing_gives_the_same_losses(toy, tmp_path):
     run_sft(checkpointed)
     expected = [r["loss"] for r in read_metrics(plain.run_dir)]
     assert [r["loss"] for r in read_metrics(checkpointed.run_dir)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_parquet_chat_messages_and_overlong_counts(toy, tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from trainer.data import build_documents, load_records
+
+    rows = [json.loads(line) for line in open(toy["data"])][:6]
+    chats = [
+        {"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
+        for r in rows
+    ]
+    path = str(tmp_path / "chats.parquet")
+    datasets.Dataset.from_list(chats).to_parquet(path)
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    records = load_records([path])
+    assert len(records) == 6 and records[0][:2] == (path, 1)
+    lengths = [len(tokenize_chat(tokenizer, c["messages"], "row").input_ids) for c in chats]
+    limit = sorted(lengths)[2]  # half the examples are longer than this
+    for overlong, kept, counted in (("truncate", 6, "truncated"), ("drop", 3, "dropped_overlong")):
+        config = sft_config(toy, "x", "data.messages_field=messages", f"data.max_seq_len={limit}",
+                            f"data.overlong={overlong}").data
+        documents, stats = build_documents(records, tokenizer, config, None)
+        assert len(documents) == kept
+        assert getattr(stats, counted) == sum(length > limit for length in lengths)
+        assert max(len(d.input_ids) for d in documents) <= limit
