@@ -1,0 +1,110 @@
+import json
+import math
+import os
+
+import pytest
+
+from trainer.rewards import (
+    RewardComputer,
+    RewardSettings,
+    accuracy_reward,
+    cosine_length_reward,
+    format_reward,
+    format_reward_no_think,
+    kimi_length_rewards,
+    last_boxed,
+)
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def benchmark_rows(name):
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not present (it ships beside the repository, not in it)")
+    return [json.loads(line) for line in open(path)]
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed {\left( 3, \frac{\pi}{2} \right)}") == r"\left( 3, \frac{\pi}{2} \right)"
+    assert last_boxed(r"no answer \boxed{unclosed") is None
+    assert last_boxed("plain text") is None
+
+
+def test_format_rewards():
+    assert format_reward(r"think \boxed{4} </think> so 4") == 1.0
+    assert format_reward(r"think </think> \boxed{4}") == 0.0  # boxed only after the thinking
+    assert format_reward(r"\boxed{4} but never closes") == 0.0
+    assert format_reward_no_think(r"answer \boxed{4}") == 1.0 and format_reward_no_think("4") == 0.0
+
+
+def test_cosine_length_reward_follows_the_formula():
+    right, wrong = r"\boxed{2}", r"\boxed{3}"
+    assert cosine_length_reward(right, "2", max_len=10**9) == pytest.approx(1.0, abs=1e-6)
+    assert cosine_length_reward(wrong, "2", max_len=10**9) == pytest.approx(-1.0, abs=1e-6)
+    padded_right = right + " " * (100 - len(right))
+    padded_wrong = wrong + " " * (100 - len(wrong))
+    assert cosine_length_reward(padded_right, "2", max_len=100) == pytest.approx(0.1)
+    assert cosine_length_reward(padded_wrong, "2", max_len=100) == pytest.approx(-0.1)
+    assert cosine_length_reward(padded_right, "2", max_len=200) == pytest.approx(0.55)  # progress 0.5
+    assert cosine_length_reward(padded_wrong + " " * 500, "2", max_len=200) == pytest.approx(-0.1)  # clipped
+
+
+def test_kimi_length_rewards():
+    lengths, correct = [10, 20, 30], [True, False, True]
+    assert kimi_length_rewards(lengths, correct) == pytest.approx([0.5, 0.0, -0.5])
+    assert kimi_length_rewards([10, 30], [False, False]) == pytest.approx([0.0, -0.5])
+    assert kimi_length_rewards([7, 7, 7], [True, False, True]) == [0.0, 0.0, 0.0]
+
+
+def test_math500_reference_solutions_verify_against_their_answers():
+    rows = benchmark_rows("math500.jsonl")
+    correct = sum(accuracy_reward(row["solution"], row["answer"]) for row in rows)
+    shifted = sum(accuracy_reward(row["solution"], rows[i - 1]["answer"]) for i, row in enumerate(rows))
+    assert correct >= 490, f"only {correct:.0f} of {len(rows)} reference solutions verified"
+    assert shifted <= 15, f"{shifted:.0f} false positives against shifted gold answers"
+
+
+@pytest.mark.parametrize("name", ["aime24.jsonl", "aime25.jsonl", "amc23.jsonl"])
+def test_competition_answers_of_either_type(name):
+    rows = benchmark_rows(name)
+    for row in rows:
+        answer = row["answer"]  # a string in AIME, a JSON number in AMC
+        value = float(answer)
+        text = str(int(value)) if value.is_integer() else str(value)
+        assert accuracy_reward(rf"... so \boxed{{{text}}}", answer) == 1.0, row
+        assert accuracy_reward(rf"... so \boxed{{{value + 1:g}}}", answer) == 0.0, row
+
+
+def test_unparseable_gold_gives_no_signal_by_default_and_is_counted():
+    computer = RewardComputer(RewardSettings())
+    totals, parts = computer.group([r"\boxed{1} </think>", r"\boxed{2} </think>"], r"\\\\", [5, 9])
+    assert all(math.isnan(t) for t in totals) and computer.counts["unparseable_gold"] == 2
+    recipe = RewardComputer(RewardSettings(unparseable_gold="reward_one"))
+    totals, _ = recipe.group([r"x \boxed{1} </think>"], r"\\\\", [5])
+    assert totals[0] == pytest.approx(1.0 + 1.0 + 0.0)  # format + cosine (correct, short) + length
+
+
+def broken_reward(completion, gold, num_tokens):
+    raise RuntimeError("a bug in a user's reward")
+
+
+def test_a_failing_custom_reward_gives_zero_and_is_counted():
+    settings = RewardSettings(weights={"format": 1.0, "tests.test_rewards:broken_reward": 2.0})
+    computer = RewardComputer(settings)
+    totals, parts = computer.group([r"\boxed{4} </think>", "nothing"], "4", [3, 1])
+    assert totals == [1.0, 0.0]
+    assert parts["tests.test_rewards:broken_reward"] == [0.0, 0.0]
+    assert computer.counts["tests.test_rewards:broken_reward_failed_RuntimeError"] == 2
+
+
+def test_recipe_rewards_for_a_group():
+    computer = RewardComputer(RewardSettings(cosine_max_len=1000))
+    completions = [r"12 + 30 = 42 \boxed{42} </think>", r"wrong \boxed{41} </think>", "no answer at all"]
+    totals, parts = computer.group(completions, "42", [8, 4, 3])
+    assert parts["accuracy"] == [1.0, 0.0, 0.0]
+    assert parts["format"] == [1.0, 1.0, 0.0]
+    expected_length = kimi_length_rewards([8, 4, 3], [True, False, False])
+    expected = [f + c + k for f, c, k in zip(parts["format"], parts["cosine_length"], expected_length)]
+    assert totals == pytest.approx(expected)
