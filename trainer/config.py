@@ -74,6 +74,28 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass
+class GRPOConfig:
+    prompts_per_step: int = 16  # per rank
+    group_size: int = 8  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 0.9
+    min_p: float = 0.05
+    max_new_tokens: int = 16384
+    rollout_engine: str = "hf"
+    scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
+    loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    reward_weights: dict = dataclasses.field(
+        default_factory=lambda: {"format": 1.0, "cosine_length": 1.0, "length": 1.0}
+    )
+    cosine_max_len: int = 30000
+    reward_timeout_s: int = 5
+    unparseable_gold: str = "no_signal"  # or reward_one
+    answer_field: str = "answer"
+
+
+@dataclasses.dataclass
 class RunConfig:
     stage: str = "sft"
     run_dir: str = "runs/sft"
@@ -83,10 +105,15 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
 
 CHOICES = {
-    "stage": ("sft",),
+    "stage": ("sft", "grpo"),
+    "grpo.rollout_engine": ("hf",),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "grpo.unparseable_gold": ("no_signal", "reward_one"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
 }
@@ -125,6 +152,9 @@ def _convert(value, annotation, key):
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif annotation is dict:
+        if isinstance(value, dict):
+            return value
     elif annotation is list:
         if isinstance(value, list):
             return value
@@ -142,7 +172,7 @@ def _apply(target, values, prefix=""):
         key = f"{prefix}{name}"
         if name not in fields:
             raise ConfigError(f"unknown config key {key!r}{_suggest(name, list(fields))}")
-        if dataclasses.is_dataclass(fields[name].type) or dataclasses.is_dataclass(getattr(target, name)):
+        if dataclasses.is_dataclass(getattr(target, name)):
             _apply(getattr(target, name), value, prefix=f"{key}.")
         else:
             setattr(target, name, _convert(value, hints[name], key))
@@ -167,7 +197,10 @@ def validate(config):
         "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
         "train.log_every": config.train.log_every, "checkpoint.keep": config.checkpoint.keep,
+        "grpo.prompts_per_step": config.grpo.prompts_per_step, "grpo.max_new_tokens": config.grpo.max_new_tokens,
     }
+    if config.grpo.group_size < 2:
+        raise ConfigError(f"grpo.group_size must be at least 2 (advantages compare samples), got {config.grpo.group_size}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")

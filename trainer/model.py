@@ -61,8 +61,15 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, input_ids, position_ids, attention_mask, targets):
+    def forward(self, input_ids, position_ids, attention_mask, targets=None, head=None):
+        """The summed cross-entropy at targets, or head(hidden, lm_head_weight) when a head is given.
+
+        GRPO passes its own head (token log-probs and the clipped loss); it runs here, inside the
+        root's forward, for the same reason as the cross-entropy.
+        """
         hidden = self.causal_lm.model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
         ).last_hidden_state
+        if head is not None:
+            return head(hidden, self.causal_lm.lm_head.weight)
         return linear_cross_entropy(hidden, self.causal_lm.lm_head.weight, targets, reduction="sum")

@@ -59,9 +59,14 @@ def main(argv=None):
     try:
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         config = load_config(args.config, overrides)
-        from .sft import run_sft
+        if config.stage == "grpo":
+            from .grpo import run_grpo
 
-        run_sft(config)
+            run_grpo(config)
+        else:
+            from .sft import run_sft
+
+            run_sft(config)
     except (ConfigError, DataError) as error:
         # Bad input is a one-line message, not a traceback.
         print(f"error: {error}", file=sys.stderr)

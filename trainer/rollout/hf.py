@@ -1,0 +1,57 @@
+"""Batched sampling through transformers' generate, on the training model itself (CPU or one GPU)."""
+
+import torch
+
+from ..parallel import is_distributed
+from . import Completion
+
+
+class HFRolloutEngine:
+    def __init__(self, root_module, tokenizer, device):
+        self.root, self.tokenizer, self.device = root_module, tokenizer, device
+
+    def load_weights(self, named_tensors):
+        """Nothing to do: generation runs on the policy's own parameters."""
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, settings):
+        tokenizer, causal_lm = self.tokenizer, self.root.causal_lm
+        longest = max(len(ids) for ids in prompt_ids)
+        pad = tokenizer.pad_token_id
+        # Left padding, so every prompt ends where generation starts.
+        input_ids = torch.tensor([[pad] * (longest - len(ids)) + list(ids) for ids in prompt_ids], device=self.device)
+        attention_mask = torch.tensor(
+            [[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device
+        )
+        distributed = is_distributed()
+        if distributed:
+            self.root.unshard()  # the root's own parameters (embeddings, head) are needed outside its forward
+        was_training = causal_lm.training
+        causal_lm.eval()
+        try:
+            output = causal_lm.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                temperature=settings.temperature, top_p=settings.top_p, min_p=settings.min_p or None,
+                max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.n,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=distributed,
+                return_dict_in_generate=True, output_logits=True,
+            )
+        finally:
+            causal_lm.train(was_training)
+            if distributed:
+                self.root.reshard()
+        sequences = output.sequences[:, longest:]
+        logits = torch.stack(output.logits, dim=1).float() / settings.temperature  # [B*n, T, V]
+        sampled_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, :, None]).squeeze(-1)
+        completions = []
+        for row, tokens in enumerate(sequences.tolist()):
+            eos = tokenizer.eos_token_id
+            end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            finish = "stop" if eos in tokens[:end] else "length"
+            kept = tokens[:end]
+            completions.append(Completion(
+                prompt_index=row // settings.n, token_ids=kept,
+                text=tokenizer.decode(kept, skip_special_tokens=False), finish_reason=finish,
+                logprobs=sampled_logprobs[row, :end].tolist(),
+            ))
+        return completions
