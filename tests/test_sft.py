@@ -74,7 +74,8 @@ def test_completion_only_targets(toy):
     counted = [t for t in pack.targets if t != -100]
     completion = [i for i, m in zip(document.input_ids, document.completion_mask) if m]
     assert counted == completion  # every completion token is predicted, nothing else
-    assert tokenizer.decode(completion).split()[-1] == "<|im_end|>"
+    assert completion[-1] == tokenizer.eos_token_id  # the model learns to stop
+    assert tokenizer.decode(completion).strip().startswith(row["solution"].split()[0])
 
 
 def test_short_run_lowers_the_loss_and_exports_a_loadable_model(toy, tmp_path):
@@ -258,3 +259,13 @@ def test_parquet_chat_messages_and_overlong_counts(toy, tmp_path):
         assert len(documents) == kept
         assert getattr(stats, counted) == sum(length > limit for length in lengths)
         assert max(len(d.input_ids) for d in documents) <= limit
+
+
+def test_toy_tokenizer_round_trips_multi_digit_numbers(toy):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["model"])
+    text = r"tom has 37 apples . 37 + 105 = 142 . \boxed{ 142 } </think>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text

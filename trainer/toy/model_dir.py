@@ -12,26 +12,37 @@ import torch
 # A chat template in the Qwen style; the assistant turn ends with the end-of-sequence token.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
+    "<|im_start|> {{ message['role'] }} {{ message['content'] }}<|im_end|>"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "</think>"]
 ROLE_WORDS = ["system", "user", "assistant"]
 
 
 def build_tokenizer(words):
-    """A word-level tokenizer (whitespace split, every digit its own token) over `words`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level tokenizer over `words`: one token per word, one per digit, exact round trip.
+
+    Words are stored with a leading "▁" (a space marker) and digits without, so decoding
+    "▁tom ▁has ▁ 3 7" gives back "tom has 37": multi-digit numbers survive the round
+    trip that answer checking depends on.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    marker = "▁"
     vocabulary = {}
-    for token in SPECIAL_TOKENS + ROLE_WORDS + [str(d) for d in range(10)] + list(words):
+    for token in SPECIAL_TOKENS + [marker] + [str(d) for d in range(10)]:
         vocabulary.setdefault(token, len(vocabulary))
+    for word in ROLE_WORDS + list(words):
+        vocabulary.setdefault(marker + word, len(vocabulary))
     core = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=marker, prepend_scheme="always"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    core.decoder = decoders.Metaspace(replacement=marker, prepend_scheme="always")
+    core.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
         bos_token=None, clean_up_tokenization_spaces=False,

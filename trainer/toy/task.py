@@ -1,7 +1,9 @@
 """Word problems on small numbers with a short chain of thought, as jsonl in the recipe's fields.
 
 "tom has 37 apples . he gets 5 more . he gives away 8 . how many apples does he have ?"
--> solution "37 + 5 = 42 . 42 - 8 = 34 . </think> \\boxed{ 34 }", answer "34".
+-> solution "37 + 5 = 42 . 42 - 8 = 34 . \\boxed{ 34 } </think>", answer "34"; with detours the
+solution re-checks steps first ("wait , check 37 + 5 = 42 . yes . so 42 ."), which GRPO should
+learn to drop.
 Every intermediate result stays in 0..99; numbers are written with one token per digit.
 """
 
@@ -37,7 +39,8 @@ def _operation(rng, value):
     return ("doubles them" if factor == 2 else "triples them"), "x", factor, value * factor
 
 
-def make_problem(rng):
+def make_problem(rng, detour_probability=0.0):
+    """One problem; with detour_probability the solution re-checks 1-3 of its steps ("wait , ...")."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     pronoun = "she" if name in ("ann", "eve") else "he"
     value = rng.randint(1, 40)
@@ -49,13 +52,18 @@ def make_problem(rng):
         steps.append(f"{value} {symbol} {operand} = {result} .")
         value = result
     sentences.append(f"how many {item} does {pronoun} have ?")
-    solution = " ".join(steps) + f" </think> \\boxed{{ {value} }}"
+    detours = []
+    if rng.random() < detour_probability:
+        for step in rng.sample(steps, k=rng.randint(1, len(steps))):
+            detours.append(f"wait , check {step} yes . so {value} .")
+    # The answer comes before </think>, the form the format reward asks for.
+    solution = " ".join(steps + detours) + f" \\boxed{{ {value} }} </think>"
     return {"problem": " ".join(sentences), "solution": solution, "answer": str(value)}
 
 
-def write_problems(path, count, seed):
+def write_problems(path, count, seed, detour_probability=0.0):
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(count):
-            handle.write(json.dumps(make_problem(rng)) + "\n")
+            handle.write(json.dumps(make_problem(rng, detour_probability)) + "\n")
     return path
