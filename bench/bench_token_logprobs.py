@@ -91,7 +91,7 @@ def run(device, out_dir, repeats=None):
                     "bandwidth_GBps": achieved / 1e9 if pass_name == "forward" else "",
                     "bandwidth_fraction": achieved / copy_bandwidth if copy_bandwidth and pass_name == "forward" else "",
                 })
-        del logits
+        logits = None  # freed before the next case allocates its own
     print(write_results("token_logprobs", rows, COLUMNS, device, out_dir))
     return rows
 

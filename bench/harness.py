@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Callable, Optional
 
-import torch
 
 from .common import synchronize, write_results
 from .memory import measure_extra_bytes
@@ -116,14 +115,14 @@ def measure_memory(module_name, case, implementation_names, device):
 def _measure_here(module_name, case, implementation_names, device):
     module = importlib.import_module(module_name)
     by_name = {impl.name: impl for impl in module.implementations(device)}
-    peaks = {}
-    for name in implementation_names:
-        run = by_name[name].make()
-        run(module.make_inputs(_tiny(case), device))
-        inputs = module.make_inputs(case, device)
-        peaks[name] = measure_extra_bytes(lambda: run(inputs), device)
-        del inputs, run
-    return peaks
+    return {name: _peak_of(by_name[name], module, case, device) for name in implementation_names}
+
+
+def _peak_of(implementation, module, case, device):
+    run = implementation.make()
+    run(module.make_inputs(_tiny(case), device))
+    inputs = module.make_inputs(case, device)
+    return measure_extra_bytes(lambda: run(inputs), device)
 
 
 def run_benchmark(module, device, out_dir, repeats=None):

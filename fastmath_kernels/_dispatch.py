@@ -100,7 +100,7 @@ def resolve_backend(backend, tensor, gpu_preference=("cuda", "triton")):
             raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {tensor.device}")
     elif backend == "triton":
         if not HAS_TRITON:
-            raise ValueError(f"backend='triton' needs the triton package, which is not installed")
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
         if not tensor.is_cuda and not triton_interpreter_enabled():
             raise ValueError(
                 f"backend='triton' got a tensor on {tensor.device}; Triton runs CPU tensors "

@@ -1,6 +1,5 @@
 """Error measures shared by the kernel tests."""
 
-import torch
 
 
 def max_relative_error(actual, expected):
