@@ -126,7 +126,7 @@ def _peak_of(implementation, module, case, device):
 
 
 def run_benchmark(module, device, out_dir, repeats=None):
-    repeats = repeats or (10 if device == "cuda" else 3)
+    repeats = repeats or (5 if device == "cuda" else 3)
     ceiling = _roofline(module, device)
     rows = []
     impls = module.implementations(device)
