@@ -7,6 +7,7 @@ import torch
 
 from . import (
     bench_group_advantages,
+    bench_grpo_loss,
     bench_linear_cross_entropy,
     bench_linear_token_logprobs,
     bench_token_logprobs,
@@ -17,6 +18,7 @@ from .harness import run_benchmark
 BENCHMARKS = {
     "linear_cross_entropy": bench_linear_cross_entropy,
     "linear_token_logprobs": bench_linear_token_logprobs,
+    "grpo_loss": bench_grpo_loss,
     "token_logprobs": bench_token_logprobs,
     "group_advantages": bench_group_advantages,
 }

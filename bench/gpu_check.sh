@@ -41,7 +41,7 @@ MAX_JOBS=${MAX_JOBS:-16} FASTMATH_CUDA_ARCHS=${FASTMATH_CUDA_ARCHS:-9.0} \
   step build 180 python setup.py build_ext --inplace || { echo "build failed; see $OUT/build.log"; exit 1; }
 step import 30 python -c "import fastmath_kernels as f; print(f.available_backends(), f.HAS_CUDA_EXT); assert f.HAS_CUDA_EXT and 'cuda' in f.available_backends()"
 step pytest_gpu 120 python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
-for op in group_advantages token_logprobs linear_cross_entropy linear_token_logprobs; do
+for op in group_advantages token_logprobs linear_cross_entropy linear_token_logprobs grpo_loss; do
   step "bench_$op" 120 python -m bench --device cuda --only "$op" --out "$OUT/bench"
 done
 echo "logs and tables in $OUT"
