@@ -7,7 +7,10 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-local}
 mkdir -p "$OUT"
+# .gpu_deps: optional pure-Python peers (Liger-Kernel, cut-cross-entropy, TRL) for a machine
+# without a package index: pip install --target .gpu_deps --no-deps liger-kernel==0.8.5 ...
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpu_deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"
 unset TRITON_INTERPRET FASTMATH_BACKEND
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -33,14 +36,24 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, logs to $OUT/NAME.log,
   nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
   nvcc --version | tail -n 1
+  python -c "
+import importlib.metadata as metadata
+def version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return 'absent'
+print(' | '.join(f'{p} {version(p)}' for p in ('liger-kernel', 'cut-cross-entropy', 'trl', 'accelerate')))"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 # sm_90 machine code only: the PTX copy is for newer GPUs and only lengthens this build.
 MAX_JOBS=${MAX_JOBS:-16} FASTMATH_CUDA_ARCHS=${FASTMATH_CUDA_ARCHS:-9.0} \
-  step build 180 python setup.py build_ext --inplace || { echo "build failed; see $OUT/build.log"; exit 1; }
+  step build 180 python setup.py build_ext --inplace || echo "build failed; the Triton backend is still tested and timed"
 step import 30 python -c "import fastmath_kernels as f; print(f.available_backends(), f.HAS_CUDA_EXT); assert f.HAS_CUDA_EXT and 'cuda' in f.available_backends()"
-step pytest_gpu 120 python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml"
+# Trainer tests need packages a bare GPU machine may lack; their collection errors must not stop the kernel tests.
+step pytest_gpu 150 python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider --continue-on-collection-errors \
+  --junitxml="$OUT/pytest_gpu.xml" tests
 for op in group_advantages token_logprobs linear_cross_entropy linear_token_logprobs grpo_loss; do
   step "bench_$op" 120 python -m bench --device cuda --only "$op" --out "$OUT/bench"
 done
