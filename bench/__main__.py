@@ -29,6 +29,10 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these ops")
+    parser.add_argument("--without", nargs="*", default=[], metavar="TEXT",
+                        help="leave out implementations whose name contains TEXT (e.g. torch.compile)")
+    parser.add_argument("--tokens", nargs="*", type=int, metavar="N",
+                        help="fused-linear ops: only the cases with these token counts")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
@@ -40,7 +44,7 @@ def main(argv=None):
         if hasattr(module, "run"):
             module.run(args.device, out_dir)
         else:
-            run_benchmark(module, args.device, out_dir)
+            run_benchmark(module, args.device, out_dir, without=args.without, tokens=args.tokens)
     print(f"results written to {out_dir}")
 
 

@@ -53,8 +53,9 @@ MAX_JOBS=${MAX_JOBS:-16} FASTMATH_CUDA_ARCHS=${FASTMATH_CUDA_ARCHS:-9.0} \
 step import 30 python -c "import fastmath_kernels as f; print(f.available_backends(), f.HAS_CUDA_EXT); assert f.HAS_CUDA_EXT and 'cuda' in f.available_backends()"
 # Trainer tests need packages a bare GPU machine may lack; their collection errors must not stop the kernel tests.
 step pytest_gpu 150 python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider --continue-on-collection-errors \
-  --junitxml="$OUT/pytest_gpu.xml" tests
-for op in group_advantages token_logprobs linear_cross_entropy linear_token_logprobs grpo_loss; do
-  step "bench_$op" 120 python -m bench --device cuda --only "$op" --out "$OUT/bench"
+  --junitxml="$OUT/pytest_gpu.xml" ${GPU_CHECK_TESTS:-tests}
+# GPU_CHECK_OPS picks benchmarks; GPU_CHECK_BENCH_ARGS narrows them (e.g. --tokens 16384 --without torch.compile).
+for op in ${GPU_CHECK_OPS:-group_advantages token_logprobs linear_cross_entropy linear_token_logprobs grpo_loss}; do
+  step "bench_$op" "${GPU_CHECK_BENCH_TIMEOUT_S:-120}" python -m bench --device cuda --only "$op" --out "$OUT/bench" ${GPU_CHECK_BENCH_ARGS:-}
 done
 echo "logs and tables in $OUT"

@@ -78,10 +78,13 @@ def _build(implementations):
 def _time_round_robin(runs, inputs, device, repeats):
     samples, failures = {name: [] for name in runs}, {}
     for name, run in runs.items():
+        start = time.perf_counter()
         try:
             run(inputs)  # warm-up (compiles torch.compile peers, fills caches)
+            synchronize(device)
         except Exception as error:  # a peer that breaks on this case keeps a row saying so
             failures[name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     for _ in range(repeats):
         for name, run in runs.items():
             if name in failures:
@@ -98,10 +101,19 @@ def _tiny(case):
     return dict(case, N=min(case["N"], 8))
 
 
-def measure_memory(module_name, case, implementation_names, device):
-    """name -> peak extra bytes of one call, for each implementation on one case."""
+def measure_memory(module_name, case, implementation_names, device, runs=None):
+    """name -> peak extra bytes of one call, for each implementation on one case.
+
+    On CUDA the peak allocator statistics isolate one call, so the already warmed-up runs are
+    measured in this process (rebuilding them would recompile torch.compile peers). On CPU each
+    case is measured in a fresh process, since resident memory never shrinks reliably.
+    """
     if device == "cuda":
-        return _measure_here(module_name, case, implementation_names, device)
+        if runs is None:
+            return _measure_here(module_name, case, implementation_names, device)
+        module = importlib.import_module(module_name)
+        inputs = module.make_inputs(case, device)
+        return {name: measure_extra_bytes(lambda run=runs[name]: run(inputs), device) for name in implementation_names}
     completed = subprocess.run(
         [sys.executable, "-m", "bench.harness", "--memory-of", module_name, json.dumps(case),
          json.dumps(implementation_names)],
@@ -125,17 +137,21 @@ def _peak_of(implementation, module, case, device):
     return measure_extra_bytes(lambda: run(inputs), device)
 
 
-def run_benchmark(module, device, out_dir, repeats=None):
+def run_benchmark(module, device, out_dir, repeats=None, without=(), tokens=None):
+    """without: implementations whose name contains any of these are left out; tokens: only
+    the cases with these N."""
     repeats = repeats or (5 if device == "cuda" else 3)
     ceiling = _roofline(module, device)
     rows = []
-    impls = module.implementations(device)
+    impls = [impl for impl in module.implementations(device) if not any(part in impl.name for part in without)]
     runs, reasons = _build(impls)
     for case in module.cases(device):
+        if tokens and case["N"] not in tokens:
+            continue
         inputs = module.make_inputs(case, device)
         samples, failures = _time_round_robin(runs, inputs, device, repeats)
         del inputs
-        memory = measure_memory(module.__name__, case, [n for n in runs if n not in failures], device)
+        memory = measure_memory(module.__name__, case, [n for n in runs if n not in failures], device, runs)
         case_rows = []
         for impl in impls:
             status = reasons.get(impl.name) or failures.get(impl.name, "ok")

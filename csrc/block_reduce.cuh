@@ -9,6 +9,14 @@ __device__ __forceinline__ float warp_sum(float value) {
   return value;
 }
 
+// Sum across the 32 lanes of a warp; every lane gets the total. All lanes must be active.
+__device__ __forceinline__ float warp_all_sum(float value) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
 __device__ __forceinline__ float block_sum(float value, float* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;

@@ -1,6 +1,8 @@
-// GRPO group advantages in one launch of one thread block: no host sync, so the op can be
-// captured in a CUDA graph. Reward batches are small (prompts x samples, thousands at most),
-// so one block that loops is launch-bound anyway.
+// GRPO group advantages in one launch: no host sync, so the op can be captured in a CUDA
+// graph. One warp normalises one group. Batch scaling needs statistics over every reward
+// before any output, so it runs as a single block; the other modes spread groups over a grid.
+#include <algorithm>
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +15,7 @@
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int64_t kMaxBlocks = 1024;  // later groups are taken by a grid-stride loop
 constexpr int kScaleGroup = 0;
 constexpr int kScaleBatch = 1;
 
@@ -54,34 +57,40 @@ __global__ void group_advantages_kernel(const scalar_t* __restrict__ rewards,
     batch_std = sqrtf(squares / fmaxf(count - 1.0f, 1.0f));
   }
 
-  for (int64_t group = threadIdx.x; group < num_groups; group += blockDim.x) {
+  // Every lane of a warp walks the same groups, so the warp-wide sums see all 32 lanes.
+  const int lane = threadIdx.x & 31;
+  const int warps_per_block = blockDim.x >> 5;
+  const int64_t group_stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t group = static_cast<int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5);
+       group < num_groups; group += group_stride) {
     const scalar_t* row = rewards + group * group_size;
     float* out = advantages + group * group_size;
-    float sum = 0.0f;
-    int64_t count = 0;
-    for (int64_t j = 0; j < group_size; ++j) {
+    float sum = 0.0f, count = 0.0f;
+    for (int64_t j = lane; j < group_size; j += 32) {
       const float value = static_cast<float>(row[j]);
       if (is_valid(value)) {
         sum += value;
-        ++count;
+        count += 1.0f;
       }
     }
-    const float mean = sum / static_cast<float>(count > 0 ? count : 1);
+    sum = warp_all_sum(sum);
+    count = warp_all_sum(count);
+    const float mean = sum / fmaxf(count, 1.0f);
     float inv_scale = 1.0f;
     if (scale_mode == kScaleGroup) {
       float squares = 0.0f;
-      for (int64_t j = 0; j < group_size; ++j) {
+      for (int64_t j = lane; j < group_size; j += 32) {
         const float value = static_cast<float>(row[j]);
         if (is_valid(value)) squares += (value - mean) * (value - mean);
       }
-      const float std = sqrtf(squares / static_cast<float>(count > 1 ? count - 1 : 1));
-      inv_scale = safe_inverse(std + eps);
+      squares = warp_all_sum(squares);
+      inv_scale = safe_inverse(sqrtf(squares / fmaxf(count - 1.0f, 1.0f)) + eps);
     } else if (scale_mode == kScaleBatch) {
       inv_scale = safe_inverse(batch_std + eps);
     }
-    for (int64_t j = 0; j < group_size; ++j) {
+    for (int64_t j = lane; j < group_size; j += 32) {
       const float value = static_cast<float>(row[j]);
-      out[j] = (count >= 2 && is_valid(value)) ? (value - mean) * inv_scale : 0.0f;
+      out[j] = (count >= 2.0f && is_valid(value)) ? (value - mean) * inv_scale : 0.0f;
     }
   }
 }
@@ -98,10 +107,14 @@ at::Tensor group_advantages_cuda(const at::Tensor& rewards, int64_t group_size,
   at::Tensor advantages = at::empty(input.sizes(), input.options().dtype(at::kFloat));
   if (input.numel() == 0) return advantages;
   const int64_t num_groups = input.numel() / group_size;
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const int64_t blocks_needed = (num_groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const unsigned blocks =
+      scale_mode == kScaleBatch ? 1u : static_cast<unsigned>(std::min<int64_t>(blocks_needed, kMaxBlocks));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "group_advantages_cuda", [&] {
-        group_advantages_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+        group_advantages_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
             input.data_ptr<scalar_t>(), advantages.data_ptr<float>(), num_groups, group_size,
             static_cast<int>(scale_mode), static_cast<float>(eps));
       });

@@ -69,7 +69,8 @@ template <typename scalar_t, bool kEntropy>
 __global__ void __launch_bounds__(kForwardMaxThreads)
     token_logprobs_forward_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
                                   int vocab, const int64_t* __restrict__ targets,
-                                  float scale_log2, float* __restrict__ logp,
+                                  float scale_log2, double inv_temperature,
+                                  float* __restrict__ logp,
                                   float* __restrict__ entropy, float* __restrict__ lse) {
   constexpr int kVec = forward_vector_size<scalar_t>();
   constexpr int kPacks = forward_packs_per_iteration<scalar_t>();
@@ -127,16 +128,16 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
     fastmath::accumulate<kEntropy>(state, x, scale_log2);
   }
 
-  state = fastmath::block_merge<kEntropy>(state);
+  state = fastmath::block_merge<kEntropy>(state, scale_log2);
   if (tid == 0) {
     const float log2_sum = log2f(state.sum);
     // The target's exponent relative to the same max that `sum` used: no large
     // intermediate (lse ~ 1e4) is subtracted, so small log-probs keep full precision.
-    const float target_log2 = fmaf(target_logit, scale_log2, -state.max);
+    const float target_log2 = (target_logit - state.max) * scale_log2;
     logp[row] = static_cast<float>(
         (static_cast<double>(target_log2) - static_cast<double>(log2_sum)) * fastmath::kLn2Double);
-    lse[row] = static_cast<float>(
-        (static_cast<double>(state.max) + static_cast<double>(log2_sum)) * fastmath::kLn2Double);
+    lse[row] = static_cast<float>(static_cast<double>(state.max) * inv_temperature +
+                                  static_cast<double>(log2_sum) * fastmath::kLn2Double);
     if (kEntropy) entropy[row] = (log2_sum - state.weighted / state.sum) * fastmath::kLn2;
   }
 }
@@ -144,8 +145,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
 // grad = g/T * [j == target] - p * (c0 + c1 * log2(p)), with c0 = (g + ge * H) / T and
 // c1 = ge * ln2 / T, which is (1/T) * (g * ([j == t] - p) - ge * p * (log p + H)).
 struct RowGradient {
-  float scale_log2;
-  float lse_log2;
+  float inv_temperature;
+  float lse;
   float target_grad;
   float c0;
   float c1;
@@ -154,7 +155,9 @@ struct RowGradient {
 
 template <bool kEntropy>
 __device__ __forceinline__ float logit_gradient(const RowGradient& row, float x, int column) {
-  const float log2_p = fmaf(x, row.scale_log2, -row.lse_log2);
+  // x / T - lse with one rounding, in natural units like the lse itself: at T = 1 the row's
+  // largest logit gets exactly log p = lse's own rounding away from the forward's value.
+  const float log2_p = fmaf(x, row.inv_temperature, -row.lse) * fastmath::kLog2e;
   const float p = fast_exp2(log2_p);
   // The clamp keeps c1 * log2(p) finite for -inf logits, where p = 0.
   const float coefficient = kEntropy ? fmaf(row.c1, fmaxf(log2_p, fastmath::kMinLog2), row.c0) : row.c0;
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
     grad_t* grad_logits, int64_t grad_row_stride, const logits_t* logits, int64_t logits_row_stride,
     int vocab, int num_chunks, const int64_t* __restrict__ targets, const float* __restrict__ lse,
     const float* __restrict__ entropy, const float* __restrict__ grad_logp,
-    const float* __restrict__ grad_entropy, float scale_log2, float inv_temperature) {
+    const float* __restrict__ grad_entropy, float inv_temperature) {
   constexpr int kVec = backward_vector_size<logits_t, grad_t>();
   using InPack = AlignedPack<logits_t, kVec>;
   using OutPack = AlignedPack<grad_t, kVec>;
@@ -183,8 +186,8 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
   grad_t* row_out = grad_logits + row * grad_row_stride;
 
   RowGradient stats;
-  stats.scale_log2 = scale_log2;
-  stats.lse_log2 = static_cast<float>(static_cast<double>(lse[row]) * fastmath::kLog2eDouble);
+  stats.inv_temperature = inv_temperature;
+  stats.lse = lse[row];
   const float g = grad_logp[row];
   stats.target_grad = g * inv_temperature;
   stats.c0 = g * inv_temperature;
@@ -323,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(
         const auto launch = [&](auto kernel) {
           kernel<<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
               logits.data_ptr<scalar_t>(), logits.stride(0), static_cast<int>(vocab),
-              targets.data_ptr<int64_t>(), scale_log2, logp.data_ptr<float>(),
+              targets.data_ptr<int64_t>(), scale_log2, 1.0 / temperature, logp.data_ptr<float>(),
               with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>());
         };
         if (with_entropy) {
@@ -362,7 +365,7 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
     check_float_vector(*entropy_in, "entropy", num_rows, logits_in);
     check_float_vector(*grad_entropy_in, "grad_entropy", num_rows, logits_in);
   }
-  const float scale_log2 = scale_log2_of(temperature);
+  scale_log2_of(temperature);  // validates the temperature
   if (num_rows == 0 || vocab == 0) return;
   TORCH_CHECK(num_rows <= INT_MAX, "too many rows: ", num_rows);
   check_row_layout(grad_logits, "grad_logits");
@@ -410,8 +413,7 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
                     static_cast<int>(num_chunks), targets.data_ptr<int64_t>(),
                     lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
                     grad_logp.data_ptr<float>(),
-                    with_entropy ? grad_entropy.data_ptr<float>() : nullptr, scale_log2,
-                    inv_temperature);
+                    with_entropy ? grad_entropy.data_ptr<float>() : nullptr, inv_temperature);
               };
               if (with_entropy) {
                 launch(token_logprobs_backward_kernel<logits_t, grad_t, true>);

@@ -39,17 +39,18 @@ def _group_advantages_kernel(
 
     batch_std = 0.0
     if SCALE_MODE == 1:
-        total = 0.0
-        count = 0.0
+        # Names distinct from the per-group ones below: Triton types a name once per kernel.
+        batch_total = 0.0
+        batch_count = 0.0
         for start in range(0, num_groups, BLOCK_GROUPS):
             rows = start + tl.arange(0, BLOCK_GROUPS)
             in_bounds = (rows[:, None] < num_groups) & col_in_group[None, :]
             offsets = rows[:, None] * group_size + cols[None, :]
             x = tl.load(rewards_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             valid = in_bounds & (tl.abs(x) <= _FLOAT32_MAX)
-            total += tl.sum(tl.sum(tl.where(valid, x, 0.0), axis=1), axis=0)
-            count += tl.sum(tl.sum(valid.to(tl.float32), axis=1), axis=0)
-        batch_mean = total / tl.maximum(count, 1.0)
+            batch_total += tl.sum(tl.sum(tl.where(valid, x, 0.0), axis=1), axis=0)
+            batch_count += tl.sum(tl.sum(valid.to(tl.float32), axis=1), axis=0)
+        batch_mean = batch_total / tl.maximum(batch_count, 1.0)
         squares = 0.0
         for start in range(0, num_groups, BLOCK_GROUPS):
             rows = start + tl.arange(0, BLOCK_GROUPS)
@@ -59,7 +60,7 @@ def _group_advantages_kernel(
             valid = in_bounds & (tl.abs(x) <= _FLOAT32_MAX)
             deviation = tl.where(valid, x - batch_mean, 0.0)
             squares += tl.sum(tl.sum(deviation * deviation, axis=1), axis=0)
-        batch_std = tl.sqrt(squares / tl.maximum(count - 1.0, 1.0))
+        batch_std = tl.sqrt(squares / tl.maximum(batch_count - 1.0, 1.0))
 
     for start in range(0, num_groups, BLOCK_GROUPS):
         rows = start + tl.arange(0, BLOCK_GROUPS)
