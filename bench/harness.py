@@ -112,8 +112,7 @@ def measure_memory(module_name, case, implementation_names, device, runs=None):
         if runs is None:
             return _measure_here(module_name, case, implementation_names, device)
         module = importlib.import_module(module_name)
-        inputs = module.make_inputs(case, device)
-        return {name: measure_extra_bytes(lambda run=runs[name]: run(inputs), device) for name in implementation_names}
+        return {name: _peak_on_fresh_inputs(runs[name], module, case, device) for name in implementation_names}
     completed = subprocess.run(
         [sys.executable, "-m", "bench.harness", "--memory-of", module_name, json.dumps(case),
          json.dumps(implementation_names)],
@@ -133,8 +132,16 @@ def _measure_here(module_name, case, implementation_names, device):
 def _peak_of(implementation, module, case, device):
     run = implementation.make()
     run(module.make_inputs(_tiny(case), device))
+    return _peak_on_fresh_inputs(run, module, case, device)
+
+
+def _peak_on_fresh_inputs(run, module, case, device):
+    # Fresh inputs for every implementation: gradients left on shared inputs by the one before
+    # would be freed inside this call and hide as much of its peak.
     inputs = module.make_inputs(case, device)
-    return measure_extra_bytes(lambda: run(inputs), device)
+    peak = measure_extra_bytes(lambda: run(inputs), device)
+    del inputs
+    return peak
 
 
 def run_benchmark(module, device, out_dir, repeats=None, without=(), tokens=None):
