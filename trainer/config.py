@@ -85,7 +85,10 @@ class GRPOConfig:
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
     loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
     eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_high: float = 0.2  # clip-higher when above eps_low
+    beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
+    num_iterations: int = 1  # optimizer steps per rollout batch
+    mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss
     reward_weights: dict = dataclasses.field(
         default_factory=lambda: {"format": 1.0, "cosine_length": 1.0, "length": 1.0}
     )
@@ -93,6 +96,20 @@ class GRPOConfig:
     reward_timeout_s: int = 5
     unparseable_gold: str = "no_signal"  # or reward_one
     answer_field: str = "answer"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    data: str = ""  # jsonl (or json/parquet) with the problem and gold-answer fields
+    answer_field: str = "answer"
+    samples: int = 4  # k: pass@1 is averaged over k samples, maj@k votes among them
+    budgets: list = dataclasses.field(default_factory=lambda: [32768])  # output-token budgets
+    temperature: float = 0.6
+    top_p: float = 0.95
+    stop_at_think_end: bool = False  # extract the answer only from the text before </think>
+    batch_prompts: int = 32  # prompts sampled together (each with k samples)
+    max_problems: Optional[int] = None  # the first N problems only
+    reward_timeout_s: int = 5
 
 
 @dataclasses.dataclass
@@ -106,10 +123,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 CHOICES = {
-    "stage": ("sft", "grpo"),
+    "stage": ("sft", "grpo", "eval"),
     "grpo.rollout_engine": ("hf",),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -198,7 +216,10 @@ def validate(config):
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
         "train.log_every": config.train.log_every, "checkpoint.keep": config.checkpoint.keep,
         "grpo.prompts_per_step": config.grpo.prompts_per_step, "grpo.max_new_tokens": config.grpo.max_new_tokens,
+        "grpo.num_iterations": config.grpo.num_iterations,
     }
+    if config.grpo.beta < 0:
+        raise ConfigError(f"grpo.beta must be >= 0, got {config.grpo.beta}")
     if config.grpo.group_size < 2:
         raise ConfigError(f"grpo.group_size must be at least 2 (advantages compare samples), got {config.grpo.group_size}")
     for key, value in positive.items():
@@ -214,9 +235,55 @@ def validate(config):
         raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
     if not config.model.path:
         raise ConfigError("model.path: no model directory given")
-    if not config.data.train_files:
+    if config.stage == "eval":
+        _validate_eval(config.eval)
+    elif not config.data.train_files:
         raise ConfigError("data.train_files: no training data given")
     return config
+
+
+def _validate_eval(settings):
+    # From the command line "8192,16384" arrives as strings.
+    settings.budgets = [int(b) if isinstance(b, str) and b.strip().isdigit() else b for b in settings.budgets]
+    if not settings.data:
+        raise ConfigError("eval.data: no benchmark file given")
+    if not settings.budgets:
+        raise ConfigError("eval.budgets: give at least one token budget")
+    for budget in settings.budgets:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ConfigError(f"eval.budgets: every budget must be a positive integer, got {budget!r}")
+    for key in ("samples", "batch_prompts"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"eval.{key} must be at least 1, got {getattr(settings, key)}")
+    if settings.max_problems is not None and settings.max_problems < 1:
+        raise ConfigError(f"eval.max_problems must be at least 1 or unset, got {settings.max_problems}")
+    if settings.temperature <= 0:
+        raise ConfigError(f"eval.temperature must be positive, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise ConfigError(f"eval.top_p must be in (0, 1], got {settings.top_p}")
+
+
+def _merge(base, extra):
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _select_stage(values, overrides, path):
+    """A file with a `stages` section: its shared keys merged with the chosen stage's."""
+    if not isinstance(values, dict) or "stages" not in values:
+        return values
+    stages = values.pop("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{path}: stages must map stage names to settings")
+    chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "stage"]
+    stage = chosen[-1] if chosen else values.get("stage")
+    if stage is None:
+        raise ConfigError(f"{path} defines stages {', '.join(stages)}: choose one with --stage")
+    if stage not in stages:
+        raise ConfigError(f"{path}: no stage {stage!r}; it defines {', '.join(stages)}")
+    return _merge(values, {**stages[stage], "stage": stage})
 
 
 def load_config(path=None, overrides=(), base=None):
@@ -230,6 +297,7 @@ def load_config(path=None, overrides=(), base=None):
                 values = yaml.safe_load(handle) or {}
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        values = _select_stage(values, overrides, path)
         _apply(config, values)
     override_values = {}
     for override in overrides:

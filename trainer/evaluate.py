@@ -1,26 +1,54 @@
-"""Sampled evaluation: pass@1 averaged over k samples per problem, and completion length.
+"""Sampled evaluation at token budgets: pass@1 averaged over k samples, maj@k, and mean output tokens.
 
-Length is measured on sampled completions, as the recipe reports it: greedy decoding can hide
-how long a model's typical answer is.
+This is the recipe's results-table format (for AIME: budgets 8k/12k/16k/24k/32k). Each problem
+is sampled k times once, up to the largest budget; a smaller budget B sees every completion cut
+to its first B tokens, which is what sampling with max_new_tokens=B would have produced.
+Length is measured on sampled completions: greedy decoding can hide how long a model's
+typical answer is.
 """
 
+import collections
 import dataclasses
-import math
 
 import torch
 
-from .rewards import accuracy_reward
+from .rewards import THINK_END, UnparseableGold, last_boxed, verify_answer
 from .rollout import SamplingSettings
 from .rollout.hf import HFRolloutEngine
 
 
 @dataclasses.dataclass
+class BudgetRow:
+    budget: int
+    pass_at_1: float  # mean over problems of the fraction of correct samples
+    maj_at_k: float  # the most common extracted answer, checked against the gold one
+    mean_tokens: float  # output tokens, each completion counted up to the budget
+    unfinished_fraction: float  # completions cut by the budget before they ended
+
+
+@dataclasses.dataclass
 class EvalResult:
-    problems: int
+    problems: int  # problems scored (those with a parseable gold answer)
+    unscored_problems: int  # gold answer that math-verify cannot parse: left out, counted
     samples_per_problem: int
-    accuracy: float  # pass@1, averaged over samples
-    mean_tokens: float
-    truncated_fraction: float
+    temperature: float
+    top_p: float
+    rows: list  # one BudgetRow per budget, smallest first
+
+    @property
+    def final(self):
+        return self.rows[-1]
+
+    @property
+    def accuracy(self):
+        return self.final.pass_at_1
+
+    @property
+    def mean_tokens(self):
+        return self.final.mean_tokens
+
+    def as_dict(self):
+        return {**dataclasses.asdict(self), "accuracy": self.accuracy, "mean_tokens": self.mean_tokens}
 
 
 class _PlainRoot(torch.nn.Module):
@@ -31,19 +59,165 @@ class _PlainRoot(torch.nn.Module):
         self.causal_lm = causal_lm
 
 
-def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0,
-             max_new_tokens=128, batch_prompts=64, device=None):
+def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None):
+    """settings.n completions for every prompt: a list (per prompt) of lists of Completion."""
+    from tqdm import tqdm
+
     device = device or next(causal_lm.parameters()).device
     engine = HFRolloutEngine(_PlainRoot(causal_lm), tokenizer, device)
-    settings = SamplingSettings(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    correct = tokens = truncated = total = 0
-    for start in range(0, len(prompts), batch_prompts):
-        chunk = prompts[start : start + batch_prompts]
-        for completion in engine.generate(chunk, settings):
-            gold = answers[start + completion.prompt_index]
-            score = accuracy_reward(completion.text, gold)
-            correct += 0.0 if math.isnan(score) else score
-            tokens += len(completion.token_ids)
-            truncated += completion.finish_reason == "length"
-            total += 1
-    return EvalResult(len(prompts), samples, correct / total, tokens / total, truncated / total)
+    per_prompt = [[] for _ in prompts]
+    starts = range(0, len(prompts), batch_prompts)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, dynamic_ncols=True):
+        for completion in engine.generate(prompts[start : start + batch_prompts], settings):
+            per_prompt[start + completion.prompt_index].append(completion)
+    return per_prompt
+
+
+def _think_end_token(tokenizer):
+    token_id = tokenizer.convert_tokens_to_ids(THINK_END)
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
+
+
+def _answer_and_length(token_ids, budget, tokenizer, stop_at_think_end, think_end_id):
+    """(extracted answer or None, tokens counted, finished within the budget)."""
+    kept = token_ids[:budget]
+    if stop_at_think_end and think_end_id is not None and think_end_id in kept:
+        kept = kept[: kept.index(think_end_id) + 1]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    if stop_at_think_end and THINK_END in text:
+        text = text[: text.index(THINK_END)]
+    finished = len(token_ids) <= budget or (stop_at_think_end and len(kept) < budget)
+    return last_boxed(text), len(kept), finished
+
+
+def _normalised(answer):
+    return " ".join(answer.split())
+
+
+def score_at_budgets(per_prompt, answers, tokenizer, budgets, *, stop_at_think_end=False, timeout_s=5):
+    """(rows, unscored problems) for completions already sampled up to max(budgets)."""
+    think_end_id = _think_end_token(tokenizer)
+    verdicts = {}
+
+    def correct(answer, gold):
+        if answer is None:
+            return False
+        key = (answer, gold)
+        if key not in verdicts:
+            verdicts[key] = verify_answer(answer, gold, timeout_s)
+        return verdicts[key]
+
+    scorable = []
+    for completions, gold in zip(per_prompt, answers):
+        try:
+            verify_answer("0", str(gold), timeout_s)
+            scorable.append((completions, str(gold)))
+        except UnparseableGold:
+            pass
+    rows = []
+    for budget in sorted(budgets):
+        pass_sum = majority_sum = tokens = unfinished = samples = 0
+        for completions, gold in scorable:
+            extracted = []
+            for completion in completions:
+                answer, length, finished = _answer_and_length(
+                    completion.token_ids, budget, tokenizer, stop_at_think_end, think_end_id
+                )
+                extracted.append(answer)
+                tokens += length
+                unfinished += not finished
+            samples += len(completions)
+            pass_sum += sum(correct(a, gold) for a in extracted) / len(completions)
+            votes = collections.Counter(_normalised(a) for a in extracted if a is not None)
+            majority_sum += bool(votes) and correct(votes.most_common(1)[0][0], gold)
+        problems = max(len(scorable), 1)
+        rows.append(BudgetRow(budget, pass_sum / problems, majority_sum / problems,
+                              tokens / max(samples, 1), unfinished / max(samples, 1)))
+    return rows, len(per_prompt) - len(scorable)
+
+
+def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0,
+             max_new_tokens=128, budgets=None, batch_prompts=64, stop_at_think_end=False, progress=False,
+             device=None):
+    budgets = sorted(set(budgets or [max_new_tokens]))
+    settings = SamplingSettings(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max(budgets))
+    per_prompt = sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts, progress, device)
+    rows, unscored = score_at_budgets(per_prompt, answers, tokenizer, budgets, stop_at_think_end=stop_at_think_end)
+    return EvalResult(len(prompts) - unscored, unscored, samples, temperature, top_p, rows)
+
+
+def format_table(results):
+    """Markdown: one row per (model, budget), the recipe's results-table columns."""
+    lines = ["| model | budget | pass@1 | maj@k | mean tokens | unfinished |", "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        for row in result.rows:
+            lines.append(
+                f"| {name} | {row.budget} | {row.pass_at_1:.1%} | {row.maj_at_k:.1%} | "
+                f"{row.mean_tokens:.1f} | {row.unfinished_fraction:.1%} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_budget(results, path, title="accuracy against token budget"):
+    """PNG of pass@1 against budget, one line per model; returns path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        axis.plot([r.budget for r in result.rows], [100 * r.pass_at_1 for r in result.rows], marker="o", label=name)
+    axis.set_xlabel("token budget")
+    axis.set_ylabel("pass@1 (%)")
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+
+def run_eval(config):
+    """The eval stage: model.path sampled on eval.data; table, JSON and plot written to run_dir."""
+    import json
+    import os
+
+    from .grpo import load_prompts
+    from .model import load_causal_lm, load_tokenizer
+
+    settings = config.eval
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(config.train.seed)
+    tokenizer = load_tokenizer(config.model)
+    problems = load_prompts(config, tokenizer, files=[settings.data], answer_field=settings.answer_field)
+    if settings.max_problems:
+        problems = problems[: settings.max_problems]
+    causal_lm = load_causal_lm(config.model, device).eval()
+    print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
+          f"temperature {settings.temperature}, top-p {settings.top_p}, budgets {sorted(settings.budgets)}", flush=True)
+    budgets = sorted(set(settings.budgets))
+    sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=budgets[-1])
+    per_prompt = sample_completions(causal_lm, tokenizer, [p for p, _ in problems], sampling, settings.batch_prompts,
+                                    progress=True, device=device)
+    rows, unscored = score_at_budgets(per_prompt, [a for _, a in problems], tokenizer, budgets,
+                                      stop_at_think_end=settings.stop_at_think_end, timeout_s=settings.reward_timeout_s)
+    result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature, settings.top_p, rows)
+    name = os.path.basename(os.path.normpath(config.model.path))
+    table = format_table({name: result})
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "eval.json"), "w") as handle:
+        json.dump({"model": config.model.path, "data": settings.data, **result.as_dict()}, handle, indent=2)
+    with open(os.path.join(config.run_dir, "eval.md"), "w") as handle:
+        handle.write(f"# {name} on {os.path.basename(settings.data)}\n\n{table}\n")
+    plot = plot_accuracy_vs_budget({name: result}, os.path.join(config.run_dir, "accuracy_vs_budget.png"))
+    if unscored:
+        print(f"{unscored} problems left out: their gold answer cannot be parsed by math-verify", flush=True)
+    print(table, flush=True)
+    print(f"written: {config.run_dir}/eval.json, eval.md{', accuracy_vs_budget.png' if plot else ''}", flush=True)
+    return result

@@ -1,9 +1,10 @@
 """Stage 2: GRPO. A loss plus a rollout loop on the same engine as SFT.
 
 Each step: sample group_size completions for each prompt, score them with the recipe's rewards,
-normalise rewards within groups (group_advantages), then one policy-gradient step with the
-clipped token loss (grpo_token_loss) on log-probs from the fused-linear kernel
-(linear_token_logprobs), masked after each completion's end-of-sequence token.
+normalise rewards within groups (group_advantages), then num_iterations policy-gradient steps
+with the clipped token loss (grpo_token_loss, plus beta * k3 KL to a frozen reference model
+when beta > 0) on log-probs from the fused-linear kernel (linear_token_logprobs), masked after
+each completion's end-of-sequence token.
 """
 
 import math
@@ -17,23 +18,27 @@ from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_chec
 from .data import DataError, load_records, to_messages
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
-from .parallel import all_reduce_sum, shutdown
+from .parallel import all_reduce_sum, is_distributed, shutdown
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine
 
 
-def load_prompts(config, tokenizer):
-    """(prompt token ids, gold answer) per row; the prompt is the chat up to the assistant turn."""
+def load_prompts(config, tokenizer, files=None, answer_field=None):
+    """(prompt token ids, gold answer) per row; the prompt is the chat up to the assistant turn.
+
+    files and answer_field default to the GRPO training data's.
+    """
+    answer_field = answer_field or config.grpo.answer_field
     prompts = []
-    for path, number, row in load_records(config.data.train_files):
+    for path, number, row in load_records(files or config.data.train_files):
         where = f"{path}:{number}"
-        if config.grpo.answer_field not in row or row[config.grpo.answer_field] is None:
-            raise DataError(f"{where}: missing field {config.grpo.answer_field!r} (the gold answer)")
+        if answer_field not in row or row[answer_field] is None:
+            raise DataError(f"{where}: missing field {answer_field!r} (the gold answer)")
         row = dict(row)
         row.setdefault(config.data.solution_field, "")
         messages = to_messages(row, config.data, config.model.system_prompt, where)[:-1]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append((tokenizer(text, add_special_tokens=False)["input_ids"], str(row[config.grpo.answer_field])))
+        prompts.append((tokenizer(text, add_special_tokens=False)["input_ids"], str(row[answer_field])))
     return prompts
 
 
@@ -62,6 +67,43 @@ def policy_batch(prompts, completions, pad_token_id):
     return input_ids, position_ids, attention_mask, completion_mask
 
 
+def zero_variance_groups(rewards, group_size):
+    """Groups whose finite rewards are all equal: their advantages, and so their gradients, are 0."""
+    count = 0
+    for start in range(0, len(rewards), group_size):
+        finite = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
+        count += len(set(finite)) <= 1
+    return count
+
+
+def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
+    """[clipped tokens, KL sum, entropy sum, tokens] over the masked tokens of one update.
+
+    A token is clipped where the clip changes its gradient: ratio below 1 - eps_low with a
+    negative advantage, or above 1 + eps_high with a positive one. KL is the k3 estimate.
+    """
+    ratio = torch.exp(logp - old_logp)
+    advantage = advantages[:, None]
+    clipped = ((ratio < 1 - grpo.eps_low) & (advantage < 0)) | ((ratio > 1 + grpo.eps_high) & (advantage > 0))
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = (torch.exp(delta) - delta - 1.0) * mask
+    else:
+        kl = torch.zeros_like(logp)
+    return torch.stack([(clipped * mask).sum(), kl.sum(), (entropy * mask).sum(), mask.sum()])
+
+
+def load_reference(config, device):
+    """The frozen reference policy for the KL term, sharded like the policy under FSDP."""
+    from .model import CausalLMLoss, load_causal_lm
+    from .parallel import apply_fsdp
+
+    causal_lm = load_causal_lm(config.model, device)
+    causal_lm.requires_grad_(False)
+    causal_lm.eval()
+    return apply_fsdp(CausalLMLoss(causal_lm), device, config.parallel)
+
+
 def run_grpo(config):
     engine = Engine(config)
     rank, world_size, device = engine.rank, engine.world_size, engine.device
@@ -80,6 +122,9 @@ def run_grpo(config):
         weights=grpo.reward_weights, cosine_max_len=grpo.cosine_max_len, timeout_s=grpo.reward_timeout_s,
         unparseable_gold=grpo.unparseable_gold,
     ))
+    reference = load_reference(config, device) if grpo.beta > 0 else None
+    if reference is not None:
+        log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
     rollout = make_engine(grpo.rollout_engine, root_module=engine.module, tokenizer=engine.tokenizer, device=device)
     sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                 min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens)
@@ -112,41 +157,76 @@ def run_grpo(config):
             advantages = group_advantages(reward_tensor, grpo.group_size, scale=grpo.scale_rewards).to(device)
 
             input_ids, position_ids, attention_mask, mask = policy_batch(chosen, completions, engine.tokenizer.pad_token_id)
-            input_ids, position_ids, mask = input_ids.to(device), position_ids.to(device), mask.to(device)
-            targets, token_mask = input_ids[:, 1:], mask[:, 1:]
+            if grpo.mask_truncated:
+                truncated_rows = torch.tensor([c.finish_reason == "length" for c in completions])
+                mask[truncated_rows] = 0.0
+            batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                         attention_mask=attention_mask.to(device))
+            targets, token_mask = batch["input_ids"][:, 1:], mask[:, 1:].to(device)
 
-            def head(hidden, weight):
-                logp = linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature)
-                # One optimizer step per rollout batch: the sampling policy is the current one.
-                per_token = grpo_token_loss(logp, logp.detach(), advantages, eps_low=grpo.eps_low, eps_high=grpo.eps_high)
-                return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens)
+            def logprob_head(hidden, weight):
+                return linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature)
 
-            # FSDP averages gradients over ranks, so each rank's loss is its own mean.
-            loss = engine.module(input_ids=input_ids, position_ids=position_ids,
-                                 attention_mask=attention_mask.to(device), head=head)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters, config.optim.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            lr = engine.scheduler.get_last_lr()[0]
-            engine.optimizer.step()
+            with torch.no_grad():
+                ref_logp = reference(**batch, head=logprob_head) if reference is not None else None
+                # Several updates per rollout: the ratio is against the policy that sampled.
+                old_logp = engine.module(**batch, head=logprob_head) if grpo.num_iterations > 1 else None
+
+            train_started = time.perf_counter()
+            step_stats = torch.zeros(4, device=device)  # clipped tokens, KL sum, entropy sum, tokens
+            for _ in range(grpo.num_iterations):
+                def head(hidden, weight):
+                    logp, entropy = linear_token_logprobs(hidden[:, :-1], weight, targets,
+                                                          temperature=grpo.temperature, with_entropy=True)
+                    old = logp.detach() if old_logp is None else old_logp
+                    per_token = grpo_token_loss(logp, old, advantages, ref_logp=ref_logp, beta=grpo.beta,
+                                                eps_low=grpo.eps_low, eps_high=grpo.eps_high)
+                    with torch.no_grad():
+                        step_stats.add_(token_statistics(logp, old, ref_logp, entropy, advantages, token_mask, grpo))
+                    return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens)
+
+                # FSDP averages gradients over ranks, so each rank's loss is its own mean.
+                loss = engine.module(**batch, head=head)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters, config.optim.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                lr = engine.scheduler.get_last_lr()[0]
+                engine.optimizer.step()
+                engine.optimizer.zero_grad(set_to_none=True)
             engine.scheduler.step()
-            engine.optimizer.zero_grad(set_to_none=True)
+            train_s = time.perf_counter() - train_started
+            sync_started = time.perf_counter()
+            rollout.load_weights(None)  # engines holding their own weights copy the new policy here
+            sync_s = time.perf_counter() - sync_started
 
             finite = [v for v in reward_values if math.isfinite(v)]
             correct = [a for a in parts["accuracy"] if math.isfinite(a)]
+            lengths = [len(c.token_ids) for c in completions]
             summary = all_reduce_sum(torch.tensor([
                 loss.item(), grad_norm.item(), sum(finite), len(finite), sum(correct),
-                float(sum(len(c.token_ids) for c in completions)), float(len(completions)),
+                float(sum(lengths)), float(len(completions)),
                 float(sum(c.finish_reason == "length" for c in completions)),
+                float(zero_variance_groups(reward_values, grpo.group_size)), float(len(chosen)),
+                *step_stats.tolist(),
             ], device=device)).tolist()
+            extremes = torch.tensor([-min(lengths), max(lengths)], dtype=torch.float32, device=device)
+            if is_distributed():
+                torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+            tokens_seen = max(summary[13], 1.0)
             values = {
                 "loss": summary[0] / world_size, "grad_norm": summary[1] / world_size, "lr": lr,
                 "reward": summary[2] / max(summary[3], 1), "accuracy": summary[4] / max(summary[3], 1),
-                "completion_tokens": summary[5] / summary[6], "truncated_fraction": summary[7] / summary[6],
-                "rollout_s": rollout_s, "step_s": time.perf_counter() - started,
-                "reward_failures": sum(rewards.counts.values()),
+                "completion_tokens": summary[5] / summary[6], "min_completion_tokens": -extremes[0].item(),
+                "max_completion_tokens": extremes[1].item(), "truncated_fraction": summary[7] / summary[6],
+                "zero_variance_groups": summary[8] / summary[9], "clip_fraction": summary[10] / tokens_seen,
+                "kl": summary[11] / tokens_seen, "entropy": summary[12] / tokens_seen,
+                "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s,
+                "step_s": time.perf_counter() - started, "reward_failures": sum(rewards.counts.values()),
             }
+            for name, values_of_reward in parts.items():
+                finite_values = [v for v in values_of_reward if math.isfinite(v)]
+                values[f"reward_{name}"] = sum(finite_values) / max(len(finite_values), 1)
             metrics.log_step(step + 1, values)
             every = config.checkpoint.every_steps
             if every and (step + 1) % every == 0 and step + 1 < total_steps:

@@ -60,6 +60,11 @@ def _verify(answer, gold, timeout_s):
     return bool(parsed_answer) and verify(parsed_gold, parsed_answer, timeout_seconds=timeout_s)
 
 
+def verify_answer(answer, gold, timeout_s=5):
+    """Whether an extracted answer equals the gold one by math-verify; UnparseableGold if gold cannot be parsed."""
+    return _verify(answer, str(gold), timeout_s)
+
+
 def accuracy_reward(completion, gold, num_tokens=None, timeout_s=5):
     """1.0 if the last boxed answer equals the gold answer by math-verify, else 0.0.
 
