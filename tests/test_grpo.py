@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.grpo import aggregate, policy_batch
+from trainer.grpo import aggregate, policy_batch, without_truncated, zero_variance_groups
 from trainer.metrics import read_metrics
 from trainer.rollout import Completion
 from trainer.toy.model_dir import build_model_dir
@@ -22,6 +22,19 @@ def test_policy_batch_masks_exactly_the_completion_tokens():
     assert position_ids[1, :4].tolist() == [0, 1, 2, 3]
 
 
+def test_truncated_completions_can_be_left_out_of_the_loss():
+    completions = [Completion(0, [1, 2], "", "stop"), Completion(0, [3, 4], "", "length")]
+    mask = torch.ones(2, 5)
+    assert without_truncated(mask, completions).tolist() == [[1] * 5, [0] * 5]
+    assert mask.sum() == 10  # the caller's mask is not modified
+
+
+def test_zero_variance_groups_count_groups_with_equal_finite_rewards():
+    nan = float("nan")
+    rewards = [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, nan, 2.0, 0.5, 0.7, 0.5, 0.5]
+    assert zero_variance_groups(rewards, 4) == 2  # group 1 (all 1.0) and group 2 (2.0 and NaN)
+
+
 def test_loss_aggregations():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -29,6 +42,67 @@ def test_loss_aggregations():
     assert aggregate(loss, mask, "bnpo", 10).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "grpo", 10).item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate(loss, mask, "dr_grpo", 10).item() == pytest.approx(10 / (2 * 10))
+
+
+def _direct_aggregations(loss, mask, max_new_tokens, ranks):
+    """Each aggregation written out per sequence in float64, over the global batch split into ranks."""
+    sequences = [(loss[i].double(), mask[i].double()) for i in range(loss.shape[0])]
+    all_tokens = sum(m.sum().item() for _, m in sequences)
+    per_rank = {"grpo": [], "bnpo": [], "dr_grpo": [], "dapo": []}
+    size = len(sequences) // ranks
+    for rank in range(ranks):
+        mine = sequences[rank * size : (rank + 1) * size]
+        sums = [(l * m).sum().item() for l, m in mine]
+        counts = [m.sum().item() for _, m in mine]
+        per_rank["grpo"].append(sum(s / max(c, 1) for s, c in zip(sums, counts)) / len(mine))
+        per_rank["bnpo"].append(sum(sums) / max(sum(counts), 1))
+        per_rank["dr_grpo"].append(sum(sums) / (len(mine) * max_new_tokens))
+        per_rank["dapo"].append(sum(sums) / all_tokens * ranks)
+    # FSDP averages the ranks' gradients, so the effective loss is the mean of the rank losses.
+    return {name: sum(values) / ranks for name, values in per_rank.items()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_aggregations_match_their_formulas_in_float64(ranks):
+    generator = torch.Generator().manual_seed(ranks)
+    loss = torch.randn(6, 9, generator=generator)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 5])
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).float()
+    expected = _direct_aggregations(loss, mask, 16, ranks)
+    global_tokens = mask.sum()
+    for method in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        size = 6 // ranks
+        rank_losses = [
+            aggregate(loss[r * size : (r + 1) * size], mask[r * size : (r + 1) * size], method, 16, global_tokens, ranks)
+            for r in range(ranks)
+        ]
+        assert (sum(rank_losses) / ranks).item() == pytest.approx(expected[method], rel=1e-5, abs=1e-6), method
+
+
+@pytest.mark.slow
+def test_grpo_with_reference_model_and_several_updates_per_rollout(tmp_path):
+    from trainer.grpo import run_grpo
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+    config = load_config(None, [
+        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
+        "grpo.beta=0.1", "grpo.num_iterations=2", "grpo.eps_high=0.28",
+        "grpo.loss_aggregation=dr_grpo", "grpo.scale_rewards=batch",
+        "train.max_steps=2", "optim.lr=1e-2", "checkpoint.export_hf=false",
+    ])
+    run_grpo(config)
+    records = read_metrics(config.run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["min_completion_tokens"] <= record["completion_tokens"] <= record["max_completion_tokens"] <= 12
+        assert 0.0 <= record["clip_fraction"] <= 1.0 and 0.0 <= record["zero_variance_groups"] <= 1.0
+        assert record["entropy"] > 0.0
+        for key in ("rollout_s", "train_s", "sync_s", "reward_format", "reward_cosine_length", "reward_length"):
+            assert math.isfinite(record[key]), key
+    # The first update starts at the reference (KL 0); the second, after a large step, has moved away.
+    assert records[0]["kl"] > 0.0 and records[1]["kl"] > 0.0
 
 
 @pytest.mark.slow

@@ -42,13 +42,21 @@ def load_prompts(config, tokenizer, files=None, answer_field=None):
     return prompts
 
 
-def aggregate(per_token_loss, mask, method, max_new_tokens):
-    """Masked reduction of [B, T] token losses to the step loss (before the cross-rank mean)."""
-    if method == "grpo":  # mean over each sequence's tokens, then over sequences
+def aggregate(per_token_loss, mask, method, max_new_tokens, global_tokens=None, world_size=1):
+    """Masked reduction of [B, T] token losses to this rank's loss, as TRL and verl define them.
+
+    grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over this rank's
+    tokens; dr_grpo: sum over B * max_new_tokens, a constant, so no length bias; dapo: mean over
+    the tokens of the whole global batch (global_tokens), times world_size because FSDP then
+    averages the ranks' gradients.
+    """
+    if method == "grpo":
         return ((per_token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
-    if method == "dr_grpo":  # a constant normaliser: no length bias
+    if method == "dr_grpo":
         return (per_token_loss * mask).sum() / (mask.shape[0] * max_new_tokens)
-    return (per_token_loss * mask).sum() / mask.sum().clamp_min(1)  # bnpo and dapo: mean over tokens
+    if method == "dapo" and global_tokens is not None:
+        return (per_token_loss * mask).sum() * world_size / global_tokens.clamp_min(1)
+    return (per_token_loss * mask).sum() / mask.sum().clamp_min(1)
 
 
 def policy_batch(prompts, completions, pad_token_id):
@@ -65,6 +73,12 @@ def policy_batch(prompts, completions, pad_token_id):
         completion_mask[row, start : len(sequence)] = 1.0
     position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
     return input_ids, position_ids, attention_mask, completion_mask
+
+
+def without_truncated(mask, completions):
+    """The completion mask with every completion cut by max_new_tokens left out of the loss."""
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    return mask.masked_fill(truncated[:, None], 0.0)
 
 
 def zero_variance_groups(rewards, group_size):
@@ -158,8 +172,7 @@ def run_grpo(config):
 
             input_ids, position_ids, attention_mask, mask = policy_batch(chosen, completions, engine.tokenizer.pad_token_id)
             if grpo.mask_truncated:
-                truncated_rows = torch.tensor([c.finish_reason == "length" for c in completions])
-                mask[truncated_rows] = 0.0
+                mask = without_truncated(mask, completions)
             batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                          attention_mask=attention_mask.to(device))
             targets, token_mask = batch["input_ids"][:, 1:], mask[:, 1:].to(device)
@@ -172,6 +185,7 @@ def run_grpo(config):
                 # Several updates per rollout: the ratio is against the policy that sampled.
                 old_logp = engine.module(**batch, head=logprob_head) if grpo.num_iterations > 1 else None
 
+            global_tokens = all_reduce_sum(token_mask.sum().detach().clone())
             train_started = time.perf_counter()
             step_stats = torch.zeros(4, device=device)  # clipped tokens, KL sum, entropy sum, tokens
             for _ in range(grpo.num_iterations):
@@ -183,7 +197,8 @@ def run_grpo(config):
                                                 eps_low=grpo.eps_low, eps_high=grpo.eps_high)
                     with torch.no_grad():
                         step_stats.add_(token_statistics(logp, old, ref_logp, entropy, advantages, token_mask, grpo))
-                    return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens)
+                    return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens,
+                                     global_tokens, world_size)
 
                 # FSDP averages gradients over ranks, so each rank's loss is its own mean.
                 loss = engine.module(**batch, head=head)
