@@ -124,3 +124,35 @@ def test_grpo_steps_run_and_report(tmp_path):
         assert 1 <= record["completion_tokens"] <= 12
         assert 0.0 <= record["accuracy"] <= 1.0
     assert os.path.exists(os.path.join(config.run_dir, "checkpoints", "step_00000002", "manifest.json"))
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
+    import subprocess
+    import sys
+
+    from trainer.metrics import read_metrics as metrics_of
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+    common = ["stage=grpo", f"model.path={model}", f"data.train_files={data}", "grpo.group_size=4",
+              "grpo.max_new_tokens=12", "grpo.cosine_max_len=100", "train.max_steps=2", "optim.lr=1e-3",
+              "checkpoint.export_hf=false"]
+
+    def run(command, run_dir, prompts_per_rank):
+        completed = subprocess.run(
+            [sys.executable, *command, "-m", "trainer.run", f"run_dir={run_dir}",
+             f"grpo.prompts_per_step={prompts_per_rank}", *common],
+            capture_output=True, text=True, cwd=repo, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return metrics_of(run_dir)
+
+    # The same 4 prompts per step: all in one process, or 2 on each of two ranks.
+    one = run([], tmp_path / "one", 4)
+    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"], tmp_path / "two", 2)
+    for key in ("reward", "accuracy", "completion_tokens"):
+        assert one[0][key] == pytest.approx(two[0][key], rel=1e-6), key  # the same rollouts
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5, abs=1e-7)
+    assert abs(one[0]["loss"]) > 1e-6  # a real loss, not 0 == 0

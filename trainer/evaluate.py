@@ -15,6 +15,7 @@ import torch
 from .rewards import THINK_END, UnparseableGold, last_boxed, verify_answer
 from .rollout import SamplingSettings
 from .rollout.hf import HFRolloutEngine
+from .rollout.keyed_sampling import sequence_keys
 
 
 @dataclasses.dataclass
@@ -59,8 +60,12 @@ class _PlainRoot(torch.nn.Module):
         self.causal_lm = causal_lm
 
 
-def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None):
-    """settings.n completions for every prompt: a list (per prompt) of lists of Completion."""
+def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None, seed=0):
+    """settings.n completions for every prompt: a list (per prompt) of lists of Completion.
+
+    Sampling is keyed by (seed, problem index, sample index), so results do not depend on
+    batch_prompts.
+    """
     from tqdm import tqdm
 
     device = device or next(causal_lm.parameters()).device
@@ -68,7 +73,9 @@ def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32
     per_prompt = [[] for _ in prompts]
     starts = range(0, len(prompts), batch_prompts)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, dynamic_ncols=True):
-        for completion in engine.generate(prompts[start : start + batch_prompts], settings):
+        batch = prompts[start : start + batch_prompts]
+        row_keys = sequence_keys(seed, 0, range(start, start + len(batch)), settings.n)
+        for completion in engine.generate(batch, settings, row_keys=row_keys):
             per_prompt[start + completion.prompt_index].append(completion)
     return per_prompt
 
@@ -138,10 +145,10 @@ def score_at_budgets(per_prompt, answers, tokenizer, budgets, *, stop_at_think_e
 
 def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0,
              max_new_tokens=128, budgets=None, batch_prompts=64, stop_at_think_end=False, progress=False,
-             device=None):
+             device=None, seed=0):
     budgets = sorted(set(budgets or [max_new_tokens]))
     settings = SamplingSettings(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max(budgets))
-    per_prompt = sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts, progress, device)
+    per_prompt = sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts, progress, device, seed)
     rows, unscored = score_at_budgets(per_prompt, answers, tokenizer, budgets, stop_at_think_end=stop_at_think_end)
     return EvalResult(len(prompts) - unscored, unscored, samples, temperature, top_p, rows)
 
@@ -204,7 +211,7 @@ def run_eval(config):
     sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
                                 max_new_tokens=budgets[-1])
     per_prompt = sample_completions(causal_lm, tokenizer, [p for p, _ in problems], sampling, settings.batch_prompts,
-                                    progress=True, device=device)
+                                    progress=True, device=device, seed=config.train.seed)
     rows, unscored = score_at_budgets(per_prompt, [a for _, a in problems], tokenizer, budgets,
                                       stop_at_think_end=settings.stop_at_think_end, timeout_s=settings.reward_timeout_s)
     result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature, settings.top_p, rows)

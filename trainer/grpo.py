@@ -21,6 +21,7 @@ from .metrics import MetricsLogger, plot_loss
 from .parallel import all_reduce_sum, is_distributed, shutdown
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine
+from .rollout.keyed_sampling import sequence_keys
 
 
 def load_prompts(config, tokenizer, files=None, answer_field=None):
@@ -156,8 +157,11 @@ def run_grpo(config):
             epoch, index = divmod(step, steps_per_epoch)
             order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed * 7919 + epoch))
             first = (index * world_size + rank) * grpo.prompts_per_step
-            chosen = [prompts[i] for i in order[first : first + grpo.prompts_per_step].tolist()]
-            completions = rollout.generate([p for p, _ in chosen], sampling)
+            indices = order[first : first + grpo.prompts_per_step].tolist()
+            chosen = [prompts[i] for i in indices]
+            # Keyed by (seed, step, prompt): the same completions on 1 or N ranks, and after a resume.
+            row_keys = sequence_keys(config.train.seed, step, indices, grpo.group_size)
+            completions = rollout.generate([p for p, _ in chosen], sampling, row_keys=row_keys)
             rollout_s = time.perf_counter() - started
 
             reward_values, parts = [], {}

@@ -66,4 +66,7 @@ def apply_fsdp(root, device, parallel_config):
     for layer in causal_lm.model.layers:
         fully_shard(layer, **options)
     fully_shard(root, **options)
+    # FSDP picks its root at the first forward. Rollouts call the inner model's generate()
+    # first, which would make each layer a root of its own; settle the root now.
+    fully_shard.state(root)._lazy_init()
     return root

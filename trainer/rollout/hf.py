@@ -1,9 +1,11 @@
 """Batched sampling through transformers' generate, on the training model itself (CPU or one GPU)."""
 
 import torch
+from transformers import LogitsProcessorList
 
 from ..parallel import is_distributed
 from . import Completion
+from .keyed_sampling import KeyedGumbelSampler
 
 
 class HFRolloutEngine:
@@ -14,7 +16,9 @@ class HFRolloutEngine:
         """Nothing to do: generation runs on the policy's own parameters."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids, settings):
+    def generate(self, prompt_ids, settings, row_keys=None):
+        """row_keys: one int64 key per returned row (see keyed_sampling.sequence_keys); with them the
+        samples depend on the keys alone, not on the batch or the process's random state."""
         tokenizer, causal_lm = self.tokenizer, self.root.causal_lm
         longest = max(len(ids) for ids in prompt_ids)
         pad = tokenizer.pad_token_id
@@ -29,11 +33,19 @@ class HFRolloutEngine:
         was_training = causal_lm.training
         causal_lm.eval()
         try:
+            if row_keys is None:
+                sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                                min_p=settings.min_p or None, num_return_sequences=settings.n)
+            else:
+                sampler = KeyedGumbelSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
+                # Greedy decoding over the keyed noise; generate() repeats prompts only when sampling.
+                input_ids = input_ids.repeat_interleave(settings.n, dim=0)
+                attention_mask = attention_mask.repeat_interleave(settings.n, dim=0)
+                sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1,
+                                logits_processor=LogitsProcessorList([sampler]))
             output = causal_lm.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                temperature=settings.temperature, top_p=settings.top_p, min_p=settings.min_p or None,
-                max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.n,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=distributed,
+                input_ids=input_ids, attention_mask=attention_mask, **sampling,
+                max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=distributed,
                 return_dict_in_generate=True, output_logits=True,
             )
         finally:

@@ -109,7 +109,7 @@ def evaluate_dir(model_dir, problems, settings, seed):
     ]
     return evaluate(model, tokenizer, prompts, [p["answer"] for p in problems], samples=settings.samples,
                     temperature=settings.temperature, top_p=settings.top_p, budgets=settings.budgets,
-                    batch_prompts=settings.batch_prompts, stop_at_think_end=settings.stop_at_think_end)
+                    batch_prompts=settings.batch_prompts, stop_at_think_end=settings.stop_at_think_end, seed=seed)
 
 
 def _prepare(toy):
