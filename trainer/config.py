@@ -81,7 +81,9 @@ class GRPOConfig:
     top_p: float = 0.9
     min_p: float = 0.05
     max_new_tokens: int = 16384
-    rollout_engine: str = "hf"
+    rollout_engine: str = "hf"  # or vllm (pip install -e .[vllm]; CUDA only)
+    vllm_gpu_memory_utilization: float = 0.3
+    weight_sync_bucket_mb: int = 512
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
     loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
     eps_low: float = 0.2
@@ -128,7 +130,7 @@ class RunConfig:
 
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
-    "grpo.rollout_engine": ("hf",),
+    "grpo.rollout_engine": ("hf", "vllm"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.unparseable_gold": ("no_signal", "reward_one"),

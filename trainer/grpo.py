@@ -20,7 +20,7 @@ from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
 from .parallel import all_reduce_sum, is_distributed, shutdown
 from .rewards import RewardComputer, RewardSettings
-from .rollout import SamplingSettings, make_engine
+from .rollout import SamplingSettings, make_engine, sync_weights
 from .rollout.keyed_sampling import sequence_keys
 
 
@@ -140,7 +140,9 @@ def run_grpo(config):
     reference = load_reference(config, device) if grpo.beta > 0 else None
     if reference is not None:
         log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
-    rollout = make_engine(grpo.rollout_engine, root_module=engine.module, tokenizer=engine.tokenizer, device=device)
+    rollout = make_engine(grpo.rollout_engine, root_module=engine.module, tokenizer=engine.tokenizer, device=device,
+                          model_path=config.model.path, seed=config.train.seed,
+                          gpu_memory_utilization=grpo.vllm_gpu_memory_utilization)
     sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                 min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens)
 
@@ -216,7 +218,7 @@ def run_grpo(config):
             engine.scheduler.step()
             train_s = time.perf_counter() - train_started
             sync_started = time.perf_counter()
-            rollout.load_weights(None)  # engines holding their own weights copy the new policy here
+            synced_bytes = sync_weights(engine.module, rollout, grpo.weight_sync_bucket_mb * 2**20)
             sync_s = time.perf_counter() - sync_started
 
             finite = [v for v in reward_values if math.isfinite(v)]
@@ -240,7 +242,7 @@ def run_grpo(config):
                 "max_completion_tokens": extremes[1].item(), "truncated_fraction": summary[7] / summary[6],
                 "zero_variance_groups": summary[8] / summary[9], "clip_fraction": summary[10] / tokens_seen,
                 "kl": summary[11] / tokens_seen, "entropy": summary[12] / tokens_seen,
-                "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s,
+                "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s, "synced_MB": synced_bytes / 2**20,
                 "step_s": time.perf_counter() - started, "reward_failures": sum(rewards.counts.values()),
             }
             for name, values_of_reward in parts.items():

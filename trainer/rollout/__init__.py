@@ -1,7 +1,8 @@
 """Rollout engines: prompts in, sampled completions out, behind one small interface.
 
-An engine has generate(prompt_ids, settings) -> list of Completion (n per prompt, prompts in
-order) and load_weights(named_tensors) for engines that hold their own copy of the policy.
+An engine has generate(prompt_ids, settings, row_keys=None) -> list of Completion (n per prompt,
+prompts in order) and holds_weights. An engine that holds its own copy of the policy (vLLM)
+also has load_weights(named_tensors), which sync_weights calls after every optimizer step.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ class SamplingSettings:
     top_p: float = 1.0
     min_p: float = 0.0
     max_new_tokens: int = 256
+    stop: list = None  # stop strings; the completion ends after the first one it produces
 
 
 @dataclasses.dataclass
@@ -29,5 +31,35 @@ def make_engine(name, **kwargs):
     if name == "hf":
         from .hf import HFRolloutEngine
 
-        return HFRolloutEngine(**kwargs)
-    raise ValueError(f"grpo.rollout_engine: unknown engine {name!r}; available: hf")
+        return HFRolloutEngine(kwargs["root_module"], kwargs["tokenizer"], kwargs["device"])
+    if name == "vllm":
+        from .vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(kwargs["model_path"], kwargs["tokenizer"],
+                                 gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.3),
+                                 seed=kwargs.get("seed", 0))
+    raise ValueError(f"grpo.rollout_engine: unknown engine {name!r}; available: hf, vllm")
+
+
+def sync_weights(root_module, engine, bucket_bytes):
+    """Sends the policy's full weights to an engine that holds its own copy; returns the bytes sent.
+
+    Under FSDP each parameter is gathered from its shards (a collective, in the same order on
+    every rank) and sent in buckets of about bucket_bytes, so the full model never has to exist
+    twice on one GPU.
+    """
+    if not getattr(engine, "holds_weights", False):
+        return 0
+    bucket, bucket_size, sent = [], 0, 0
+    for name, tensor in root_module.causal_lm.state_dict().items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        bucket.append((name, full.detach()))
+        bucket_size += full.numel() * full.element_size()
+        if bucket_size >= bucket_bytes:
+            engine.load_weights(bucket)
+            sent += bucket_size
+            bucket, bucket_size = [], 0
+    if bucket:
+        engine.load_weights(bucket)
+        sent += bucket_size
+    return sent

@@ -1,19 +1,45 @@
 """Batched sampling through transformers' generate, on the training model itself (CPU or one GPU)."""
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..parallel import is_distributed
 from . import Completion
 from .keyed_sampling import KeyedGumbelSampler
 
 
+class StopOnStrings(StoppingCriteria):
+    """Ends each row once its newest tokens spell one of the stop strings.
+
+    Only a short tail is decoded per step: a stop string can span at most as many tokens as it
+    has characters, plus a few that decode to nothing.
+    """
+
+    def __init__(self, tokenizer, stops, prompt_length):
+        super().__init__()
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+        self.window = max(len(stop) for stop in self.stops) + 4
+
+    def __call__(self, input_ids, scores, **kwargs):
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=False)
+        return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
+
+
 class HFRolloutEngine:
     def __init__(self, root_module, tokenizer, device):
         self.root, self.tokenizer, self.device = root_module, tokenizer, device
 
-    def load_weights(self, named_tensors):
-        """Nothing to do: generation runs on the policy's own parameters."""
+    holds_weights = False  # generation runs on the policy's own parameters: nothing to sync
+
+    def _stop_end(self, tokens, stops):
+        """Tokens up to and including the one that completes the first stop string, or None."""
+        window = max(len(stop) for stop in stops) + 4
+        for end in range(1, len(tokens) + 1):
+            tail = self.tokenizer.decode(tokens[max(0, end - window) : end], skip_special_tokens=False)
+            if any(stop in tail for stop in stops):
+                return end
+        return None
 
     @torch.no_grad()
     def generate(self, prompt_ids, settings, row_keys=None):
@@ -43,6 +69,8 @@ class HFRolloutEngine:
                 attention_mask = attention_mask.repeat_interleave(settings.n, dim=0)
                 sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1,
                                 logits_processor=LogitsProcessorList([sampler]))
+            if settings.stop:
+                sampling["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, settings.stop, longest)])
             output = causal_lm.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **sampling,
                 max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=distributed,
@@ -56,10 +84,14 @@ class HFRolloutEngine:
         logits = torch.stack(output.logits, dim=1).float() / settings.temperature  # [B*n, T, V]
         sampled_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, :, None]).squeeze(-1)
         completions = []
+        eos = tokenizer.eos_token_id
         for row, tokens in enumerate(sequences.tolist()):
-            eos = tokenizer.eos_token_id
-            end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            finish = "stop" if eos in tokens[:end] else "length"
+            if eos in tokens:
+                end, finish = tokens.index(eos) + 1, "stop"
+            elif settings.stop and (stop_end := self._stop_end(tokens, settings.stop)) is not None:
+                end, finish = stop_end, "stop"  # generate() padded the row after the stop string
+            else:
+                end, finish = len(tokens), "length"
             kept = tokens[:end]
             completions.append(Completion(
                 prompt_index=row // settings.n, token_ids=kept,
