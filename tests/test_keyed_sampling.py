@@ -5,36 +5,45 @@ import math
 import pytest
 import torch
 
-from trainer.rollout.keyed_sampling import KeyedGumbelSampler, filter_logits, keyed_uniform, sequence_keys
+from trainer.rollout.keyed_sampling import KeyedSampler, filter_logits, keyed_uniform, sequence_keys
 
 
-def test_uniforms_are_a_pure_function_of_key_position_and_column():
+def test_uniforms_are_a_pure_function_of_key_and_position():
     keys = sequence_keys(0, 3, [5, 9], 2)
     assert keys.tolist() == sequence_keys(0, 3, [5, 9], 2).tolist() and len(set(keys.tolist())) == 4
-    together = keyed_uniform(keys, 7, 11)
-    alone = keyed_uniform(keys[2:3], 7, 11)
-    assert torch.equal(together[2:3], alone)  # batch composition does not matter
-    assert not torch.equal(keyed_uniform(keys, 8, 11), together)  # the position does
+    together = keyed_uniform(keys, 7)
+    assert torch.equal(together[2:3], keyed_uniform(keys[2:3], 7))  # batch composition does not matter
+    assert not torch.equal(keyed_uniform(keys, 8), together)  # the position does
     assert ((together > 0) & (together < 1)).all()
 
 
 def test_uniforms_are_uniform():
-    values = keyed_uniform(sequence_keys(1, 0, range(64), 1), 0, 4096).flatten()
+    values = torch.cat([keyed_uniform(sequence_keys(1, 0, range(512), 1), position) for position in range(128)])
     assert abs(values.mean().item() - 0.5) < 0.005
     assert abs(values.var().item() - 1 / 12) < 0.002
     histogram = torch.histc(values.float(), bins=10, min=0, max=1) / values.numel()
     assert (histogram - 0.1).abs().max() < 0.005
 
 
-def test_gumbel_max_samples_follow_the_tempered_softmax():
+def test_samples_follow_the_tempered_softmax():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     temperature, rows = 0.7, 40000
-    sampler = KeyedGumbelSampler(sequence_keys(2, 0, range(rows), 1), prompt_length=3, temperature=temperature)
+    sampler = KeyedSampler(sequence_keys(2, 0, range(rows), 1), prompt_length=3, temperature=temperature)
     scores = sampler(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1).clone())
+    assert (torch.isfinite(scores).sum(-1) == 1).all()  # exactly the sampled token is left for the argmax
     frequencies = torch.bincount(scores.argmax(-1), minlength=5).double() / rows
     expected = torch.softmax(logits.double() / temperature, -1)
     # Binomial standard error at 40k draws is at most 0.0025; allow 4 of them.
     assert (frequencies - expected).abs().max() < 0.01
+
+
+def test_filtered_tokens_are_never_sampled():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    rows = 5000
+    sampler = KeyedSampler(sequence_keys(3, 0, range(rows), 1), 0, temperature=1.0, top_p=0.7)
+    chosen = sampler.sample(logits.expand(rows, -1).clone(), 0)
+    counts = torch.bincount(chosen, minlength=4)
+    assert counts[2:].sum() == 0 and counts[0] > counts[1] > 0
 
 
 def test_top_p_and_min_p_filters():

@@ -1,17 +1,20 @@
 """Sharded checkpoints (torch.distributed.checkpoint) written atomically, and the final HF export.
 
-A checkpoint is written to `step_XXXXXXXX.tmp`, given a manifest of every file's size, and only
-then renamed to `step_XXXXXXXX`. A directory without a manifest that matches its files is never
-loaded: a save killed halfway leaves the previous checkpoint the latest complete one.
+A checkpoint is written to `step_XXXXXXXX.tmp`, given a manifest of every file's size and CRC-32,
+and only then renamed to `step_XXXXXXXX`. A directory without a manifest that matches its files
+is never loaded: a save killed halfway, or a file corrupted later, leaves the previous
+checkpoint the latest complete one.
 """
 
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .data import DataError
 from .parallel import barrier
 
 MANIFEST = "manifest.json"
@@ -66,28 +70,41 @@ def _restore_rng(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _crc32(path):
+    checksum = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            checksum = zlib.crc32(chunk, checksum)
+    return checksum
+
+
 def _write_manifest(directory):
     files = {}
     for root, _, names in os.walk(directory):
         for name in names:
             path = os.path.join(root, name)
-            files[os.path.relpath(path, directory)] = os.path.getsize(path)
+            files[os.path.relpath(path, directory)] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
     with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as handle:
         json.dump({"files": files}, handle)
     os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
 
 
+def _matches(path, expected):
+    if not os.path.isfile(path):
+        return False
+    if isinstance(expected, int):  # a manifest of sizes only
+        return os.path.getsize(path) == expected
+    return os.path.getsize(path) == expected["size"] and _crc32(path) == expected["crc32"]
+
+
 def is_complete(directory):
-    """True when the manifest exists and every file it lists has its recorded size."""
+    """True when the manifest exists and every file it lists has its recorded size and CRC-32."""
     try:
         with open(os.path.join(directory, MANIFEST)) as handle:
             files = json.load(handle)["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return all(
-        os.path.isfile(os.path.join(directory, name)) and os.path.getsize(os.path.join(directory, name)) == size
-        for name, size in files.items()
-    )
+    return all(_matches(os.path.join(directory, name), expected) for name, expected in files.items())
 
 
 def latest_checkpoint(run_dir, log=print):
@@ -136,8 +153,43 @@ def _prune(root, keep):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+class UnsafeCheckpoint(DataError):
+    """A checkpoint file that would run code when loaded."""
+
+
+class _MetadataOnly(pickle.Unpickler):
+    """Unpickles DCP's .metadata allowing only the plain classes it is made of: no callables."""
+
+    def find_class(self, module, name):
+        allowed = (
+            module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise UnsafeCheckpoint(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_metadata_is_data(path):
+    """DCP reads its .metadata with pickle; refuse one that names anything but metadata classes."""
+    metadata = os.path.join(path, ".metadata")
+    try:
+        with open(metadata, "rb") as handle:
+            _MetadataOnly(handle).load()
+    except UnsafeCheckpoint as error:
+        raise UnsafeCheckpoint(f"{metadata} refers to {error}, which loading would run; not loading it") from None
+
+
 def load_checkpoint(path, model, optimizer, scheduler, rank):
-    """Restores model, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
+    """Restores model, optimizer, scheduler and this rank's RNG; returns the saved trainer state.
+
+    Nothing in it is unpickled as code: tensors and trainer state load with weights_only=True,
+    and DCP's pickled .metadata is checked to hold metadata classes only before DCP reads it.
+    """
+    check_metadata_is_data(path)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path)

@@ -237,11 +237,44 @@ def validate(config):
         raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
     if not config.model.path:
         raise ConfigError("model.path: no model directory given")
+    if config.stage == "grpo":
+        _validate_grpo(config.grpo)
     if config.stage == "eval":
         _validate_eval(config.eval)
     elif not config.data.train_files:
         raise ConfigError("data.train_files: no training data given")
     return config
+
+
+BUILTIN_REWARDS = ("format", "format_no_think", "cosine_length", "length", "accuracy")
+
+
+def _validate_grpo(grpo):
+    if grpo.temperature <= 0:
+        raise ConfigError(f"grpo.temperature must be positive, got {grpo.temperature}")
+    if not 0 < grpo.top_p <= 1:
+        raise ConfigError(f"grpo.top_p must be in (0, 1], got {grpo.top_p}")
+    if not 0 <= grpo.min_p < 1:
+        raise ConfigError(f"grpo.min_p must be in [0, 1), got {grpo.min_p}")
+    if not 0 < grpo.eps_low < 1 or grpo.eps_high <= 0:
+        raise ConfigError(f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
+    if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
+        raise ConfigError("grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
+    if not grpo.reward_weights:
+        raise ConfigError("grpo.reward_weights: no rewards, so every advantage would be 0")
+    for name, weight in grpo.reward_weights.items():
+        if name not in BUILTIN_REWARDS and "." not in name:
+            raise ConfigError(
+                f"grpo.reward_weights: unknown reward {name!r}{_suggest(name, list(BUILTIN_REWARDS))}; "
+                f"built in: {', '.join(BUILTIN_REWARDS)}, or a dotted import path to your function"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"grpo.reward_weights.{name}: expected a number, got {weight!r}")
+    if grpo.rollout_engine == "vllm":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("grpo.rollout_engine=vllm needs a CUDA GPU; none is visible (use hf)")
 
 
 def _validate_eval(settings):

@@ -26,11 +26,12 @@ def warmup_cosine(total_steps, warmup_ratio, min_lr_ratio):
 
 
 class Engine:
-    def __init__(self, config):
+    def __init__(self, config, tokenizer=None):
+        """tokenizer: already loaded (stages load it first, to check their data before the model)."""
         self.config = config
         self.rank, self.world_size, self.device = init_distributed()
         torch.manual_seed(config.train.seed)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = tokenizer or load_tokenizer(config.model)
         causal_lm = load_causal_lm(config.model, self.device)
         self.module = apply_fsdp(CausalLMLoss(causal_lm), self.device, config.parallel)
         self.parameters = [p for p in self.module.parameters() if p.requires_grad]

@@ -18,7 +18,8 @@ from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_chec
 from .data import DataError, load_records, to_messages
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
-from .parallel import all_reduce_sum, is_distributed, shutdown
+from .model import load_tokenizer
+from .parallel import all_reduce_sum, init_distributed, is_distributed, shutdown
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine, sync_weights
 from .rollout.keyed_sampling import sequence_keys
@@ -120,23 +121,27 @@ def load_reference(config, device):
 
 
 def run_grpo(config):
-    engine = Engine(config)
-    rank, world_size, device = engine.rank, engine.world_size, engine.device
+    # The prompts are read and checked before the model loads: bad data fails in seconds.
+    rank, world_size, _ = init_distributed()
     log = print if rank == 0 else (lambda *_: None)
     grpo = config.grpo
-    prompts = load_prompts(config, engine.tokenizer)
+    tokenizer = load_tokenizer(config.model)
+    prompts = load_prompts(config, tokenizer)
     steps_per_epoch = len(prompts) // (grpo.prompts_per_step * world_size)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(prompts)} prompts are fewer than one step needs ({grpo.prompts_per_step} x {world_size} ranks)")
+        raise DataError(f"data.train_files: {len(prompts)} prompts are fewer than one step needs "
+                        f"(grpo.prompts_per_step {grpo.prompts_per_step} x {world_size} ranks)")
+    rewards = RewardComputer(RewardSettings(
+        weights=grpo.reward_weights, cosine_max_len=grpo.cosine_max_len, timeout_s=grpo.reward_timeout_s,
+        unparseable_gold=grpo.unparseable_gold,
+    ))
+    engine = Engine(config, tokenizer)
+    device = engine.device
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
     engine.set_schedule(total_steps)
     log(f"grpo: {len(prompts)} prompts, {steps_per_epoch} steps per epoch, {grpo.group_size} samples per prompt")
-    rewards = RewardComputer(RewardSettings(
-        weights=grpo.reward_weights, cosine_max_len=grpo.cosine_max_len, timeout_s=grpo.reward_timeout_s,
-        unparseable_gold=grpo.unparseable_gold,
-    ))
     reference = load_reference(config, device) if grpo.beta > 0 else None
     if reference is not None:
         log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")

@@ -14,6 +14,8 @@ import importlib
 import math
 import re
 
+from .config import ConfigError
+
 _BOXED = re.compile(r"\\boxed\s*\{")
 THINK_END = "</think>"
 
@@ -110,7 +112,7 @@ def load_reward(path):
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"reward {path!r} cannot be imported ({error})") from None
+        raise ConfigError(f"grpo.reward_weights: reward {path!r} cannot be imported ({error})") from None
 
 
 BUILTIN = {"format", "format_no_think", "cosine_length", "length", "accuracy"}
@@ -146,11 +148,21 @@ class RewardComputer:
 
     def correctness(self, completion, gold):
         """1.0, 0.0, or NaN for an unparseable gold answer under the no-signal policy."""
-        try:
-            return self._safe("accuracy", accuracy_reward, completion, gold, timeout_s=self.settings.timeout_s)
-        except UnparseableGold:
+        if not self.gold_is_checkable(gold):
             self.counts["unparseable_gold"] += 1
             return float("nan") if self.settings.unparseable_gold == "no_signal" else 1.0
+        return self._safe("accuracy", accuracy_reward, completion, gold, timeout_s=self.settings.timeout_s)
+
+    def gold_is_checkable(self, gold):
+        """Whether math-verify can parse the gold answer: decided once per problem, whatever the samples say."""
+        try:
+            verify_answer("0", gold, self.settings.timeout_s)
+            return True
+        except UnparseableGold:
+            return False
+        except Exception as error:  # math-verify failing on the gold answer itself: counted, unscored
+            self.counts[f"gold_check_failed_{type(error).__name__}"] += 1
+            return False
 
     def group(self, completions, gold, num_tokens):
         """(total rewards, {reward name: values}) for the completions of one prompt."""

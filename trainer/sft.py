@@ -4,10 +4,11 @@ import os
 import time
 
 from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import build_documents, collate, epoch_order, load_records, pack_documents
+from .data import DataError, build_documents, collate, epoch_order, load_records, pack_documents
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
-from .parallel import shutdown
+from .model import load_tokenizer
+from .parallel import init_distributed, shutdown
 
 
 class SFTData:
@@ -24,9 +25,9 @@ class SFTData:
         self.packs_per_step = self.micro_batch_size * self.grad_accum * world_size
         self.steps_per_epoch = len(self.packs) // self.packs_per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.packs)} packed sequences are fewer than one step needs "
-                f"({self.packs_per_step} = micro_batch_size x grad_accum x ranks)"
+            raise DataError(
+                f"data.train_files: {len(self.packs)} packed sequences are fewer than one step needs "
+                f"({self.packs_per_step} = train.micro_batch_size x train.grad_accum x ranks)"
             )
         unused = len(self.packs) - self.steps_per_epoch * self.packs_per_step
         log(
@@ -48,10 +49,12 @@ class SFTData:
 
 
 def run_sft(config):
-    engine = Engine(config)
-    rank = engine.rank
+    # The data is read and checked before the model loads: bad data fails in seconds.
+    rank, world_size, _ = init_distributed()
     log = print if rank == 0 else (lambda *_: None)
-    data = SFTData(config, engine.tokenizer, engine.world_size, log)
+    tokenizer = load_tokenizer(config.model)
+    data = SFTData(config, tokenizer, world_size, log)
+    engine = Engine(config, tokenizer)
     total_steps = data.steps_per_epoch * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)

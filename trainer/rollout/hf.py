@@ -5,7 +5,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from ..parallel import is_distributed
 from . import Completion
-from .keyed_sampling import KeyedGumbelSampler
+from .keyed_sampling import KeyedSampler
 
 
 class StopOnStrings(StoppingCriteria):
@@ -63,7 +63,7 @@ class HFRolloutEngine:
                 sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                                 min_p=settings.min_p or None, num_return_sequences=settings.n)
             else:
-                sampler = KeyedGumbelSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
+                sampler = KeyedSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
                 # Greedy decoding over the keyed noise; generate() repeats prompts only when sampling.
                 input_ids = input_ids.repeat_interleave(settings.n, dim=0)
                 attention_mask = attention_mask.repeat_interleave(settings.n, dim=0)

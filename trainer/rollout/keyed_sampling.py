@@ -1,8 +1,8 @@
 """Sampling whose randomness is keyed by (seed, prompt key, sample index, position).
 
-Each sequence draws its tokens with the Gumbel-max trick, argmax(logits / T + g), where the
-Gumbel noise g comes from a counter-based hash of the key and the vocabulary index instead of
-a stateful generator. A completion therefore depends only on its own key, never on which
+Each sequence draws each token by inverse-CDF sampling from softmax(logits / T) (after top-p
+and min-p), with the uniform taken from a counter-based hash of its key and position instead
+of a stateful generator. A completion therefore depends only on its own key, never on which
 other prompts share its batch or its rank: one process and N FSDP ranks sample the same
 completions, and a resumed run samples what the uninterrupted one did.
 """
@@ -24,11 +24,9 @@ def _mix(x):
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def keyed_uniform(row_keys, position, vocab_size):
-    """[rows, vocab] uniforms in (0, 1), a pure function of (row key, position, column)."""
-    columns = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64)
-    state = _mix(row_keys * _GOLDEN + position)
-    bits = _mix(state[:, None] * _GOLDEN + columns[None, :]) & _MASK_53
+def keyed_uniform(row_keys, position):
+    """One uniform in (0, 1) per row, a pure function of (row key, position)."""
+    bits = _mix(_mix(row_keys * _GOLDEN + position) * _GOLDEN + 1) & _MASK_53
     return (bits.to(torch.float64) + 0.5) / float(1 << 53)
 
 
@@ -62,16 +60,28 @@ def filter_logits(scores, top_p, min_p):
     return scores
 
 
-class KeyedGumbelSampler:
-    """A transformers logits processor: greedy decoding over it samples, keyed per sequence."""
+class KeyedSampler:
+    """A transformers logits processor: greedy decoding over it samples, keyed per sequence.
+
+    It leaves only the sampled token finite, so generate()'s argmax returns it.
+    """
 
     def __init__(self, row_keys, prompt_length, temperature, top_p=1.0, min_p=0.0):
         self.row_keys, self.prompt_length = row_keys, prompt_length
         self.temperature, self.top_p, self.min_p = temperature, top_p, min_p
 
+    def sample(self, scores, position):
+        """Token ids [rows] drawn from softmax(filtered scores / T) with the keyed uniforms."""
+        scaled = filter_logits(scores.double() / self.temperature, self.top_p, self.min_p)
+        cumulative = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        uniform = keyed_uniform(self.row_keys.to(scores.device), position)[:, None] * cumulative[:, -1:]
+        chosen = torch.searchsorted(cumulative, uniform).clamp_max(scores.shape[-1] - 1)
+        # A rounding step in the running sum could land on a filtered token; take the nearest kept one below.
+        kept = torch.isfinite(scaled)
+        fallback = torch.where(kept, torch.arange(scores.shape[-1], device=scores.device), -1).cummax(dim=-1).values
+        return torch.where(kept.gather(-1, chosen), chosen, fallback.gather(-1, chosen).clamp_min(0)).squeeze(-1)
+
     def __call__(self, input_ids, scores):
-        position = input_ids.shape[1] - self.prompt_length
-        scaled = filter_logits(scores.float() / self.temperature, self.top_p, self.min_p)
-        uniform = keyed_uniform(self.row_keys.to(scores.device), position, scores.shape[-1])
-        gumbel = -torch.log(-torch.log(uniform))
-        return (scaled.double() + gumbel).to(scores.dtype)
+        chosen = self.sample(scores, input_ids.shape[1] - self.prompt_length)
+        only_chosen = torch.full_like(scores, float("-inf"))
+        return only_chosen.scatter_(-1, chosen[:, None], 0.0)

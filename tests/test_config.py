@@ -1,0 +1,79 @@
+"""Bad configurations are rejected at start-up, before any model or data loads, naming the key."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRPO = ["stage=grpo", "model.path=/nonexistent/model", "data.train_files=/nonexistent/data.jsonl"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("grpo.top_p=1.5", "grpo.top_p"),
+    ("grpo.min_p=1", "grpo.min_p"),
+    ("grpo.temperature=0", "grpo.temperature"),
+    ("grpo.eps_low=0", "grpo.eps_low"),
+    ("grpo.group_size=1", "grpo.group_size"),
+    ("grpo.beta=-0.1", "grpo.beta"),
+    ("grpo.num_iterations=0", "grpo.num_iterations"),
+    ("grpo.reward_weights={}", "grpo.reward_weights"),
+    ("grpo.reward_weights={lenght: 1.0}", "did you mean 'length'"),
+    ("grpo.reward_weights={format: yes}", "grpo.reward_weights.format"),
+    ("grpo.rollout_engine=vllm", "grpo.rollout_engine"),
+    ("grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
+    ("grpo.prompts_per_step=0", "grpo.prompts_per_step"),
+    ("grpo.max_new_tokens=many", "grpo.max_new_tokens"),
+    ("grpo.unknown_key=1", "grpo.unknown_key"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
+])
+def test_impossible_grpo_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, GRPO + [override])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("eval.budgets=[0]", "eval.budgets"), ("eval.budgets=[]", "eval.budgets"), ("eval.samples=0", "eval.samples"),
+    ("eval.top_p=0", "eval.top_p"), ("eval.max_problems=0", "eval.max_problems"),
+])
+def test_impossible_eval_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, ["stage=eval", "model.path=/m", "eval.data=/d.jsonl", override])
+
+
+def test_a_stage_file_needs_a_stage(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("model: {path: /m}\nstages:\n  sft: {data: {train_files: [a.jsonl]}}\n  grpo: {}\n")
+    with pytest.raises(ConfigError, match="choose one with --stage"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="no stage 'dpo'"):
+        load_config(str(path), ["stage=dpo"])
+    assert load_config(str(path), ["stage=sft"]).data.train_files == ["a.jsonl"]
+
+
+def test_the_command_line_rejects_bad_settings_in_one_line_before_loading_anything():
+    started = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-m", "trainer.run", *GRPO, "grpo.top_p=1.5"],
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and "grpo.top_p" in completed.stderr
+    assert "nonexistent" not in completed.stderr  # the model path was never reached
+    assert time.perf_counter() - started < 60
+
+
+def test_the_paper_config_is_valid_for_each_stage():
+    path = os.path.join(REPO, "configs", "fast_math_r1_14b.yaml")
+    sft = load_config(path, ["stage=sft"])
+    assert (sft.optim.lr, sft.train.epochs, sft.data.max_seq_len, sft.data.pack) == (1e-5, 10, 24000, True)
+    grpo = load_config(path, ["stage=grpo"])
+    assert (grpo.optim.lr, grpo.grpo.beta, grpo.grpo.group_size, grpo.grpo.max_new_tokens) == (4e-6, 0.04, 8, 16384)
+    assert (grpo.grpo.top_p, grpo.grpo.min_p, grpo.grpo.cosine_max_len) == (0.9, 0.05, 30000)
+    evaluation = load_config(path, ["stage=eval"])
+    assert evaluation.eval.budgets == [8192, 12288, 16384, 24576, 32768]
