@@ -127,6 +127,7 @@ def test_grpo_steps_run_and_report(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
     import subprocess
     import sys
@@ -156,3 +157,44 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
         assert one[0][key] == pytest.approx(two[0][key], rel=1e-6), key  # the same rollouts
     assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5, abs=1e-7)
     assert abs(one[0]["loss"]) > 1e-6  # a real loss, not 0 == 0
+
+
+def test_sampling_logprobs_line_up_with_the_targets():
+    from trainer.grpo import sampling_logprobs, truncated_importance_weight
+
+    prompts = [([5, 6, 7], "1"), ([8], "2")]
+    completions = [Completion(0, [1, 2], "", "stop", logprobs=[-0.5, -1.5]),
+                   Completion(1, [3, 4, 9], "", "length", logprobs=[-0.1, -0.2, -0.3])]
+    input_ids, _, _, mask = policy_batch(prompts, completions, pad_token_id=0)
+    table = sampling_logprobs(completions, input_ids.shape, prompts)
+    targets, token_mask = input_ids[:, 1:], mask[:, 1:]
+    # Each completion token is a target exactly where its sampling log-prob sits.
+    assert targets[0, 2:4].tolist() == [1, 2] and table[0, 2:4].tolist() == [-0.5, -1.5]
+    assert targets[1, 0:3].tolist() == [3, 4, 9] and table[1, 0:3].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert (table[token_mask == 0] == 0).all()
+    trainer_logp = table + torch.tensor([[0.0, 0.0, 0.1, 2.0], [-0.2, 0.0, 0.0, 0.0]])
+    weight = truncated_importance_weight(trainer_logp, table, token_mask, cap=2.0)
+    expected = [[1.0, 1.0, math.exp(0.1), 2.0], [math.exp(-0.2), 1.0, 1.0, 1.0]]
+    assert weight.tolist() == [pytest.approx(row) for row in expected]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_and_the_importance_weight(tmp_path):
+    from trainer.grpo import run_grpo
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+    common = [f"model.path={model}", f"data.train_files={data}", "stage=grpo", "grpo.prompts_per_step=4",
+              "grpo.group_size=4", "grpo.max_new_tokens=12", "train.max_steps=1", "checkpoint.export_hf=false"]
+    # An untrained model never boxes an answer: format rewards are all 0, every group is uninformative.
+    run_grpo(load_config(None, common + [f"run_dir={tmp_path / 'dynamic'}", "grpo.reward_weights={format: 1.0}",
+                                         "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3"]))
+    (record,) = read_metrics(tmp_path / "dynamic")
+    assert record["sampling_rounds"] == 3 and record["zero_variance_groups"] == 1.0
+    assert record["loss"] == 0.0  # the batch was filled back with zero-advantage groups
+    # With the HF engine the sampler is the policy itself: the truncated weights are 1 and the loss is unchanged.
+    for name, cap in (("plain", "0"), ("tis", "2.0")):
+        run_grpo(load_config(None, common + [f"run_dir={tmp_path / name}", f"grpo.tis_cap={cap}"]))
+    plain, weighted = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "tis")[0]
+    assert abs(plain["loss"]) > 1e-6
+    assert weighted["loss"] == pytest.approx(plain["loss"], rel=1e-4)

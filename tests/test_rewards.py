@@ -108,3 +108,28 @@ def test_recipe_rewards_for_a_group():
     expected_length = kimi_length_rewards([8, 4, 3], [True, False, False])
     expected = [f + c + k for f, c, k in zip(parts["format"], parts["cosine_length"], expected_length)]
     assert totals == pytest.approx(expected)
+
+
+def slow_reward(completion, gold, num_tokens):
+    import time
+
+    time.sleep(30)
+    return 1.0
+
+
+def raising_reward(completion, gold, num_tokens):
+    raise KeyError("boom")
+
+
+def test_a_custom_reward_that_hangs_or_raises_gives_zero_and_is_counted():
+    import time
+
+    computer = RewardComputer(RewardSettings(
+        weights={"tests.test_rewards.slow_reward": 1.0, "tests.test_rewards.raising_reward": 1.0}, timeout_s=1,
+    ))
+    started = time.perf_counter()
+    totals, parts = computer.group([r"\boxed{1} </think>", r"\boxed{2} </think>"], "1", [5, 5])
+    assert time.perf_counter() - started < 5
+    assert totals == [0.0, 0.0]
+    assert computer.counts["tests.test_rewards.slow_reward_timed_out"] == 2
+    assert computer.counts["tests.test_rewards.raising_reward_failed_KeyError"] == 2

@@ -138,6 +138,7 @@ def _worker_pid(agent_pid, rank):
     return None
 
 
+@pytest.mark.distributed
 def test_a_dying_rank_stops_the_run_promptly_and_it_resumes(toy, tmp_path):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
     run(sft_arguments(toy, tmp_path / "whole"), launcher)

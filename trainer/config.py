@@ -91,6 +91,9 @@ class GRPOConfig:
     beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
     num_iterations: int = 1  # optimizer steps per rollout batch
     mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss
+    dynamic_sampling: bool = False  # replace groups whose rewards are all equal (DAPO)
+    max_sampling_rounds: int = 3  # rollout rounds per step at most, with dynamic sampling
+    tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
     reward_weights: dict = dataclasses.field(
         default_factory=lambda: {"format": 1.0, "cosine_length": 1.0, "length": 1.0}
     )
@@ -218,7 +221,7 @@ def validate(config):
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
         "train.log_every": config.train.log_every, "checkpoint.keep": config.checkpoint.keep,
         "grpo.prompts_per_step": config.grpo.prompts_per_step, "grpo.max_new_tokens": config.grpo.max_new_tokens,
-        "grpo.num_iterations": config.grpo.num_iterations,
+        "grpo.num_iterations": config.grpo.num_iterations, "grpo.max_sampling_rounds": config.grpo.max_sampling_rounds,
     }
     if config.grpo.beta < 0:
         raise ConfigError(f"grpo.beta must be >= 0, got {config.grpo.beta}")
@@ -258,6 +261,8 @@ def _validate_grpo(grpo):
         raise ConfigError(f"grpo.min_p must be in [0, 1), got {grpo.min_p}")
     if not 0 < grpo.eps_low < 1 or grpo.eps_high <= 0:
         raise ConfigError(f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
+    if grpo.tis_cap < 0:
+        raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
     if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
         raise ConfigError("grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
     if not grpo.reward_weights:

@@ -7,6 +7,7 @@ when beta > 0) on log-probs from the fused-linear kernel (linear_token_logprobs)
 each completion's end-of-sequence token.
 """
 
+import dataclasses
 import math
 import time
 
@@ -81,6 +82,76 @@ def without_truncated(mask, completions):
     """The completion mask with every completion cut by max_new_tokens left out of the loss."""
     truncated = torch.tensor([c.finish_reason == "length" for c in completions])
     return mask.masked_fill(truncated[:, None], 0.0)
+
+
+def score_groups(chosen, completions, rewards):
+    """(total rewards, {reward name: values}) for every completion, groups in prompt order."""
+    reward_values, parts = [], {}
+    for prompt_index, (_, gold) in enumerate(chosen):
+        group = [c for c in completions if c.prompt_index == prompt_index]
+        totals, group_parts = rewards.group([c.text for c in group], gold, [len(c.token_ids) for c in group])
+        reward_values.extend(totals)
+        for name, values in group_parts.items():
+            parts.setdefault(name, []).extend(values)
+    return reward_values, parts
+
+
+def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, rank):
+    """Rollouts and rewards for one step: (chosen prompts, completions, rewards, parts, rounds).
+
+    With grpo.dynamic_sampling, groups whose rewards are all equal (no learning signal) are
+    dropped and replaced by groups of further prompts, drawn for up to grpo.max_sampling_rounds
+    rounds; if too few informative groups turn up, dropped ones fill the batch back to its size
+    (their advantages are 0), so every rank trains on the same number of groups.
+    """
+    grpo = config.grpo
+    kept, spare = [], []
+    rounds = 0
+    while True:
+        chosen = [prompts[i] for i in indices]
+        # Keyed by (seed, step, round, prompt): the same completions on 1 or N ranks, and after a resume.
+        row_keys = sequence_keys(config.train.seed, step + (rounds << 32), indices, grpo.group_size)
+        completions = rollout.generate([p for p, _ in chosen], sampling, row_keys=row_keys)
+        reward_values, parts = score_groups(chosen, completions, rewards)
+        rounds += 1
+        if not grpo.dynamic_sampling:
+            return chosen, completions, reward_values, parts, rounds
+        for position, prompt in enumerate(chosen):
+            group = [c for c in completions if c.prompt_index == position]
+            lo, hi = position * grpo.group_size, (position + 1) * grpo.group_size
+            entry = (prompt, group, reward_values[lo:hi], {k: v[lo:hi] for k, v in parts.items()})
+            informative = zero_variance_groups(reward_values[lo:hi], grpo.group_size) == 0
+            (kept if informative else spare).append(entry)
+        if len(kept) >= grpo.prompts_per_step or rounds >= grpo.max_sampling_rounds:
+            break
+        generator = torch.Generator().manual_seed((config.train.seed * 7919 + step) * 131 + rank * 17 + rounds)
+        indices = torch.randint(len(prompts), (grpo.prompts_per_step,), generator=generator).tolist()
+    groups = (kept + spare)[: grpo.prompts_per_step]
+    chosen, completions, reward_values, parts = [], [], [], {}
+    for position, (prompt, group, values, group_parts) in enumerate(groups):
+        chosen.append(prompt)
+        completions.extend(dataclasses.replace(c, prompt_index=position) for c in group)
+        reward_values.extend(values)
+        for name, part in group_parts.items():
+            parts.setdefault(name, []).extend(part)
+    return chosen, completions, reward_values, parts, rounds
+
+
+def sampling_logprobs(completions, shape, chosen):
+    """[B, L - 1] the engine's log-probs of the completion tokens, aligned with the targets."""
+    table = torch.zeros(shape[0], shape[1] - 1)
+    for row, completion in enumerate(completions):
+        if completion.logprobs is None:
+            raise ValueError("grpo.tis_cap > 0 needs sampling log-probs, which this rollout engine does not return")
+        start = len(chosen[completion.prompt_index][0]) - 1
+        table[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    return table
+
+
+def truncated_importance_weight(trainer_logp, sampling_logp, mask, cap):
+    """min(exp(trainer - sampler), cap) on completion tokens, 1 elsewhere; a constant of the step."""
+    weight = torch.exp(trainer_logp.detach() - sampling_logp).clamp(max=cap)
+    return torch.where(mask > 0, weight, torch.ones_like(weight))
 
 
 def zero_variance_groups(rewards, group_size):
@@ -165,19 +236,9 @@ def run_grpo(config):
             order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.train.seed * 7919 + epoch))
             first = (index * world_size + rank) * grpo.prompts_per_step
             indices = order[first : first + grpo.prompts_per_step].tolist()
-            chosen = [prompts[i] for i in indices]
-            # Keyed by (seed, step, prompt): the same completions on 1 or N ranks, and after a resume.
-            row_keys = sequence_keys(config.train.seed, step, indices, grpo.group_size)
-            completions = rollout.generate([p for p, _ in chosen], sampling, row_keys=row_keys)
+            chosen, completions, reward_values, parts, sampling_rounds = sample_groups(
+                indices, step, prompts, rollout, sampling, rewards, config, rank)
             rollout_s = time.perf_counter() - started
-
-            reward_values, parts = [], {}
-            for prompt_index, (_, gold) in enumerate(chosen):
-                group = [c for c in completions if c.prompt_index == prompt_index]
-                totals, group_parts = rewards.group([c.text for c in group], gold, [len(c.token_ids) for c in group])
-                reward_values.extend(totals)
-                for name, values in group_parts.items():
-                    parts.setdefault(name, []).extend(values)
             reward_tensor = torch.tensor(reward_values, dtype=torch.float32)
             advantages = group_advantages(reward_tensor, grpo.group_size, scale=grpo.scale_rewards).to(device)
 
@@ -187,6 +248,8 @@ def run_grpo(config):
             batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                          attention_mask=attention_mask.to(device))
             targets, token_mask = batch["input_ids"][:, 1:], mask[:, 1:].to(device)
+
+            sampling_logp = sampling_logprobs(completions, input_ids.shape, chosen).to(device) if grpo.tis_cap > 0 else None
 
             def logprob_head(hidden, weight):
                 return linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature)
@@ -206,6 +269,10 @@ def run_grpo(config):
                     old = logp.detach() if old_logp is None else old_logp
                     per_token = grpo_token_loss(logp, old, advantages, ref_logp=ref_logp, beta=grpo.beta,
                                                 eps_low=grpo.eps_low, eps_high=grpo.eps_high)
+                    if sampling_logp is not None:
+                        # The engine sampled from its own copy; weight each token by the truncated
+                        # ratio of the trainer's probability (at rollout) to the engine's.
+                        per_token = per_token * truncated_importance_weight(old, sampling_logp, token_mask, grpo.tis_cap)
                     with torch.no_grad():
                         step_stats.add_(token_statistics(logp, old, ref_logp, entropy, advantages, token_mask, grpo))
                     return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens,
@@ -249,6 +316,7 @@ def run_grpo(config):
                 "kl": summary[11] / tokens_seen, "entropy": summary[12] / tokens_seen,
                 "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s, "synced_MB": synced_bytes / 2**20,
                 "step_s": time.perf_counter() - started, "reward_failures": sum(rewards.counts.values()),
+                "sampling_rounds": sampling_rounds,
             }
             for name, values_of_reward in parts.items():
                 finite_values = [v for v in values_of_reward if math.isfinite(v)]

@@ -13,6 +13,8 @@ import functools
 import importlib
 import math
 import re
+import signal
+import threading
 
 from .config import ConfigError
 
@@ -46,6 +48,31 @@ def format_reward_no_think(completion, gold=None, num_tokens=None):
 
 class UnparseableGold(ValueError):
     pass
+
+
+class RewardTimeout(Exception):
+    pass
+
+
+def _with_time_limit(fn, seconds, *args):
+    """fn(*args), interrupted after `seconds` when called from the main thread.
+
+    Built-in rewards are not wrapped: math-verify keeps its own SIGALRM time limits, and
+    an outer alarm would be cancelled by them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+
+    def expire(signum, frame):
+        raise RewardTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -142,9 +169,15 @@ class RewardComputer:
             self.counts[f"{name}_non_finite"] += 1
         except UnparseableGold:
             raise
+        except RewardTimeout:
+            self.counts[f"{name}_timed_out"] += 1
         except Exception as error:  # a reward that breaks gives 0 for this sample, counted
             self.counts[f"{name}_failed_{type(error).__name__}"] += 1
         return 0.0
+
+    def _custom(self, name, fn, *args):
+        """A user's reward under a wall-clock limit of timeout_s (main thread only, via SIGALRM)."""
+        return self._safe(name, _with_time_limit, fn, self.settings.timeout_s, *args)
 
     def correctness(self, completion, gold):
         """1.0, 0.0, or NaN for an unparseable gold answer under the no-signal policy."""
@@ -182,7 +215,7 @@ class RewardComputer:
         if "length" in weights:
             parts["length"] = kimi_length_rewards(num_tokens, correct)
         for name, fn in self.custom.items():
-            parts[name] = [self._safe(name, fn, c, gold, n) for c, n in zip(completions, num_tokens)]
+            parts[name] = [self._custom(name, fn, c, gold, n) for c, n in zip(completions, num_tokens)]
         totals = []
         for index, acc in enumerate(accuracy):
             if math.isnan(acc):

@@ -59,30 +59,27 @@ class HFRolloutEngine:
         was_training = causal_lm.training
         causal_lm.eval()
         try:
-            if row_keys is None:
-                sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                                min_p=settings.min_p or None, num_return_sequences=settings.n)
-            else:
-                sampler = KeyedSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
-                # Greedy decoding over the keyed noise; generate() repeats prompts only when sampling.
-                input_ids = input_ids.repeat_interleave(settings.n, dim=0)
-                attention_mask = attention_mask.repeat_interleave(settings.n, dim=0)
-                sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1,
-                                logits_processor=LogitsProcessorList([sampler]))
+            if row_keys is None:  # unkeyed: fresh keys from the process's random state
+                row_keys = torch.randint(-(2**62), 2**62, (len(prompt_ids) * settings.n,))
+            sampler = KeyedSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
+            # Greedy decoding over the keyed sampler; generate() repeats prompts only when it samples itself.
+            input_ids = input_ids.repeat_interleave(settings.n, dim=0)
+            attention_mask = attention_mask.repeat_interleave(settings.n, dim=0)
+            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1,
+                            logits_processor=LogitsProcessorList([sampler]))
             if settings.stop:
                 sampling["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, settings.stop, longest)])
             output = causal_lm.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **sampling,
-                max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=distributed,
-                return_dict_in_generate=True, output_logits=True,
+                max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=distributed, return_dict_in_generate=True,
             )
         finally:
             causal_lm.train(was_training)
             if distributed:
                 self.root.reshard()
         sequences = output.sequences[:, longest:]
-        logits = torch.stack(output.logits, dim=1).float() / settings.temperature  # [B*n, T, V]
-        sampled_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, :, None]).squeeze(-1)
+        sampled_logprobs = sampler.sampled_logprobs()  # [B*n, T], kept step by step: no [B, T, V] logits
         completions = []
         eos = tokenizer.eos_token_id
         for row, tokens in enumerate(sequences.tolist()):
