@@ -91,7 +91,8 @@ def test_export_cut_short_is_redone_on_resume(toy, tmp_path):
     run_dir = tmp_path / "run"
     run(grpo_arguments(toy, run_dir))
     export = run_dir / "hf_model"
-    expected = load_file(str(export / "model.safetensors"))
+    # Copied out of the file's memory map, which the truncation below would pull from under them.
+    expected = {name: tensor.clone() for name, tensor in load_file(str(export / "model.safetensors")).items()}
     # What a kill during the final export leaves: the final checkpoint, a half-written .tmp, no export.
     os.rename(export, str(export) + ".tmp")
     weights = export.parent / "hf_model.tmp" / "model.safetensors"
@@ -105,19 +106,23 @@ def test_export_cut_short_is_redone_on_resume(toy, tmp_path):
 
 
 def test_corrupted_checkpoint_is_reported_and_the_previous_one_used(toy, tmp_path):
+    import shutil
+
     whole, damaged = tmp_path / "whole", tmp_path / "damaged"
-    run(sft_arguments(toy, whole))
-    run(sft_arguments(toy, damaged, "train.max_steps=6", "checkpoint.keep=3"))
-    # Flip bytes in the newest checkpoint's largest file, keeping its size: only a checksum sees it.
+    run(sft_arguments(toy, whole, "checkpoint.keep=5"))
+    # As if the run had stopped after step 6, and step 6's checkpoint were then damaged on disk.
+    shutil.copytree(whole, damaged)
+    for step in (8, 10):
+        shutil.rmtree(damaged / "checkpoints" / f"step_{step:08d}")
     newest = damaged / "checkpoints" / "step_00000006"
     largest = max((p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
     data = bytearray(largest.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)  # same size: only the checksum can tell
     largest.write_bytes(bytes(data))
-    resumed = run(sft_arguments(toy, damaged, "checkpoint.resume=auto"))
+    resumed = run(sft_arguments(toy, damaged, "checkpoint.resume=auto", "checkpoint.keep=5"))
     output = resumed.stdout + resumed.stderr
-    assert "step_00000006 is incomplete or corrupted" in output and "resumed from" in output
-    assert "step_00000004" in output
+    assert "step_00000006 is incomplete or corrupted" in output
+    assert "resumed from" in output and "step_00000004" in output
     assert step_metrics(damaged, ("loss",)) == step_metrics(whole, ("loss",))
 
 
