@@ -35,8 +35,8 @@ def length_reward(completion, gold=None, num_tokens=None):
 
 
 def run_fastmath(model, data, steps, workdir):
-    from trainer.grpo import run_grpo
     from trainer.config import load_config
+    from trainer.grpo import run_grpo
     from trainer.metrics import read_metrics
 
     config = load_config(None, [

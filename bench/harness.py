@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Callable, Optional
 
-
 from .common import synchronize, write_results
 from .memory import measure_extra_bytes
 
@@ -139,9 +138,7 @@ def _peak_on_fresh_inputs(run, module, case, device):
     # Fresh inputs for every implementation: gradients left on shared inputs by the one before
     # would be freed inside this call and hide as much of its peak.
     inputs = module.make_inputs(case, device)
-    peak = measure_extra_bytes(lambda: run(inputs), device)
-    del inputs
-    return peak
+    return measure_extra_bytes(lambda: run(inputs), device)
 
 
 def run_benchmark(module, device, out_dir, repeats=None, without=(), tokens=None):

@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_fp32_accurate
 
 import fastmath_kernels as fk
-from helpers import assert_fp32_accurate
 
 CPU_BACKENDS = ["torch", "triton"]
 

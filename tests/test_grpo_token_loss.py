@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import BACKEND_DEVICES, assert_fp32_accurate
 
 from fastmath_kernels import grpo_token_loss
-from helpers import BACKEND_DEVICES, assert_fp32_accurate
 
 
 def float64_reference(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, upstream):

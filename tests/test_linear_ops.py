@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
 
 from fastmath_kernels import linear_cross_entropy, linear_token_logprobs
-from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
 
 # (token shape, H, V): N=1, 3-D hidden, V and H not multiples of any block size.
 SHAPES = [((1,), 8, 7), ((23,), 19, 1001), ((2, 3), 16, 257), ((40,), 32, 4099)]

@@ -56,9 +56,9 @@ def test_a_real_checkpoint_passes_the_metadata_check_and_a_tampered_one_stops_th
 
 
 def test_remote_code_in_a_model_directory_is_not_run_unless_asked_for(tmp_path):
-    from trainer.model import load_causal_lm, load_tokenizer
-
     import torch
+
+    from trainer.model import load_causal_lm, load_tokenizer
 
     path = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
     marker = tmp_path / "ran"

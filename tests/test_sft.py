@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.data import block_causal_mask, collate, pack_documents, tokenize_chat, to_messages
+from trainer.data import block_causal_mask, collate, pack_documents, to_messages, tokenize_chat
 from trainer.metrics import read_metrics
 from trainer.toy.model_dir import build_model_dir
 from trainer.toy.task import WORDS, write_problems

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
 
 from fastmath_kernels import token_logprobs
-from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
 
 # Odd shapes: N=1, V=1, V not a multiple of any block, 3-D inputs, a V larger than one block.
 SHAPES = [(1, 7), (4, 1), (17, 33), (3, 5, 1001), (2, 4099)]

@@ -215,7 +215,10 @@ def _main_table(results):
 
 
 def run_epoch_ablation(config_path=None, overrides=()):
-    """SFT for each epoch count in epoch_ablation and for the configured count, each evaluated."""
+    """SFT for each epoch count in epoch_ablation and for the configured count, each evaluated.
+
+    The configured count reuses the main recipe's SFT model in run_dir when there is one.
+    """
     from ..sft import run_sft
 
     toy = load_toy_config(config_path, overrides)
@@ -226,9 +229,14 @@ def run_epoch_ablation(config_path=None, overrides=()):
     rows = []
     for epochs in epoch_counts:
         stage_dir = os.path.join(run_dir, f"sft_{epochs}_epochs")
-        config = stage_config(toy, "sft", base_model, train_file, stage_dir, [f"train.epochs={epochs}"])
-        print(f"== SFT for {epochs} epoch(s)", flush=True)
-        run_sft(config)
+        main_run = os.path.join(run_dir, "sft", "hf_model")
+        if epochs == configured and os.path.isdir(main_run):
+            print(f"== SFT for {epochs} epoch(s): the main recipe's model in {main_run}", flush=True)
+            stage_dir = os.path.join(run_dir, "sft")
+        else:
+            config = stage_config(toy, "sft", base_model, train_file, stage_dir, [f"train.epochs={epochs}"])
+            print(f"== SFT for {epochs} epoch(s)", flush=True)
+            run_sft(config)
         result = evaluate_dir(os.path.join(stage_dir, "hf_model"), held_out, settings, seed)
         print(_summary_line(f"{epochs} epoch(s)", result), flush=True)
         rows.append({"epochs": epochs, "pass_at_1": result.accuracy, "maj_at_k": result.final.maj_at_k,
