@@ -133,3 +133,31 @@ def test_a_custom_reward_that_hangs_or_raises_gives_zero_and_is_counted():
     assert totals == [0.0, 0.0]
     assert computer.counts["tests.test_rewards.slow_reward_timed_out"] == 2
     assert computer.counts["tests.test_rewards.raising_reward_failed_KeyError"] == 2
+
+
+def test_rewards_at_the_recipe_constants_on_edge_cases():
+    """Hand-written formulas at max_len 30000, (0.1, 1.0) correct and (-0.1, -1.0) wrong."""
+    completions = [
+        "",                                                            # empty
+        r"\boxed{7}",                                                  # right, but no </think>
+        r"a \boxed{\frac{1}{2}} b \boxed{{7}} </think> text after",   # several boxes, nested braces
+        "x" * 15000 + r" \boxed{7} </think>",                           # right and long
+        r"the answer is 7 </think>",                                   # no box
+    ]
+    tokens = [0, 3, 12, 5000, 6]
+    computer = RewardComputer(RewardSettings())  # format + cosine_length + length, max_len 30000
+    totals, parts = computer.group(completions, "7", tokens)
+
+    def cosine(length, correct):
+        low, high = (0.1, 1.0) if correct else (-0.1, -1.0)
+        return low + 0.5 * (high - low) * (1 + math.cos(math.pi * min(1.0, length / 30000)))
+
+    correct = [False, True, True, True, False]
+    assert parts["accuracy"] == [1.0 if c else 0.0 for c in correct]
+    assert parts["format"] == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert parts["cosine_length"] == pytest.approx([cosine(len(c), ok) for c, ok in zip(completions, correct)])
+    assert parts["cosine_length"][0] == pytest.approx(-1.0)  # an empty wrong answer gets the full penalty
+    lam = [0.5 - t / 5000 for t in tokens]
+    assert parts["length"] == pytest.approx([lam[i] if correct[i] else min(0.0, lam[i]) for i in range(5)])
+    expected = [parts["format"][i] + parts["cosine_length"][i] + parts["length"][i] for i in range(5)]
+    assert totals == pytest.approx(expected)
