@@ -247,5 +247,28 @@ def run_epoch_ablation(config_path=None, overrides=()):
         json.dump(rows, handle, indent=2)
     with open(os.path.join(run_dir, "epoch_ablation.md"), "w") as handle:
         handle.write("# Extended SFT: accuracy against epochs\n\n" + "\n".join(table) + "\n")
+    _plot_epochs(rows, os.path.join(run_dir, "epoch_ablation.png"))
     print("\n" + "\n".join(table), flush=True)
     return rows
+
+
+def _plot_epochs(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([r["epochs"] for r in rows], [100 * r["pass_at_1"] for r in rows], marker="o", label="pass@1")
+    axis.plot([r["epochs"] for r in rows], [100 * r["maj_at_k"] for r in rows], marker="s", label="maj@k")
+    axis.set_xlabel("SFT epochs")
+    axis.set_ylabel("held-out accuracy (%)")
+    axis.set_title("extended SFT")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
