@@ -79,9 +79,10 @@ def load_records(files):
             raise DataError(f"{path}: unsupported data file type {extension!r} (use .jsonl, .json or .parquet)")
         try:
             dataset = datasets.load_dataset(builder, data_files=path, split="train")
+            # Rows are converted here too: Arrow can fail on odd nested keys only when a row is read.
+            records.extend((path, number, row) for number, row in enumerate(dataset, start=1))
         except Exception as error:  # datasets raises many types; the user needs the file and the reason
             raise DataError(f"{path}: could not be read ({_first_line(error)})") from None
-        records.extend((path, number, row) for number, row in enumerate(dataset, start=1))
     if not records:
         raise DataError(f"no examples in {', '.join(files)}")
     return records
