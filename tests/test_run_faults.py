@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from trainer.metrics import read_metrics
 from trainer.toy.model_dir import build_model_dir
@@ -164,3 +165,31 @@ def test_a_dying_rank_stops_the_run_promptly_and_it_resumes(toy, tmp_path):
     resumed = [r["loss"] for r in read_metrics(run_dir)]
     assert resumed == pytest.approx(whole, rel=1e-6)
     assert json.loads((run_dir / "checkpoints" / "step_00000010" / "manifest.json").read_text())["files"]
+
+
+def test_sigkill_during_the_final_export_then_resume_exports(tmp_path):
+    from safetensors.torch import load_file
+
+    # A model big enough that writing its export takes a while, so the kill lands inside it.
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=512, layers=8)
+    data = write_problems(str(tmp_path / "train.jsonl"), 64, seed=1)
+    arguments = [f"model.path={model}", f"data.train_files={data}", "data.pack=false", "train.micro_batch_size=4",
+                 "train.max_steps=1", "optim.lr=1e-4"]
+    run([f"run_dir={tmp_path / 'whole'}", *arguments])
+    expected = {k: v.clone() for k, v in load_file(str(tmp_path / "whole" / "hf_model" / "model.safetensors")).items()}
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "trainer.run", f"run_dir={killed_dir}", *arguments],
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = killed_dir / "hf_model.tmp"
+    deadline = time.time() + 300
+    while not partial.exists():
+        assert process.poll() is None, "the run ended before its export could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "hf_model").exists(), "the kill came after the export was complete"
+    run([f"run_dir={killed_dir}", *arguments, "checkpoint.resume=auto"])
+    exported = load_file(str(killed_dir / "hf_model" / "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert not partial.exists() and len(read_metrics(killed_dir)) == 1
