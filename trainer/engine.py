@@ -1,9 +1,11 @@
 """The one training core both stages drive: model, FSDP, optimizer, schedule, step."""
 
 import math
+import os
 
 import torch
 
+from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed
 
@@ -82,3 +84,33 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": values[0], "grad_norm": values[1], "tokens": int(values[2]), "lr": lr}
+
+    def resume(self, log):
+        """With checkpoint.resume=auto, restores the newest complete checkpoint; returns the step to start at."""
+        if self.config.checkpoint.resume != "auto":
+            return 0
+        path = latest_checkpoint(self.config.run_dir, log=log)
+        if not path:
+            log("no complete checkpoint to resume from; starting at step 0")
+            return 0
+        step = load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.rank)["step"]
+        log(f"resumed from {path} at step {step}")
+        return step
+
+    def _save(self, step):
+        save_checkpoint(self.config.run_dir, step, self.module, self.optimizer, self.scheduler, {"step": step},
+                        self.rank, self.config.checkpoint.keep)
+
+    def after_step(self, step, total_steps):
+        """Saves a checkpoint after `step` (1-based) when checkpoint.every_steps says so."""
+        every = self.config.checkpoint.every_steps
+        if every and step % every == 0 and step < total_steps:
+            self._save(step)
+
+    def finish(self, start_step, total_steps, log):
+        """The final checkpoint (unless the run resumed at its end) and the Hugging Face export."""
+        if start_step < total_steps:
+            self._save(total_steps)
+        if self.config.checkpoint.export_hf:
+            export = export_hf(self.module, self.tokenizer, os.path.join(self.config.run_dir, "hf_model"), self.rank)
+            log(f"exported a Hugging Face model to {export}")

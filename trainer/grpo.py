@@ -15,7 +15,6 @@ import torch
 
 from fastmath_kernels import group_advantages, grpo_token_loss, linear_token_logprobs
 
-from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError, load_records, to_messages
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
@@ -222,12 +221,7 @@ def run_grpo(config):
     sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                 min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens)
 
-    start_step = 0
-    if config.checkpoint.resume == "auto":
-        path = latest_checkpoint(config.run_dir, log=log)
-        if path:
-            start_step = load_checkpoint(path, engine.module, engine.optimizer, engine.scheduler, rank)["step"]
-            log(f"resumed from {path} at step {start_step}")
+    start_step = engine.resume(log)
     metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description="grpo")
     try:
         for step in range(start_step, total_steps):
@@ -322,15 +316,8 @@ def run_grpo(config):
                 finite_values = [v for v in values_of_reward if math.isfinite(v)]
                 values[f"reward_{name}"] = sum(finite_values) / max(len(finite_values), 1)
             metrics.log_step(step + 1, values)
-            every = config.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < total_steps:
-                save_checkpoint(config.run_dir, step + 1, engine.module, engine.optimizer, engine.scheduler,
-                                {"step": step + 1}, rank, config.checkpoint.keep)
-        if start_step < total_steps:
-            save_checkpoint(config.run_dir, total_steps, engine.module, engine.optimizer, engine.scheduler,
-                            {"step": total_steps}, rank, config.checkpoint.keep)
-        if config.checkpoint.export_hf:
-            export_hf(engine.module, engine.tokenizer, f"{config.run_dir}/hf_model", rank)
+            engine.after_step(step + 1, total_steps)
+        engine.finish(start_step, total_steps, metrics.message)
         if rewards.counts:
             metrics.message(f"reward failures and skips: {dict(rewards.counts)}")
     finally:

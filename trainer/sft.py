@@ -1,9 +1,7 @@
 """Stage 1: supervised fine-tuning on packed chat sequences, loss on completions only."""
 
-import os
 import time
 
-from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError, build_documents, collate, epoch_order, load_records, pack_documents
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
@@ -60,17 +58,8 @@ def run_sft(config):
         total_steps = min(total_steps, config.train.max_steps)
     engine.set_schedule(total_steps)
 
-    start_step = 0
-    if config.checkpoint.resume == "auto":
-        path = latest_checkpoint(config.run_dir, log=log)
-        if path:
-            start_step = load_checkpoint(path, engine.module, engine.optimizer, engine.scheduler, rank)["step"]
-            log(f"resumed from {path} at step {start_step}")
-        else:
-            log("no complete checkpoint to resume from; starting at step 0")
-
+    start_step = engine.resume(log)
     metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description="sft")
-    every = config.checkpoint.every_steps
     try:
         for step in range(start_step, total_steps):
             started = time.perf_counter()
@@ -78,15 +67,8 @@ def run_sft(config):
             values["epoch"] = step // data.steps_per_epoch
             values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - started, 1e-9)
             metrics.log_step(step + 1, values)
-            if every and (step + 1) % every == 0 and step + 1 < total_steps:
-                save_checkpoint(config.run_dir, step + 1, engine.module, engine.optimizer, engine.scheduler,
-                                {"step": step + 1}, rank, config.checkpoint.keep)
-        if start_step < total_steps:
-            save_checkpoint(config.run_dir, total_steps, engine.module, engine.optimizer, engine.scheduler,
-                            {"step": total_steps}, rank, config.checkpoint.keep)
-        if config.checkpoint.export_hf:
-            export = export_hf(engine.module, engine.tokenizer, os.path.join(config.run_dir, "hf_model"), rank)
-            metrics.message(f"exported a Hugging Face model to {export}")
+            engine.after_step(step + 1, total_steps)
+        engine.finish(start_step, total_steps, metrics.message)
     finally:
         metrics.close()
     if rank == 0:
