@@ -15,6 +15,7 @@ first, and the peak resident set above the resident set before the model loads.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,12 +111,6 @@ def measure(which, model, data, steps, workdir):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -131,13 +126,13 @@ def main(argv=None):
         model, data = prepare(workdir)
         results = {name: measure(name, model, data, args.steps, workdir) for name in ("fastmath", "trl")}
     # The first step pays one-off costs (allocator growth, lazy imports); the median of the rest is the step time.
-    step_time = {name: median(result["step_s"][1:]) for name, result in results.items()}
+    step_time = {name: statistics.median(result["step_s"][1:]) for name, result in results.items()}
     rows = []
     for name, label in (("fastmath", "fastmath trainer"), ("trl", "TRL GRPOTrainer")):
         result = results[name]
         rows.append({
             "trainer": label, "steps": args.steps, "completions_per_step": PROMPTS_PER_STEP * GROUP_SIZE,
-            "completion_tokens": median(result["tokens"]), "step_s": step_time[name],
+            "completion_tokens": statistics.median(result["tokens"]), "step_s": step_time[name],
             "peak_extra_MB": result["peak_bytes"] / 2**20,
             "step_time_vs_trl": step_time[name] / step_time["trl"],
             "memory_vs_trl": result["peak_bytes"] / max(results["trl"]["peak_bytes"], 1),

@@ -326,18 +326,22 @@ def _select_stage(values, overrides, path):
     return _merge(values, {**stages[stage], "stage": stage})
 
 
+def read_yaml(path, what):
+    """The mapping in a YAML file, or a one-line ConfigError naming the file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} not found: {path}")
+    with open(path) as handle:
+        try:
+            return yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+
+
 def load_config(path=None, overrides=(), base=None):
     """RunConfig from an optional YAML file, then `section.key=value` overrides, validated."""
     config = base if base is not None else RunConfig()
     if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as handle:
-            try:
-                values = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as error:
-                raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-        values = _select_stage(values, overrides, path)
+        values = _select_stage(read_yaml(path, "config file"), overrides, path)
         _apply(config, values)
     override_values = {}
     for override in overrides:

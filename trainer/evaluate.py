@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 
+from .metrics import pyplot, save_figure
 from .rewards import THINK_END, UnparseableGold, last_boxed, verify_answer
 from .rollout import SamplingSettings
 from .rollout.hf import HFRolloutEngine
@@ -167,26 +168,14 @@ def format_table(results):
 
 def plot_accuracy_vs_budget(results, path, title="accuracy against token budget"):
     """PNG of pass@1 against budget, one line per model; returns path, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, result in results.items():
         axis.plot([r.budget for r in result.rows], [100 * r.pass_at_1 for r in result.rows], marker="o", label=name)
-    axis.set_xlabel("token budget")
-    axis.set_ylabel("pass@1 (%)")
-    axis.set_title(title)
-    axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
+    return save_figure(figure, axis, path, "token budget", "pass@1 (%)", title)
 
 
 def run_eval(config):

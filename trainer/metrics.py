@@ -75,11 +75,8 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_loss(run_dir, key="loss", filename="loss.png", title="training loss"):
-    """PNG of key against step from metrics.jsonl; returns its path, or None without matplotlib."""
-    records = [r for r in read_metrics(run_dir) if key in r]
-    if not records:
-        return None
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -87,14 +84,27 @@ def plot_loss(run_dir, key="loss", filename="loss.png", title="training loss"):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot([r["step"] for r in records], [r[key] for r in records], linewidth=1.5)
-    axis.set_xlabel("step")
-    axis.set_ylabel(key)
+    return plt
+
+
+def save_figure(figure, axis, path, xlabel, ylabel, title):
+    """Labels and grid on axis, then figure written to path as PNG and closed; returns path."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
-    path = os.path.join(run_dir, filename)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    pyplot().close(figure)
     return path
+
+
+def plot_loss(run_dir, key="loss", filename="loss.png", title="training loss"):
+    """PNG of key against step from metrics.jsonl; returns its path, or None without matplotlib."""
+    records = [r for r in read_metrics(run_dir) if key in r]
+    plt = pyplot()
+    if not records or plt is None:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([r["step"] for r in records], [r[key] for r in records], linewidth=1.5)
+    return save_figure(figure, axis, os.path.join(run_dir, filename), "step", key, title)

@@ -15,7 +15,8 @@ import time
 
 import yaml
 
-from ..config import ConfigError, EvalConfig, _apply, _validate_eval, load_config
+from ..config import ConfigError, EvalConfig, _apply, _validate_eval, load_config, read_yaml
+from ..metrics import pyplot, save_figure
 from .model_dir import build_model_dir
 from .task import WORDS, write_problems
 
@@ -39,13 +40,7 @@ def is_toy_config(path):
 def load_toy_config(path=None, overrides=()):
     """The toy recipe's settings from YAML plus `key=value` overrides, checked before any work."""
     path = path or DEFAULT_CONFIG
-    if not os.path.exists(path):
-        raise ConfigError(f"toy recipe config not found: {path}")
-    with open(path) as handle:
-        try:
-            toy = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    toy = read_yaml(path, "toy recipe config")
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
@@ -253,22 +248,11 @@ def run_epoch_ablation(config_path=None, overrides=()):
 
 
 def _plot_epochs(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot([r["epochs"] for r in rows], [100 * r["pass_at_1"] for r in rows], marker="o", label="pass@1")
     axis.plot([r["epochs"] for r in rows], [100 * r["maj_at_k"] for r in rows], marker="s", label="maj@k")
-    axis.set_xlabel("SFT epochs")
-    axis.set_ylabel("held-out accuracy (%)")
-    axis.set_title("extended SFT")
-    axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, axis, path, "SFT epochs", "held-out accuracy (%)", "extended SFT")
