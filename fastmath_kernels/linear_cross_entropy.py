@@ -2,8 +2,10 @@
 
 With reduction "mean" or "sum" the upstream gradient is a scalar, so the forward pass also
 computes the gradients chunk by chunk (one logits computation per chunk in all) and the
-backward pass only scales them. Peak extra memory: one chunk of fp32 logits plus the
-gradients themselves (the weight's accumulated in fp32).
+backward pass only scales them. Peak extra memory: one chunk of fp32 logits (and, on GPU,
+its gradient in the weight's dtype) plus the gradients themselves, the weight's accumulated in
+an fp32 [V, H] buffer. That buffer is 2x a bf16 weight gradient; accumulating in bf16 instead
+would round once per chunk (bench/weight_grad_accumulation.py measures what that costs).
 """
 
 import torch
@@ -16,6 +18,7 @@ from .linear_token_logprobs import (
     chunk_bounds,
     default_chunk_size,
     finish_weight_grad,
+    grad_logits_target,
     linear_token_logprobs,
     weight_grad_buffer,
 )
@@ -68,6 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         projection = ChunkedLinear(rows, weight)
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
         buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
+        wants_grad_buffer = backend != "torch" and (need_hidden or need_weight)
+        grad_buffer = projection.grad_logits_buffer(chunk_size) if wants_grad_buffer else None
         for start, end in chunk_bounds(rows.shape[0], chunk_size):
             logits = projection.logits(start, end, buffer)
             if backend == "torch":
@@ -80,11 +85,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend, workspace)
             loss_sum += torch.dot(logp, row_grad[start:end])  # already divided by divisor
             if need_hidden or need_weight:
+                grad_logits = grad_logits_target(grad_buffer, logits)
                 logprob_rows_backward(
-                    logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0,
+                    grad_logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0,
                     backend, workspace,
                 )
-                projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
+                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
+        # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
+        buffer = grad_buffer = logits = grad_logits = None
         if need_weight:
             grad_weight = finish_weight_grad(grad_weight, weight)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -74,6 +74,17 @@ class ChunkedLinear:
         rows = min(chunk_size, self.hidden.shape[0])
         return torch.empty(rows, self.weight.shape[0], dtype=torch.float32, device=self.hidden.device)
 
+    def grad_logits_buffer(self, chunk_size):
+        """Where the row kernels write a chunk's logits gradient, or None for in place.
+
+        With mixed-precision matmuls the gradient goes straight into the weight's dtype, the
+        operand the tensor cores take: no fp32 write followed by a separate rounding pass.
+        """
+        if not self.mixed_precision_gpu:
+            return None
+        rows = min(chunk_size, self.hidden.shape[0])
+        return torch.empty(rows, self.weight.shape[0], dtype=self.weight.dtype, device=self.hidden.device)
+
     def logits(self, start, end, buffer):
         """float32 logits of tokens [start, end), written into the front of buffer."""
         chunk, out = self.hidden[start:end], buffer[: end - start]
@@ -85,7 +96,7 @@ class ChunkedLinear:
         """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden."""
         chunk = self.hidden[start:end]
         if self.mixed_precision_gpu:
-            operand = grad_logits.to(self.weight.dtype)  # fp32 gradient, rounded once for tensor cores
+            operand = grad_logits.to(self.weight.dtype)  # a no-op when written in that dtype already
             if grad_hidden is not None:
                 torch.mm(operand, self.weight, out=grad_hidden[start:end])
             if grad_weight_fp32 is not None:
@@ -100,6 +111,11 @@ class ChunkedLinear:
                 grad_hidden[start:end] = grad_logits @ self.weight_fp32
         if grad_weight_fp32 is not None:
             grad_weight_fp32.addmm_(grad_logits.T, chunk.float())
+
+
+def grad_logits_target(grad_buffer, logits):
+    """The first rows of grad_buffer matching this chunk of logits, or the logits themselves."""
+    return logits if grad_buffer is None else grad_buffer[: logits.shape[0]]
 
 
 def chunk_bounds(num_tokens, chunk_size):
@@ -172,14 +188,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_weight = weight_grad_buffer(weight) if need_weight else None
         projection = ChunkedLinear(rows, weight)
         buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
+        grad_buffer = projection.grad_logits_buffer(ctx.chunk_size)
         for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
             logits = projection.logits(start, end, buffer)
+            grad_logits = grad_logits_target(grad_buffer, logits)
             logprob_rows_backward(
-                logits, logits, targets[start:end], lse[start:end],
+                grad_logits, logits, targets[start:end], lse[start:end],
                 None if entropy is None else entropy[start:end], grad_logp[start:end],
                 None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend, workspace,
             )
-            projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
+            projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
+        # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
+        buffer = grad_buffer = logits = grad_logits = None
         if need_hidden:
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
         if need_weight:
