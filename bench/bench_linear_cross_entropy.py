@@ -65,6 +65,7 @@ def implementations(device):
             lambda: _loss_run(torch.compile(peers.naive_cross_entropy, dynamic=True)),
         ),
         ready("fastmath", _loss_run(fk.linear_cross_entropy)),
+        ready("fastmath low_memory", _loss_run(lambda h, w, t: fk.linear_cross_entropy(h, w, t, low_memory=True))),
     ]
     if device == "cuda":
         impls.append(ready(

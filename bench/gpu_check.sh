@@ -58,4 +58,5 @@ step pytest_gpu 150 python -m pytest -m gpu -q -rf --tb=short -p no:cacheprovide
 for op in ${GPU_CHECK_OPS:-group_advantages token_logprobs linear_cross_entropy linear_token_logprobs grpo_loss}; do
   step "bench_$op" "${GPU_CHECK_BENCH_TIMEOUT_S:-120}" python -m bench --device cuda --only "$op" --out "$OUT/bench" ${GPU_CHECK_BENCH_ARGS:-}
 done
+step weight_grad_accumulation 60 python -m bench.weight_grad_accumulation --device cuda --out "$OUT/bench"
 echo "logs and tables in $OUT"

@@ -20,40 +20,95 @@ from .linear_token_logprobs import (
     finish_weight_grad,
     grad_logits_target,
     linear_token_logprobs,
+    vocab_slice_size,
     weight_grad_buffer,
 )
+from .linear_vocab_chunks import targets_in_slice, vocab_slices
 from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 REDUCTIONS = ("mean", "sum", "none")
+# low_memory keeps each pass's fp32 logits (plus, on GPU, their gradient in the weight's dtype)
+# near this fraction of the gradients returned.
+_LOW_MEMORY_BUFFER_FRACTION = 0.15
 # Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
 _CACHE_RESIDENT_ELEMENTS = 1 << 19
 
 
+def low_memory_chunk_size(num_tokens, weight):
+    """Tokens per chunk whose buffers come to about _LOW_MEMORY_BUFFER_FRACTION of the gradients."""
+    vocab_size, hidden_size = weight.shape
+    gradient_bytes = (num_tokens + vocab_size) * hidden_size * weight.element_size()
+    low_precision_gpu = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+    bytes_per_logit = 4 + (weight.element_size() if low_precision_gpu else 0)
+    rows = int(_LOW_MEMORY_BUFFER_FRACTION * gradient_bytes / bytes_per_logit) // vocab_size
+    # Below 64 rows the matmuls fall off a cliff (tensor-core tiles, CPU kernels alike).
+    return max(1, min(num_tokens, max(rows, 64)))
+
+
 def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
-    """Torch path, in place on fp32 scratch logits [n, V]: returns logp [n].
+    """Torch path, in place on fp32 scratch logits [n, V]: returns (logp [n], lse [n]).
 
     With want_grad the logits are left holding d(loss)/d(logits) = row_grad * (onehot - p),
     computed from the same exponentials as the forward (no second pass over lse).
     """
     num_rows, vocab_size = logits.shape
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
     step = max(2, _CACHE_RESIDENT_ELEMENTS // vocab_size)
     for start in range(0, num_rows, step):
         end = min(start + step, num_rows)
         z, rows_targets = logits[start:end], targets[start:end, None]
-        z.sub_(z.amax(dim=1, keepdim=True))
+        row_max = z.amax(dim=1, keepdim=True)
+        z.sub_(row_max)
         target_shifted = z.gather(1, rows_targets)
         sum_exp = z.exp_().sum(dim=1, keepdim=True)
-        logp[start:end] = (target_shifted - sum_exp.log()).squeeze(1)
+        log_sum = sum_exp.log()
+        logp[start:end] = (target_shifted - log_sum).squeeze(1)
+        lse[start:end] = (row_max + log_sum).squeeze(1)
         if want_grad:
             rows_grad = row_grad[start:end, None]
             z.mul_(-rows_grad / sum_exp).scatter_add_(1, rows_targets, rows_grad)
-    return logp
+    return logp, lse
+
+
+def cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad, backend):
+    """Writes row_grad * (onehot - p) for the vocabulary slice whose first column is `start`.
+
+    logits [N, w] are that slice's fp32 logits; lse [N] is over the whole vocabulary.
+    """
+    if backend != "torch":
+        # The row kernels match a target only inside [0, w): shifted targets elsewhere add nothing.
+        logprob_rows_backward(grad_logits, logits, targets - start, lse, None, row_grad, None, 1.0, backend)
+        return
+    column, inside = targets_in_slice(targets, start, start + logits.shape[1])
+    logits.sub_(lse[:, None]).exp_().mul_(-row_grad[:, None])
+    logits.scatter_add_(1, column, torch.where(inside, row_grad, 0.0)[:, None])
+    if grad_logits.data_ptr() != logits.data_ptr():
+        grad_logits.copy_(logits)
+
+
+def weight_grad_by_vocab_slices(projection, targets, lse, row_grad, slice_size, backend):
+    """d(loss)/d(weight), one vocabulary slice at a time over every token.
+
+    Each slice's product reduces over all tokens in fp32 inside one matmul and is written once,
+    so there is no fp32 [V, H] buffer; the price is a second logits matmul (8NHV flops, not 6).
+    """
+    weight = projection.weight
+    grad_weight = torch.empty_like(weight)
+    num_tokens, slice_size = projection.hidden.shape[0], min(slice_size, weight.shape[0])
+    logits_buffer = torch.empty(num_tokens * slice_size, dtype=torch.float32, device=weight.device)
+    grad_buffer = projection.grad_logits_buffer(num_tokens * slice_size)
+    for start, end in vocab_slices(weight.shape[0], slice_size):
+        logits = projection.vocab_slice_logits(start, end, logits_buffer)
+        grad_logits = grad_logits_target(grad_buffer, logits)
+        cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad, backend)
+        projection.write_weight_grad_slice(grad_logits, start, end, grad_weight)
+    return grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads, low_memory):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         valid = flat_targets != ignore_index
@@ -67,33 +122,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden = compute_grads and ctx.needs_input_grad[0]
         need_weight = compute_grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(rows) if need_hidden else None
-        grad_weight = weight_grad_buffer(weight) if need_weight else None
+        # low_memory: the weight gradient comes from a second pass over vocabulary slices.
+        weight_by_slices = need_weight and low_memory
+        grad_weight = weight_grad_buffer(weight) if need_weight and not low_memory else None
+        chunk_grads = need_hidden or (need_weight and not low_memory)
+        lse = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device) if weight_by_slices else None
         projection = ChunkedLinear(rows, weight)
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
         buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
-        wants_grad_buffer = backend != "torch" and (need_hidden or need_weight)
-        grad_buffer = projection.grad_logits_buffer(chunk_size) if wants_grad_buffer else None
+        grad_buffer = None
+        if backend != "torch" and chunk_grads:
+            grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(chunk_size))
         for start, end in chunk_bounds(rows.shape[0], chunk_size):
             logits = projection.logits(start, end, buffer)
             if backend == "torch":
-                want_grad = need_hidden or need_weight
-                logp = cross_entropy_rows_torch(logits, safe_targets[start:end], row_grad[start:end], want_grad)
-                loss_sum += torch.dot(logp, row_grad[start:end])
-                if want_grad:
-                    projection.accumulate_grads(logits, start, end, grad_hidden, grad_weight)
-                continue
-            logp, _, lse = logprob_rows_forward(logits, safe_targets[start:end], 1.0, False, backend, workspace)
-            loss_sum += torch.dot(logp, row_grad[start:end])  # already divided by divisor
-            if need_hidden or need_weight:
-                grad_logits = grad_logits_target(grad_buffer, logits)
-                logprob_rows_backward(
-                    grad_logits, logits, safe_targets[start:end], lse, None, row_grad[start:end], None, 1.0,
-                    backend, workspace,
+                logp, chunk_lse = cross_entropy_rows_torch(
+                    logits, safe_targets[start:end], row_grad[start:end], chunk_grads
                 )
+                grad_logits = logits
+            else:
+                logp, _, chunk_lse = logprob_rows_forward(
+                    logits, safe_targets[start:end], 1.0, False, backend, workspace
+                )
+                if chunk_grads:
+                    grad_logits = grad_logits_target(grad_buffer, logits)
+                    logprob_rows_backward(
+                        grad_logits, logits, safe_targets[start:end], chunk_lse, None, row_grad[start:end], None,
+                        1.0, backend, workspace,
+                    )
+            loss_sum += torch.dot(logp, row_grad[start:end])  # already divided by divisor
+            if lse is not None:
+                lse[start:end] = chunk_lse
+            if chunk_grads:
                 projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
         # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
         buffer = grad_buffer = logits = grad_logits = None
-        if need_weight:
+        if weight_by_slices:
+            slice_size = vocab_slice_size(chunk_size, rows.shape[0], weight.shape[0])
+            grad_weight = weight_grad_by_vocab_slices(projection, safe_targets, lse, row_grad, slice_size, backend)
+        elif need_weight:
             grad_weight = finish_weight_grad(grad_weight, weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_shape, ctx.backward_done = hidden.shape, False
@@ -112,17 +179,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_loss.float()).view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss.float())
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=None, backend=None
+    hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=None, backend=None,
+    low_memory=False,
 ):
     """Cross-entropy of `hidden @ weight.T` against targets, without the full logits.
 
     hidden: [..., H]; weight: [V, H] of the same dtype; targets: [...] int64 in [0, V) or
     ignore_index. reduction "mean" averages over counted tokens (a batch with none gives 0 and
     zero gradients), "sum" adds them, "none" returns float32 [...] with 0 at ignored tokens.
+
+    low_memory (reductions "mean" and "sum"): no fp32 [V, H] weight-gradient buffer. The weight
+    gradient is computed one vocabulary slice at a time over every token, and the default
+    chunks shrink so that the work buffers stay near 15% of the gradients returned. It costs a
+    second logits matmul: 8*N*H*V flops instead of 6.
     """
     check_linear_arguments(hidden, weight, chunk_size)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index=ignore_index)
@@ -132,8 +205,16 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(low_memory, bool):
+        raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
+    if low_memory and reduction == "none":
+        raise ValueError("low_memory=True needs reduction 'mean' or 'sum' (reduction 'none' returns per-token losses)")
     backend = resolve_backend(backend, hidden)
-    chunk_size = chunk_size or default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
+    if chunk_size is None:
+        if low_memory:
+            chunk_size = low_memory_chunk_size(targets.numel(), weight)
+        else:
+            chunk_size = default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
     if reduction == "none":
         valid = targets != ignore_index
         logp = linear_token_logprobs(
@@ -142,5 +223,5 @@ def linear_cross_entropy(
         return torch.where(valid, -logp, 0.0)
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
-        hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads
+        hidden, weight, targets, ignore_index, reduction, chunk_size, backend, compute_grads, low_memory
     )

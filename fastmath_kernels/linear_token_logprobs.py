@@ -68,22 +68,31 @@ class ChunkedLinear:
         # Without a mixed-precision matmul, low-precision inputs work on one fp32 weight copy.
         exact = weight.dtype == torch.float32 or self.mixed_precision_gpu
         self.weight_fp32 = weight if exact else weight.float()
+        self._hidden_fp32 = None
+
+    @property
+    def hidden_fp32(self):
+        if self._hidden_fp32 is None:
+            self._hidden_fp32 = self.hidden.float()
+        return self._hidden_fp32
 
     def logits_buffer(self, chunk_size):
         """One fp32 chunk of logits, reused by every chunk (fresh large allocations fault pages)."""
         rows = min(chunk_size, self.hidden.shape[0])
         return torch.empty(rows, self.weight.shape[0], dtype=torch.float32, device=self.hidden.device)
 
-    def grad_logits_buffer(self, chunk_size):
-        """Where the row kernels write a chunk's logits gradient, or None for in place.
+    def grad_logits_buffer(self, num_elements):
+        """Flat room where the row kernels write logits gradients, or None for in place.
 
         With mixed-precision matmuls the gradient goes straight into the weight's dtype, the
         operand the tensor cores take: no fp32 write followed by a separate rounding pass.
         """
         if not self.mixed_precision_gpu:
             return None
-        rows = min(chunk_size, self.hidden.shape[0])
-        return torch.empty(rows, self.weight.shape[0], dtype=self.weight.dtype, device=self.hidden.device)
+        return torch.empty(num_elements, dtype=self.weight.dtype, device=self.hidden.device)
+
+    def chunk_elements(self, chunk_size):
+        return min(chunk_size, self.hidden.shape[0]) * self.weight.shape[0]
 
     def logits(self, start, end, buffer):
         """float32 logits of tokens [start, end), written into the front of buffer."""
@@ -92,13 +101,39 @@ class ChunkedLinear:
             return torch.ops.aten.mm.dtype_out(chunk, self.weight.T, torch.float32, out=out)
         return torch.mm(chunk.float(), self.weight_fp32.T, out=out)
 
+    @staticmethod
+    def _fp32_product(a, b):
+        """a @ b of low-precision operands with an fp32 result, to be rounded once by the caller.
+
+        A matmul with a bf16/fp16 output may add split-K partial sums in that precision, and the
+        long reductions here (over the vocabulary, or over every token) are where it would split.
+        """
+        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        return torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+
+    def vocab_slice_logits(self, start, end, flat_buffer):
+        """float32 logits of every token against vocabulary rows [start, end), in flat_buffer."""
+        out = flat_buffer[: self.hidden.shape[0] * (end - start)].view(-1, end - start)
+        if self.mixed_precision_gpu:
+            return torch.ops.aten.mm.dtype_out(self.hidden, self.weight[start:end].T, torch.float32, out=out)
+        return torch.mm(self.hidden_fp32, self.weight_fp32[start:end].T, out=out)
+
+    def write_weight_grad_slice(self, grad_logits, start, end, grad_weight):
+        """grad_weight[start:end] = grad_logits.T @ hidden: one fp32 reduction over all tokens, one rounding."""
+        if self.mixed_precision_gpu:
+            grad_weight[start:end].copy_(self._fp32_product(grad_logits.T, self.hidden))
+        elif grad_weight.dtype == torch.float32:
+            torch.mm(grad_logits.T, self.hidden_fp32, out=grad_weight[start:end])
+        else:
+            grad_weight[start:end] = grad_logits.T @ self.hidden_fp32
+
     def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32):
         """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden."""
         chunk = self.hidden[start:end]
         if self.mixed_precision_gpu:
             operand = grad_logits.to(self.weight.dtype)  # a no-op when written in that dtype already
             if grad_hidden is not None:
-                torch.mm(operand, self.weight, out=grad_hidden[start:end])
+                grad_hidden[start:end].copy_(self._fp32_product(operand, self.weight))
             if grad_weight_fp32 is not None:
                 torch.ops.aten.addmm.dtype_out(
                     grad_weight_fp32, operand.T, chunk, torch.float32, out=grad_weight_fp32
@@ -114,8 +149,8 @@ class ChunkedLinear:
 
 
 def grad_logits_target(grad_buffer, logits):
-    """The first rows of grad_buffer matching this chunk of logits, or the logits themselves."""
-    return logits if grad_buffer is None else grad_buffer[: logits.shape[0]]
+    """The front of grad_buffer shaped like these logits, or the logits themselves."""
+    return logits if grad_buffer is None else grad_buffer[: logits.numel()].view(logits.shape)
 
 
 def chunk_bounds(num_tokens, chunk_size):
@@ -188,7 +223,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_weight = weight_grad_buffer(weight) if need_weight else None
         projection = ChunkedLinear(rows, weight)
         buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
-        grad_buffer = projection.grad_logits_buffer(ctx.chunk_size)
+        grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(ctx.chunk_size))
         for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
             logits = projection.logits(start, end, buffer)
             grad_logits = grad_logits_target(grad_buffer, logits)

@@ -39,7 +39,7 @@ class VocabSlices:
         return torch.mm(self.hidden, self.weight_slice(start, end).T, out=out)
 
 
-def _targets_in_slice(targets, start, end):
+def targets_in_slice(targets, start, end):
     """Column of each token's target inside [start, end) (clamped) and whether it is there."""
     inside = (targets >= start) & (targets < end)
     return (targets - start).clamp(0, end - start - 1)[:, None], inside
@@ -57,7 +57,7 @@ def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, sl
         z = slices.logits(start, end)
         if temperature != 1.0:
             z.div_(temperature)
-        column, inside = _targets_in_slice(targets, start, end)
+        column, inside = targets_in_slice(targets, start, end)
         target_logit = torch.where(inside, z.gather(1, column).squeeze(1), target_logit)
         new_max = torch.maximum(running_max, z.amax(dim=1))
         safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
@@ -99,7 +99,7 @@ def vocab_chunked_backward(
             grad_logits = weight_term.mul_(probs).mul_(-1.0 / temperature)
         else:
             grad_logits = log_probs.exp_().mul_(-target_grad[:, None])
-        column, inside = _targets_in_slice(targets, start, end)
+        column, inside = targets_in_slice(targets, start, end)
         grad_logits.scatter_add_(1, column, torch.where(inside, target_grad, 0.0)[:, None])
         if need_weight:
             if grad_weight.dtype == torch.float32:

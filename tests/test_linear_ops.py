@@ -31,9 +31,11 @@ def float64_cross_entropy(hidden, weight, targets, reduction, upstream):
     return loss, hidden.grad, weight.grad
 
 
-def run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chunk_size=None):
+def run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chunk_size=None, low_memory=False):
     hidden, weight = leaf(hidden), leaf(weight)
-    loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size, backend=backend)
+    loss = linear_cross_entropy(
+        hidden, weight, targets, reduction=reduction, chunk_size=chunk_size, backend=backend, low_memory=low_memory
+    )
     (loss * upstream).sum().backward()
     return loss, hidden.grad, weight.grad
 
@@ -57,13 +59,84 @@ def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, ch
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_batch_gives_zero_loss_and_zero_grads(backend_device, reduction):
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_low_memory_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, chunk_size):
+    backend, device = backend_device
+    token_shape, hidden_size, vocab_size = shape
+    hidden, weight, targets = random_problem(
+        token_shape, hidden_size, vocab_size, torch.float32, device, 6, ignore_every=3
+    )
+    upstream = torch.randn((), device=device)
+    loss, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, reduction, upstream, backend, chunk_size, low_memory=True
+    )
+    ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, reduction, upstream)
+    assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
+    assert_fp32_accurate(loss, ref_loss, "loss")
+    assert_fp32_accurate(grad_hidden, ref_hidden, "grad_hidden")
+    assert_fp32_accurate(grad_weight, ref_weight, "grad_weight")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_memory_low_precision_within_twice_plain_torch(backend_device, dtype):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((70,), 24, 515, dtype, device, 8, ignore_every=6)
+    upstream = torch.tensor(1.0, device=device)
+    _, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, "mean", upstream, backend, chunk_size=8, low_memory=True
+    )
+    _, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", upstream)
+    plain_hidden, plain_weight = leaf(hidden), leaf(weight)
+    F.cross_entropy(plain_hidden @ plain_weight.T, targets).backward()
+    assert_within_twice_plain_torch(grad_hidden, plain_hidden.grad, ref_hidden, "grad_hidden")
+    assert_within_twice_plain_torch(grad_weight, plain_weight.grad, ref_weight, "grad_weight")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("wants", ["hidden", "weight"])
+def test_low_memory_with_one_input_frozen(backend_device, wants):
+    backend, device = backend_device
+    hidden, weight, targets = random_problem((30,), 12, 203, torch.float32, device, 9, ignore_every=5)
+    hidden_leaf = hidden.clone().requires_grad_(wants == "hidden")
+    weight_leaf = weight.clone().requires_grad_(wants == "weight")
+    linear_cross_entropy(hidden_leaf, weight_leaf, targets, backend=backend, low_memory=True, chunk_size=7).backward()
+    _, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", torch.tensor(1.0))
+    if wants == "hidden":
+        assert weight_leaf.grad is None
+        assert_fp32_accurate(hidden_leaf.grad, ref_hidden, "grad_hidden")
+    else:
+        assert hidden_leaf.grad is None
+        assert_fp32_accurate(weight_leaf.grad, ref_weight, "grad_weight")
+
+
+def test_low_memory_default_chunks_hold_a_fraction_of_the_gradients():
+    from fastmath_kernels.linear_cross_entropy import low_memory_chunk_size
+
+    # Recipe shape on a GPU: gradients 1.38 GB; fp32 logits plus their bf16 gradient, 6 bytes each.
+    weight = torch.empty(151936, 4096, dtype=torch.bfloat16, device="meta")
+    chunk = low_memory_chunk_size(16384, weight)
+    gradient_bytes = (16384 + 151936) * 4096 * 2
+    cpu_buffer_bytes = chunk * 151936 * 4  # on a meta (not CUDA) tensor only the fp32 logits count
+    assert 0.10 * gradient_bytes < cpu_buffer_bytes <= 0.15 * gradient_bytes
+    assert low_memory_chunk_size(10, weight) == 10  # never more tokens than there are
+    assert low_memory_chunk_size(100_000, torch.empty(10**6, 8, device="meta")) == 64  # matmul-size floor
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize(
+    "reduction,low_memory", [("mean", False), ("sum", False), ("none", False), ("mean", True), ("sum", True)]
+)
+def test_all_ignored_batch_gives_zero_loss_and_zero_grads(backend_device, reduction, low_memory):
     backend, device = backend_device
     hidden, weight, targets = random_problem((6,), 8, 33, torch.float32, device, 1)
     targets.fill_(-100)
     upstream = torch.ones((6,) if reduction == "none" else (), device=device)
-    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, reduction, upstream, backend)
+    loss, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, reduction, upstream, backend, low_memory=low_memory
+    )
     assert loss.abs().max() == 0 and torch.isfinite(loss).all()
     assert grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
 
@@ -180,6 +253,8 @@ def test_no_grad_forward_and_frozen_weight():
         (dict(reduction="avg"), "reduction"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(backend="xla"), "backend"),
+        (dict(low_memory="yes"), "low_memory"),
+        (dict(low_memory=True, reduction="none"), "low_memory"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
@@ -187,6 +262,6 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
     arguments = dict(hidden=hidden, weight=weight, targets=targets) | kwargs
     with pytest.raises(ValueError, match=argument):
         linear_cross_entropy(**arguments)
-    if "reduction" not in kwargs:
+    if "reduction" not in kwargs and "low_memory" not in kwargs:
         with pytest.raises(ValueError, match=argument):
             linear_token_logprobs(**arguments)

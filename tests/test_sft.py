@@ -234,6 +234,21 @@ def test_activation_checkpointing_gives_the_same_losses(toy, tmp_path):
     assert [r["loss"] for r in read_metrics(checkpointed.run_dir)] == pytest.approx(expected, rel=1e-6)
 
 
+def test_low_memory_loss_gives_the_same_losses(toy, tmp_path):
+    from trainer.sft import run_sft
+
+    plain = sft_config(toy, str(tmp_path / "plain"), "train.max_steps=3")
+    low_memory = sft_config(toy, str(tmp_path / "low"), "train.max_steps=3", "train.low_memory_loss=true")
+    run_sft(plain)
+    run_sft(low_memory)
+    expected = [(r["loss"], r["grad_norm"]) for r in read_metrics(plain.run_dir)]
+    measured = [(r["loss"], r["grad_norm"]) for r in read_metrics(low_memory.run_dir)]
+    assert len(measured) == 3 and measured[0][0] > 0
+    for (loss, grad_norm), (expected_loss, expected_norm) in zip(measured, expected):
+        assert loss == pytest.approx(expected_loss, rel=1e-5)
+        assert grad_norm == pytest.approx(expected_norm, rel=1e-4)
+
+
 def test_parquet_chat_messages_and_overlong_counts(toy, tmp_path):
     import datasets
     from transformers import AutoTokenizer

@@ -35,7 +35,8 @@ class Engine:
         torch.manual_seed(config.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         causal_lm = load_causal_lm(config.model, self.device)
-        self.module = apply_fsdp(CausalLMLoss(causal_lm), self.device, config.parallel)
+        loss_module = CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss)
+        self.module = apply_fsdp(loss_module, self.device, config.parallel)
         self.parameters = [p for p in self.module.parameters() if p.requires_grad]
         optim = config.optim
         self.optimizer = torch.optim.AdamW(

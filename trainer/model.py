@@ -57,9 +57,10 @@ class CausalLMLoss(nn.Module):
     are never computed.
     """
 
-    def __init__(self, causal_lm):
+    def __init__(self, causal_lm, low_memory_loss=False):
         super().__init__()
         self.causal_lm = causal_lm
+        self.low_memory_loss = low_memory_loss
 
     def forward(self, input_ids, position_ids, attention_mask, targets=None, head=None):
         """The summed cross-entropy at targets, or head(hidden, lm_head_weight) when a head is given.
@@ -72,4 +73,6 @@ class CausalLMLoss(nn.Module):
         ).last_hidden_state
         if head is not None:
             return head(hidden, self.causal_lm.lm_head.weight)
-        return linear_cross_entropy(hidden, self.causal_lm.lm_head.weight, targets, reduction="sum")
+        return linear_cross_entropy(
+            hidden, self.causal_lm.lm_head.weight, targets, reduction="sum", low_memory=self.low_memory_loss
+        )
