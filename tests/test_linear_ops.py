@@ -7,6 +7,8 @@ from fastmath_kernels import linear_cross_entropy, linear_token_logprobs
 
 # (token shape, H, V): N=1, 3-D hidden, V and H not multiples of any block size.
 SHAPES = [((1,), 8, 7), ((23,), 19, 1001), ((2, 3), 16, 257), ((40,), 32, 4099)]
+# low_memory applies to the reductions with a scalar loss.
+REDUCTION_MODES = [("mean", False), ("sum", False), ("none", False), ("mean", True), ("sum", True)]
 
 
 def random_problem(token_shape, hidden_size, vocab_size, dtype, device, seed, ignore_every=0):
@@ -42,57 +44,22 @@ def run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chu
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction,low_memory", REDUCTION_MODES)
 @pytest.mark.parametrize("chunk_size", [None, 5])
-def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, chunk_size):
+def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, low_memory, chunk_size):
     backend, device = backend_device
     token_shape, hidden_size, vocab_size = shape
     hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 3, ignore_every=4)
     upstream = torch.randn(token_shape if reduction == "none" else (), device=device)
-    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chunk_size)
+    loss, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, reduction, upstream, backend, chunk_size, low_memory
+    )
     ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, reduction, upstream)
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
     assert_fp32_accurate(loss, ref_loss, "loss")
     assert_fp32_accurate(grad_hidden, ref_hidden, "grad_hidden")
     assert_fp32_accurate(grad_weight, ref_weight, "grad_weight")
-
-
-@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("chunk_size", [None, 5])
-def test_low_memory_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, chunk_size):
-    backend, device = backend_device
-    token_shape, hidden_size, vocab_size = shape
-    hidden, weight, targets = random_problem(
-        token_shape, hidden_size, vocab_size, torch.float32, device, 6, ignore_every=3
-    )
-    upstream = torch.randn((), device=device)
-    loss, grad_hidden, grad_weight = run_cross_entropy(
-        hidden, weight, targets, reduction, upstream, backend, chunk_size, low_memory=True
-    )
-    ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, reduction, upstream)
-    assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
-    assert_fp32_accurate(loss, ref_loss, "loss")
-    assert_fp32_accurate(grad_hidden, ref_hidden, "grad_hidden")
-    assert_fp32_accurate(grad_weight, ref_weight, "grad_weight")
-
-
-@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_memory_low_precision_within_twice_plain_torch(backend_device, dtype):
-    backend, device = backend_device
-    hidden, weight, targets = random_problem((70,), 24, 515, dtype, device, 8, ignore_every=6)
-    upstream = torch.tensor(1.0, device=device)
-    _, grad_hidden, grad_weight = run_cross_entropy(
-        hidden, weight, targets, "mean", upstream, backend, chunk_size=8, low_memory=True
-    )
-    _, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", upstream)
-    plain_hidden, plain_weight = leaf(hidden), leaf(weight)
-    F.cross_entropy(plain_hidden @ plain_weight.T, targets).backward()
-    assert_within_twice_plain_torch(grad_hidden, plain_hidden.grad, ref_hidden, "grad_hidden")
-    assert_within_twice_plain_torch(grad_weight, plain_weight.grad, ref_weight, "grad_weight")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
@@ -126,9 +93,7 @@ def test_low_memory_default_chunks_hold_a_fraction_of_the_gradients():
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize(
-    "reduction,low_memory", [("mean", False), ("sum", False), ("none", False), ("mean", True), ("sum", True)]
-)
+@pytest.mark.parametrize("reduction,low_memory", REDUCTION_MODES)
 def test_all_ignored_batch_gives_zero_loss_and_zero_grads(backend_device, reduction, low_memory):
     backend, device = backend_device
     hidden, weight, targets = random_problem((6,), 8, 33, torch.float32, device, 1)
@@ -153,11 +118,14 @@ def test_custom_ignore_index(backend_device):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cross_entropy_low_precision_within_twice_plain_torch(backend_device, dtype):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
+def test_cross_entropy_low_precision_within_twice_plain_torch(backend_device, dtype, low_memory):
     backend, device = backend_device
     hidden, weight, targets = random_problem((37,), 24, 515, dtype, device, 5, ignore_every=6)
     upstream = torch.tensor(1.0, device=device)
-    loss, grad_hidden, grad_weight = run_cross_entropy(hidden, weight, targets, "mean", upstream, backend, chunk_size=8)
+    loss, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, "mean", upstream, backend, chunk_size=8, low_memory=low_memory
+    )
     ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", upstream)
     plain_hidden, plain_weight = leaf(hidden), leaf(weight)
     plain_loss = F.cross_entropy(plain_hidden @ plain_weight.T, targets)
