@@ -57,6 +57,13 @@ def _from_logprobs(logprob_fn):
     return _loss_run(loss)
 
 
+def _twice_default_chunk(hidden, weight, targets):
+    from fastmath_kernels.linear_token_logprobs import default_chunk_size
+
+    chunk_size = 2 * default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
+    return fk.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+
+
 def implementations(device):
     impls = [
         ready("naive torch", _loss_run(peers.naive_cross_entropy)),
@@ -71,6 +78,8 @@ def implementations(device):
         impls.append(ready(
             "fastmath triton", _loss_run(lambda h, w, t: fk.linear_cross_entropy(h, w, t, backend="triton"))
         ))
+        # Twice the default chunk: half as many passes over the fp32 weight-gradient buffer.
+        impls.append(ready("fastmath 2x chunk", _loss_run(_twice_default_chunk)))
     impls.append(peers.liger_fused_linear_cross_entropy(device))
     impls.extend(peers.linear_logprob_peers(_from_logprobs))
     impls.append(peers.cut_cross_entropy(device))
