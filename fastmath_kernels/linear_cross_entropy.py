@@ -15,34 +15,23 @@ from ._dispatch import resolve_backend
 from .linear_token_logprobs import (
     ChunkedLinear,
     check_linear_arguments,
+    check_low_memory,
     chunk_bounds,
     default_chunk_size,
     finish_weight_grad,
     grad_logits_target,
     linear_token_logprobs,
+    low_memory_chunk_size,
     vocab_slice_size,
     weight_grad_buffer,
+    weight_grad_by_vocab_slices,
 )
-from .linear_vocab_chunks import targets_in_slice, vocab_slices
+from .linear_vocab_chunks import targets_in_slice
 from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 REDUCTIONS = ("mean", "sum", "none")
-# low_memory keeps each pass's fp32 logits (plus, on GPU, their gradient in the weight's dtype)
-# near this fraction of the gradients returned.
-_LOW_MEMORY_BUFFER_FRACTION = 0.15
 # Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
 _CACHE_RESIDENT_ELEMENTS = 1 << 19
-
-
-def low_memory_chunk_size(num_tokens, weight):
-    """Tokens per chunk whose buffers come to about _LOW_MEMORY_BUFFER_FRACTION of the gradients."""
-    vocab_size, hidden_size = weight.shape
-    gradient_bytes = (num_tokens + vocab_size) * hidden_size * weight.element_size()
-    low_precision_gpu = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-    bytes_per_logit = 4 + (weight.element_size() if low_precision_gpu else 0)
-    rows = int(_LOW_MEMORY_BUFFER_FRACTION * gradient_bytes / bytes_per_logit) // vocab_size
-    # Below 64 rows the matmuls fall off a cliff (tensor-core tiles, CPU kernels alike).
-    return max(1, min(num_tokens, max(rows, 64)))
 
 
 def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
@@ -85,25 +74,6 @@ def cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad,
     logits.scatter_add_(1, column, torch.where(inside, row_grad, 0.0)[:, None])
     if grad_logits.data_ptr() != logits.data_ptr():
         grad_logits.copy_(logits)
-
-
-def weight_grad_by_vocab_slices(projection, targets, lse, row_grad, slice_size, backend):
-    """d(loss)/d(weight), one vocabulary slice at a time over every token.
-
-    Each slice's product reduces over all tokens in fp32 inside one matmul and is written once,
-    so there is no fp32 [V, H] buffer; the price is a second logits matmul (8NHV flops, not 6).
-    """
-    weight = projection.weight
-    grad_weight = torch.empty_like(weight)
-    num_tokens, slice_size = projection.hidden.shape[0], min(slice_size, weight.shape[0])
-    logits_buffer = torch.empty(num_tokens * slice_size, dtype=torch.float32, device=weight.device)
-    grad_buffer = projection.grad_logits_buffer(num_tokens * slice_size)
-    for start, end in vocab_slices(weight.shape[0], slice_size):
-        logits = projection.vocab_slice_logits(start, end, logits_buffer)
-        grad_logits = grad_logits_target(grad_buffer, logits)
-        cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad, backend)
-        projection.write_weight_grad_slice(grad_logits, start, end, grad_weight)
-    return grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -158,8 +128,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
         buffer = grad_buffer = logits = grad_logits = None
         if weight_by_slices:
+            def slice_grad(grad_logits, logits, start):
+                cross_entropy_slice_grad(grad_logits, logits, safe_targets, start, lse, row_grad, backend)
+
             slice_size = vocab_slice_size(chunk_size, rows.shape[0], weight.shape[0])
-            grad_weight = weight_grad_by_vocab_slices(projection, safe_targets, lse, row_grad, slice_size, backend)
+            grad_weight = weight_grad_by_vocab_slices(projection, slice_size, slice_grad)
         elif need_weight:
             grad_weight = finish_weight_grad(grad_weight, weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -192,10 +165,10 @@ def linear_cross_entropy(
     ignore_index. reduction "mean" averages over counted tokens (a batch with none gives 0 and
     zero gradients), "sum" adds them, "none" returns float32 [...] with 0 at ignored tokens.
 
-    low_memory (reductions "mean" and "sum"): no fp32 [V, H] weight-gradient buffer. The weight
-    gradient is computed one vocabulary slice at a time over every token, and the default
-    chunks shrink so that the work buffers stay near 15% of the gradients returned. It costs a
-    second logits matmul: 8*N*H*V flops instead of 6.
+    low_memory: no fp32 [V, H] weight-gradient buffer. The weight gradient is computed one
+    vocabulary slice at a time over every token, and the default chunks shrink so that the
+    work buffers stay near 15% of the gradients returned. It costs a second logits matmul:
+    8*N*H*V flops instead of 6 for "mean" and "sum".
     """
     check_linear_arguments(hidden, weight, chunk_size)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index=ignore_index)
@@ -205,10 +178,7 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(low_memory, bool):
-        raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
-    if low_memory and reduction == "none":
-        raise ValueError("low_memory=True needs reduction 'mean' or 'sum' (reduction 'none' returns per-token losses)")
+    check_low_memory(low_memory)
     backend = resolve_backend(backend, hidden)
     if chunk_size is None:
         if low_memory:
@@ -218,7 +188,8 @@ def linear_cross_entropy(
     if reduction == "none":
         valid = targets != ignore_index
         logp = linear_token_logprobs(
-            hidden, weight, torch.where(valid, targets, 0), chunk_size=chunk_size, backend=backend
+            hidden, weight, torch.where(valid, targets, 0), chunk_size=chunk_size, backend=backend,
+            low_memory=low_memory,
         )
         return torch.where(valid, -logp, 0.0)
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

@@ -12,7 +12,7 @@ import torch
 
 from ._checks import check_chunk_size, check_targets, check_temperature, check_tensor
 from ._dispatch import resolve_backend
-from .linear_vocab_chunks import vocab_chunked_backward, vocab_chunked_forward
+from .linear_vocab_chunks import vocab_chunked_backward, vocab_chunked_forward, vocab_slices
 from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
 
 # Elements of one fp32 logits chunk: 32 MB on CPU (cache-friendly, a small fraction of the
@@ -23,6 +23,9 @@ _GPU_CHUNK_ELEMENTS = 1 << 28
 
 # CPU matmuls with fewer rows than this lose much of their speed, whatever the vocabulary.
 _CPU_MIN_CHUNK_TOKENS = 128
+# low_memory keeps each pass's fp32 logits (plus, on GPU, their gradient in the weight's dtype)
+# near this fraction of the gradients returned.
+_LOW_MEMORY_BUFFER_FRACTION = 0.15
 
 
 def default_chunk_size(num_tokens, vocab_size, device):
@@ -166,6 +169,43 @@ def finish_weight_grad(grad_weight_fp32, weight):
     return grad_weight_fp32 if weight.dtype == torch.float32 else grad_weight_fp32.to(weight.dtype)
 
 
+def weight_grad_by_vocab_slices(projection, slice_size, slice_grad):
+    """d(loss)/d(weight), one vocabulary slice at a time over every token (the low_memory path).
+
+    slice_grad(grad_logits, logits, start) turns one slice's fp32 logits [N, w], whose first
+    column is vocabulary id `start`, into d(loss)/d(logits) in grad_logits. Each slice's weight
+    gradient then reduces over all tokens in fp32 inside one matmul and is written once, so
+    there is no fp32 [V, H] buffer; the price is one more logits matmul over the vocabulary.
+    """
+    weight = projection.weight
+    grad_weight = torch.empty_like(weight)
+    num_tokens, slice_size = projection.hidden.shape[0], min(slice_size, weight.shape[0])
+    logits_buffer = torch.empty(num_tokens * slice_size, dtype=torch.float32, device=weight.device)
+    grad_buffer = projection.grad_logits_buffer(num_tokens * slice_size)
+    for start, end in vocab_slices(weight.shape[0], slice_size):
+        logits = projection.vocab_slice_logits(start, end, logits_buffer)
+        grad_logits = grad_logits_target(grad_buffer, logits)
+        slice_grad(grad_logits, logits, start)
+        projection.write_weight_grad_slice(grad_logits, start, end, grad_weight)
+    return grad_weight
+
+
+def low_memory_chunk_size(num_tokens, weight):
+    """Tokens per chunk whose buffers come to about _LOW_MEMORY_BUFFER_FRACTION of the gradients."""
+    vocab_size, hidden_size = weight.shape
+    gradient_bytes = (num_tokens + vocab_size) * hidden_size * weight.element_size()
+    low_precision_gpu = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+    bytes_per_logit = 4 + (weight.element_size() if low_precision_gpu else 0)
+    rows = int(_LOW_MEMORY_BUFFER_FRACTION * gradient_bytes / bytes_per_logit) // vocab_size
+    # Below 64 rows the matmuls fall off a cliff (tensor-core tiles, CPU kernels alike).
+    return max(1, min(num_tokens, max(rows, 64)))
+
+
+def check_low_memory(low_memory):
+    if not isinstance(low_memory, bool):
+        raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
+
+
 def vocab_slice_size(chunk_size, num_tokens, vocab_size):
     """Vocabulary columns per slice holding as many logits as chunk_size tokens' rows would."""
     return max(1, min(vocab_size, chunk_size * vocab_size // max(num_tokens, 1)))
@@ -173,12 +213,13 @@ def vocab_slice_size(chunk_size, num_tokens, vocab_size):
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size, backend, low_memory):
         rows = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         num_tokens = rows.shape[0]
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size, ctx.backend, ctx.hidden_shape = temperature, chunk_size, backend, hidden.shape
+        ctx.low_memory = low_memory
         if backend == "torch":
             slice_size = vocab_slice_size(chunk_size, num_tokens, weight.shape[0])
             logp, entropy, lse = vocab_chunked_forward(rows, weight, flat_targets, temperature, with_entropy, slice_size)
@@ -207,7 +248,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         rows, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
         if ctx.backend == "torch":
@@ -218,13 +259,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             )
             if need_hidden:
                 grad_hidden = grad_hidden.view(ctx.hidden_shape)
-            return grad_hidden, grad_weight, None, None, None, None, None
+            return grad_hidden, grad_weight, None, None, None, None, None, None
+        # low_memory: the weight gradient comes from a second pass over vocabulary slices.
+        weight_by_slices = need_weight and ctx.low_memory
         grad_hidden = torch.empty_like(rows) if need_hidden else None
-        grad_weight = weight_grad_buffer(weight) if need_weight else None
+        grad_weight = weight_grad_buffer(weight) if need_weight and not weight_by_slices else None
         projection = ChunkedLinear(rows, weight)
+        token_chunks = chunk_bounds(rows.shape[0], ctx.chunk_size) if need_hidden or grad_weight is not None else ()
         buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
         grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(ctx.chunk_size))
-        for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
+        for start, end in token_chunks:
             logits = projection.logits(start, end, buffer)
             grad_logits = grad_logits_target(grad_buffer, logits)
             logprob_rows_backward(
@@ -237,29 +281,48 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         buffer = grad_buffer = logits = grad_logits = None
         if need_hidden:
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
-        if need_weight:
+        if weight_by_slices:
+            def slice_grad(grad_logits, logits, start):
+                # The row kernels match a target only inside [0, w): shifted ones elsewhere add nothing.
+                logprob_rows_backward(
+                    grad_logits, logits, targets - start, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
+                    ctx.backend,
+                )
+
+            slice_size = vocab_slice_size(ctx.chunk_size, rows.shape[0], weight.shape[0])
+            grad_weight = weight_grad_by_vocab_slices(projection, slice_size, slice_grad)
+        elif need_weight:
             grad_weight = finish_weight_grad(grad_weight, weight)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_token_logprobs(
-    hidden, weight, targets, *, temperature=1.0, with_entropy=False, chunk_size=None, backend=None
+    hidden, weight, targets, *, temperature=1.0, with_entropy=False, chunk_size=None, backend=None,
+    low_memory=False,
 ):
     """log_softmax((hidden @ weight.T) / temperature) at targets, never holding the full logits.
 
     hidden: [..., H]; weight: [V, H] of the same dtype; targets: [...] int64 in [0, V).
     chunk_size: tokens per chunk (default: a chunk of fp32 logits near 32 MB on CPU, 1 GB on GPU).
     Returns float32 logp [...] or (logp, entropy). Gradients flow to hidden and weight.
+    low_memory: no fp32 [V, H] weight-gradient buffer on GPU backends (the weight gradient is
+    computed one vocabulary slice at a time, at the cost of one more logits matmul), and default
+    chunks sized near 15% of the gradients returned.
     """
     check_linear_arguments(hidden, weight, chunk_size)
     check_targets(targets, hidden.shape[:-1], weight.shape[0])
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     check_temperature(temperature)
+    check_low_memory(low_memory)
     backend = resolve_backend(backend, hidden)
     num_tokens = targets.numel()
-    chunk_size = chunk_size or default_chunk_size(num_tokens, weight.shape[0], hidden.device)
+    if chunk_size is None:
+        if low_memory:
+            chunk_size = low_memory_chunk_size(num_tokens, weight)
+        else:
+            chunk_size = default_chunk_size(num_tokens, weight.shape[0], hidden.device)
     logp, entropy = _LinearTokenLogprobs.apply(
-        hidden, weight, targets, float(temperature), with_entropy, chunk_size, backend
+        hidden, weight, targets, float(temperature), with_entropy, chunk_size, backend, low_memory
     )
     return (logp, entropy) if with_entropy else logp

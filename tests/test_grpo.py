@@ -126,6 +126,30 @@ def test_grpo_steps_run_and_report(tmp_path):
     assert os.path.exists(os.path.join(config.run_dir, "checkpoints", "step_00000002", "manifest.json"))
 
 
+def test_low_memory_loss_gives_the_same_grpo_steps(tmp_path):
+    from trainer.grpo import run_grpo
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 16, seed=4)
+    runs = {}
+    for name, low_memory in (("default", "false"), ("low_memory", "true")):
+        config = load_config(None, [
+            "stage=grpo", f"run_dir={tmp_path / name}", f"model.path={model}", f"data.train_files={data}",
+            "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.max_new_tokens=10", "grpo.cosine_max_len=100",
+            "train.max_steps=2", "optim.lr=1e-3", "checkpoint.export_hf=false",
+            f"train.low_memory_loss={low_memory}",
+        ])
+        run_grpo(config)
+        runs[name] = read_metrics(config.run_dir)
+    assert len(runs["low_memory"]) == 2
+    for measured, expected in zip(runs["low_memory"], runs["default"]):
+        assert measured["completion_tokens"] == expected["completion_tokens"]
+        assert measured["reward"] == pytest.approx(expected["reward"], rel=1e-6)
+        assert measured["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-7)
+        assert measured["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+        assert measured["grad_norm"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):

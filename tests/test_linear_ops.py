@@ -7,8 +7,7 @@ from fastmath_kernels import linear_cross_entropy, linear_token_logprobs
 
 # (token shape, H, V): N=1, 3-D hidden, V and H not multiples of any block size.
 SHAPES = [((1,), 8, 7), ((23,), 19, 1001), ((2, 3), 16, 257), ((40,), 32, 4099)]
-# low_memory applies to the reductions with a scalar loss.
-REDUCTION_MODES = [("mean", False), ("sum", False), ("none", False), ("mean", True), ("sum", True)]
+REDUCTION_MODES = [(reduction, low_memory) for low_memory in (False, True) for reduction in ("mean", "sum", "none")]
 
 
 def random_problem(token_shape, hidden_size, vocab_size, dtype, device, seed, ignore_every=0):
@@ -64,13 +63,23 @@ def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, lo
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("wants", ["hidden", "weight"])
-def test_low_memory_with_one_input_frozen(backend_device, wants):
+@pytest.mark.parametrize("op", ["cross_entropy", "token_logprobs"])
+def test_low_memory_with_one_input_frozen(backend_device, wants, op):
     backend, device = backend_device
     hidden, weight, targets = random_problem((30,), 12, 203, torch.float32, device, 9, ignore_every=5)
     hidden_leaf = hidden.clone().requires_grad_(wants == "hidden")
     weight_leaf = weight.clone().requires_grad_(wants == "weight")
-    linear_cross_entropy(hidden_leaf, weight_leaf, targets, backend=backend, low_memory=True, chunk_size=7).backward()
-    _, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", torch.tensor(1.0))
+    options = dict(backend=backend, low_memory=True, chunk_size=7)
+    if op == "cross_entropy":
+        linear_cross_entropy(hidden_leaf, weight_leaf, targets, **options).backward()
+        _, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "mean", torch.tensor(1.0))
+    else:
+        targets = targets.clamp_min(0)
+        upstream = torch.randn(30, device=device)
+        (linear_token_logprobs(hidden_leaf, weight_leaf, targets, **options) * upstream).sum().backward()
+        _, _, ref_hidden, ref_weight = float64_token_logprobs(
+            hidden, weight, targets, 1.0, upstream, torch.zeros_like(upstream)
+        )
     if wants == "hidden":
         assert weight_leaf.grad is None
         assert_fp32_accurate(hidden_leaf.grad, ref_hidden, "grad_hidden")
@@ -80,7 +89,7 @@ def test_low_memory_with_one_input_frozen(backend_device, wants):
 
 
 def test_low_memory_default_chunks_hold_a_fraction_of_the_gradients():
-    from fastmath_kernels.linear_cross_entropy import low_memory_chunk_size
+    from fastmath_kernels.linear_token_logprobs import low_memory_chunk_size
 
     # Recipe shape on a GPU: gradients 1.38 GB; fp32 logits plus their bf16 gradient, 6 bytes each.
     weight = torch.empty(151936, 4096, dtype=torch.bfloat16, device="meta")
@@ -161,7 +170,8 @@ def float64_token_logprobs(hidden, weight, targets, temperature, upstream_logp, 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, temperature):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
+def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, temperature, low_memory):
     backend, device = backend_device
     token_shape, hidden_size, vocab_size = shape
     hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 8)
@@ -169,7 +179,8 @@ def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, tempe
     upstream_entropy = torch.randn(token_shape, device=device)
     hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
     logp, entropy = linear_token_logprobs(
-        hidden_leaf, weight_leaf, targets, temperature=temperature, with_entropy=True, chunk_size=6, backend=backend
+        hidden_leaf, weight_leaf, targets, temperature=temperature, with_entropy=True, chunk_size=6, backend=backend,
+        low_memory=low_memory,
     )
     (logp * upstream_logp + entropy * upstream_entropy).sum().backward()
     ref = float64_token_logprobs(hidden, weight, targets, temperature, upstream_logp, upstream_entropy)
@@ -181,12 +192,13 @@ def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, tempe
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-def test_linear_token_logprobs_bf16_within_twice_plain_torch(backend_device):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
+def test_linear_token_logprobs_bf16_within_twice_plain_torch(backend_device, low_memory):
     backend, device = backend_device
     hidden, weight, targets = random_problem((2, 11), 24, 301, torch.bfloat16, device, 6)
     upstream = torch.randn(2, 11, device=device)
     hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
-    logp = linear_token_logprobs(hidden_leaf, weight_leaf, targets, chunk_size=7, backend=backend)
+    logp = linear_token_logprobs(hidden_leaf, weight_leaf, targets, chunk_size=7, backend=backend, low_memory=low_memory)
     (logp * upstream).sum().backward()
     ref_logp, _, ref_hidden, ref_weight = float64_token_logprobs(hidden, weight, targets, 1.0, upstream, torch.zeros_like(upstream))
     plain_hidden, plain_weight = leaf(hidden), leaf(weight)
@@ -222,7 +234,6 @@ def test_no_grad_forward_and_frozen_weight():
         (dict(chunk_size=0), "chunk_size"),
         (dict(backend="xla"), "backend"),
         (dict(low_memory="yes"), "low_memory"),
-        (dict(low_memory=True, reduction="none"), "low_memory"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
@@ -230,6 +241,6 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
     arguments = dict(hidden=hidden, weight=weight, targets=targets) | kwargs
     with pytest.raises(ValueError, match=argument):
         linear_cross_entropy(**arguments)
-    if "reduction" not in kwargs and "low_memory" not in kwargs:
+    if "reduction" not in kwargs:
         with pytest.raises(ValueError, match=argument):
             linear_token_logprobs(**arguments)

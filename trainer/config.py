@@ -57,7 +57,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 1
-    # SFT loss without the fp32 [vocab, hidden] weight-gradient buffer: 8NHV flops instead of 6.
+    # Fused-linear loss (SFT) and log-probs (GRPO) without the fp32 [vocab, hidden]
+    # weight-gradient buffer, for one more logits matmul.
     low_memory_loss: bool = False
 
 

@@ -207,6 +207,7 @@ def run_grpo(config):
     ))
     engine = Engine(config, tokenizer)
     device = engine.device
+    low_memory_loss = config.train.low_memory_loss
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
@@ -246,7 +247,8 @@ def run_grpo(config):
             sampling_logp = sampling_logprobs(completions, input_ids.shape, chosen).to(device) if grpo.tis_cap > 0 else None
 
             def logprob_head(hidden, weight):
-                return linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature)
+                return linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature,
+                                             low_memory=low_memory_loss)
 
             with torch.no_grad():
                 ref_logp = reference(**batch, head=logprob_head) if reference is not None else None
@@ -258,8 +260,8 @@ def run_grpo(config):
             step_stats = torch.zeros(4, device=device)  # clipped tokens, KL sum, entropy sum, tokens
             for _ in range(grpo.num_iterations):
                 def head(hidden, weight):
-                    logp, entropy = linear_token_logprobs(hidden[:, :-1], weight, targets,
-                                                          temperature=grpo.temperature, with_entropy=True)
+                    logp, entropy = linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature,
+                                                          with_entropy=True, low_memory=low_memory_loss)
                     old = logp.detach() if old_logp is None else old_logp
                     per_token = grpo_token_loss(logp, old, advantages, ref_logp=ref_logp, beta=grpo.beta,
                                                 eps_low=grpo.eps_low, eps_high=grpo.eps_high)
