@@ -4,7 +4,9 @@ The fused-linear cross-entropy adds one chunk of tokens at a time into the weigh
 Adding into an fp32 [V, H] buffer costs 2x a bf16 weight gradient in memory; adding straight
 into a bf16 gradient (one rounding per chunk) costs accuracy instead. This study measures the
 error of each against a float64 reference, next to plain PyTorch in bf16, as the number of
-chunks grows. On CUDA it also runs Liger-Kernel's fused linear cross-entropy when installed.
+chunks grows, and of low_memory=True, which has neither (each vocabulary slice is one fp32
+reduction over all tokens). On CUDA it also runs Liger-Kernel's fused linear cross-entropy
+when installed.
 """
 
 import argparse
@@ -77,6 +79,8 @@ def study(device, shape):
         print(f"  chunks {chunks!s:>4}  {method:<44} error {error:.3e}  ({error / plain_error:.2f}x plain torch)")
 
     add("-", "plain torch bf16", plain)
+    low_memory = weight_grad(lambda h, w: linear_cross_entropy(h, w, targets, low_memory=True), hidden, weight)
+    add("-", "fastmath low_memory (vocab slices)", low_memory)
     for chunks in CHUNK_COUNTS:
         chunk_size = -(-num_tokens // chunks)
         ours = weight_grad(lambda h, w: linear_cross_entropy(h, w, targets, chunk_size=chunk_size), hidden, weight)
