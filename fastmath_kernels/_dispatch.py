@@ -2,8 +2,9 @@
 
 Auto choice (backend=None): CUDA tensors go to the op's fastest available GPU backend, CPU
 tensors to "torch". FASTMATH_BACKEND replaces the auto choice wherever the named backend can
-run on the tensors; an explicit backend= argument wins over both, and raises if it cannot run. On a machine without a GPU, Triton kernels run through the Triton
-interpreter, which fastmath_kernels.triton switches on before it defines any kernel.
+run on the tensors; an explicit backend= argument wins over both, and raises if it cannot run.
+On a machine without a GPU, Triton kernels run through the Triton interpreter, which
+fastmath_kernels.triton switches on before it defines any kernel.
 """
 
 import importlib.util
