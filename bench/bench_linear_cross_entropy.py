@@ -81,6 +81,8 @@ def implementations(device):
         # Twice the default chunk: half as many passes over the fp32 weight-gradient buffer.
         impls.append(ready("fastmath 2x chunk", _loss_run(_twice_default_chunk)))
     impls.append(peers.liger_fused_linear_cross_entropy(device))
+    if device == "cuda":
+        impls.append(peers.liger_fused_linear_cross_entropy(device, fp32_weight_grad=True))
     impls.extend(peers.linear_logprob_peers(_from_logprobs))
     impls.append(peers.cut_cross_entropy(device))
     return impls

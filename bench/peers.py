@@ -68,13 +68,17 @@ def linear_logprob_peers(make_run):
     ]
 
 
-def liger_fused_linear_cross_entropy(device):
-    name = "liger fused linear CE (Triton)"
+def liger_fused_linear_cross_entropy(device, fp32_weight_grad=False):
+    """Liger's default sums the weight gradient in the weight's dtype; accum_dtype=float32 keeps
+    an fp32 buffer, the numerics fastmath's default has."""
+    name = "liger fused linear CE (Triton)" + (", fp32 accumulation" if fp32_weight_grad else "")
     if device != "cuda":
         return unavailable(name, TRITON_ON_CPU)
 
     def make():
-        loss_fn = import_peer("liger_kernel.transformers", "liger-kernel").LigerFusedLinearCrossEntropyLoss()
+        liger = import_peer("liger_kernel.transformers", "liger-kernel")
+        options = {"accum_dtype": torch.float32} if fp32_weight_grad else {}
+        loss_fn = liger.LigerFusedLinearCrossEntropyLoss(**options)
 
         def run(inputs):
             hidden, weight, targets, _ = inputs

@@ -55,10 +55,10 @@ def bf16_accumulated_weight_grad(hidden, weight, targets, chunk_size):
     return grad_weight
 
 
-def liger_weight_grad(hidden, weight, targets):
+def liger_weight_grad(hidden, weight, targets, **options):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    loss = LigerFusedLinearCrossEntropyLoss()
+    loss = LigerFusedLinearCrossEntropyLoss(**options)
     return weight_grad(lambda h, w: loss(w, h, targets), hidden, weight)
 
 
@@ -89,7 +89,9 @@ def study(device, shape):
             hidden, weight, targets, chunk_size))
     if device == "cuda":
         try:
-            add("liger", "liger fused linear CE", liger_weight_grad(hidden, weight, targets))
+            add("liger", "liger fused linear CE (default: bf16 sum)", liger_weight_grad(hidden, weight, targets))
+            add("liger", "liger fused linear CE, accum_dtype=float32", liger_weight_grad(
+                hidden, weight, targets, accum_dtype=torch.float32))
         except ImportError:
             print("  liger-kernel is not installed: its row is left out")
     return rows
