@@ -60,12 +60,15 @@ def naive(inputs):
     _clipped(logp, old_logp, advantages, mask).backward()
 
 
-def fastmath(inputs):
-    hidden, weight, tokens, mask, old_logp, advantages = inputs
-    hidden.grad = weight.grad = None
-    logp = fk.linear_token_logprobs(hidden, weight, tokens)
-    per_token = fk.grpo_token_loss(logp, old_logp, advantages, eps_low=EPS)
-    ((per_token * mask).sum() / mask.sum()).backward()
+def _fastmath(low_memory):
+    def run(inputs):
+        hidden, weight, tokens, mask, old_logp, advantages = inputs
+        hidden.grad = weight.grad = None
+        logp = fk.linear_token_logprobs(hidden, weight, tokens, low_memory=low_memory)
+        per_token = fk.grpo_token_loss(logp, old_logp, advantages, eps_low=EPS)
+        ((per_token * mask).sum() / mask.sum()).backward()
+
+    return run
 
 
 def _liger_chunked():
@@ -101,9 +104,11 @@ def implementations(device):
     impls = [
         ready("naive torch", naive),
         Implementation("torch.compile naive", _naive_compiled),
-        ready("fastmath", fastmath),
+        ready("fastmath", _fastmath(low_memory=False)),
         Implementation("liger chunked GRPO loss (torch)", _liger_chunked),
     ]
+    if device == "cuda":  # on CPU the torch path already slices the vocabulary either way
+        impls.insert(3, ready("fastmath low_memory", _fastmath(low_memory=True)))
     if device != "cuda":
         impls.append(Implementation("liger triton_grpo_loss", None, TRITON_ON_CPU))
     return impls
