@@ -4,7 +4,7 @@
 # Budget: under 8 minutes in all (each step has its own timeout).
 #   OUT=/some/dir bash bench/gpu_check.sh
 # The recipe-scale figures alone (fused-linear time and memory, token_logprobs bandwidth):
-#   GPU_CHECK_OPS="linear_cross_entropy token_logprobs" \
+#   GPU_CHECK_OPS="linear_cross_entropy grpo_loss token_logprobs" \
 #   GPU_CHECK_BENCH_ARGS="--tokens 16384 --without torch.compile trl" OUT=... bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
