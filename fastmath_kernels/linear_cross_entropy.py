@@ -17,11 +17,11 @@ from .linear_token_logprobs import (
     check_linear_arguments,
     check_low_memory,
     chunk_bounds,
-    default_chunk_size,
     finish_weight_grad,
     grad_logits_target,
     linear_token_logprobs,
-    low_memory_chunk_size,
+    logprob_slice_backward,
+    resolve_chunk_size,
     vocab_slice_size,
     weight_grad_buffer,
     weight_grad_by_vocab_slices,
@@ -66,8 +66,7 @@ def cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad,
     logits [N, w] are that slice's fp32 logits; lse [N] is over the whole vocabulary.
     """
     if backend != "torch":
-        # The row kernels match a target only inside [0, w): shifted targets elsewhere add nothing.
-        logprob_rows_backward(grad_logits, logits, targets - start, lse, None, row_grad, None, 1.0, backend)
+        logprob_slice_backward(grad_logits, logits, targets, start, lse, None, row_grad, None, 1.0, backend)
         return
     column, inside = targets_in_slice(targets, start, start + logits.shape[1])
     logits.sub_(lse[:, None]).exp_().mul_(-row_grad[:, None])
@@ -94,8 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(rows) if need_hidden else None
         # low_memory: the weight gradient comes from a second pass over vocabulary slices.
         weight_by_slices = need_weight and low_memory
-        grad_weight = weight_grad_buffer(weight) if need_weight and not low_memory else None
-        chunk_grads = need_hidden or (need_weight and not low_memory)
+        grad_weight = weight_grad_buffer(weight) if need_weight and not weight_by_slices else None
+        chunk_grads = need_hidden or grad_weight is not None
         lse = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device) if weight_by_slices else None
         projection = ChunkedLinear(rows, weight)
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -180,11 +179,7 @@ def linear_cross_entropy(
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     check_low_memory(low_memory)
     backend = resolve_backend(backend, hidden)
-    if chunk_size is None:
-        if low_memory:
-            chunk_size = low_memory_chunk_size(targets.numel(), weight)
-        else:
-            chunk_size = default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
+    chunk_size = resolve_chunk_size(chunk_size, targets.numel(), weight, low_memory)
     if reduction == "none":
         valid = targets != ignore_index
         logp = linear_token_logprobs(

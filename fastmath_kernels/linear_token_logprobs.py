@@ -61,13 +61,17 @@ def check_linear_arguments(hidden, weight, chunk_size):
 _HAS_MIXED_PRECISION_MM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+def has_mixed_precision_matmuls(tensor):
+    """Whether bf16/fp16 operands like this tensor get matmuls with an fp32 result."""
+    return tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) and _HAS_MIXED_PRECISION_MM
+
+
 class ChunkedLinear:
     """hidden [N, H] @ weight [V, H].T one chunk of tokens at a time, with its gradient products."""
 
     def __init__(self, hidden, weight):
         self.hidden, self.weight = hidden, weight
-        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
-        self.mixed_precision_gpu = hidden.is_cuda and low_precision and _HAS_MIXED_PRECISION_MM
+        self.mixed_precision_gpu = has_mixed_precision_matmuls(hidden)
         # Without a mixed-precision matmul, low-precision inputs work on one fp32 weight copy.
         exact = weight.dtype == torch.float32 or self.mixed_precision_gpu
         self.weight_fp32 = weight if exact else weight.float()
@@ -194,11 +198,30 @@ def low_memory_chunk_size(num_tokens, weight):
     """Tokens per chunk whose buffers come to about _LOW_MEMORY_BUFFER_FRACTION of the gradients."""
     vocab_size, hidden_size = weight.shape
     gradient_bytes = (num_tokens + vocab_size) * hidden_size * weight.element_size()
-    low_precision_gpu = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-    bytes_per_logit = 4 + (weight.element_size() if low_precision_gpu else 0)
+    # fp32 logits, plus their gradient in the weight's dtype where ChunkedLinear keeps one.
+    bytes_per_logit = 4 + (weight.element_size() if has_mixed_precision_matmuls(weight) else 0)
     rows = int(_LOW_MEMORY_BUFFER_FRACTION * gradient_bytes / bytes_per_logit) // vocab_size
     # Below 64 rows the matmuls fall off a cliff (tensor-core tiles, CPU kernels alike).
     return max(1, min(num_tokens, max(rows, 64)))
+
+
+def resolve_chunk_size(chunk_size, num_tokens, weight, low_memory):
+    if chunk_size is not None:
+        return chunk_size
+    if low_memory:
+        return low_memory_chunk_size(num_tokens, weight)
+    return default_chunk_size(num_tokens, weight.shape[0], weight.device)
+
+
+def logprob_slice_backward(grad_logits, logits, targets, start, lse, entropy, grad_logp, grad_entropy, temperature,
+                           backend):
+    """The row kernels' backward on one vocabulary slice whose first column is id `start`.
+
+    The kernels match a target only inside [0, w): targets shifted outside it add nothing.
+    """
+    logprob_rows_backward(
+        grad_logits, logits, targets - start, lse, entropy, grad_logp, grad_entropy, temperature, backend
+    )
 
 
 def check_low_memory(low_memory):
@@ -265,27 +288,27 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(rows) if need_hidden else None
         grad_weight = weight_grad_buffer(weight) if need_weight and not weight_by_slices else None
         projection = ChunkedLinear(rows, weight)
-        token_chunks = chunk_bounds(rows.shape[0], ctx.chunk_size) if need_hidden or grad_weight is not None else ()
-        buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
-        grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(ctx.chunk_size))
-        for start, end in token_chunks:
-            logits = projection.logits(start, end, buffer)
-            grad_logits = grad_logits_target(grad_buffer, logits)
-            logprob_rows_backward(
-                grad_logits, logits, targets[start:end], lse[start:end],
-                None if entropy is None else entropy[start:end], grad_logp[start:end],
-                None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend, workspace,
-            )
-            projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
-        # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
-        buffer = grad_buffer = logits = grad_logits = None
+        if need_hidden or grad_weight is not None:
+            buffer, workspace = projection.logits_buffer(ctx.chunk_size), Workspace(weight.shape[0], rows.device)
+            grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(ctx.chunk_size))
+            for start, end in chunk_bounds(rows.shape[0], ctx.chunk_size):
+                logits = projection.logits(start, end, buffer)
+                grad_logits = grad_logits_target(grad_buffer, logits)
+                logprob_rows_backward(
+                    grad_logits, logits, targets[start:end], lse[start:end],
+                    None if entropy is None else entropy[start:end], grad_logp[start:end],
+                    None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
+                    workspace,
+                )
+                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
+            # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
+            buffer = grad_buffer = logits = grad_logits = None
         if need_hidden:
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
         if weight_by_slices:
             def slice_grad(grad_logits, logits, start):
-                # The row kernels match a target only inside [0, w): shifted ones elsewhere add nothing.
-                logprob_rows_backward(
-                    grad_logits, logits, targets - start, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
+                logprob_slice_backward(
+                    grad_logits, logits, targets, start, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
                     ctx.backend,
                 )
 
@@ -316,12 +339,7 @@ def linear_token_logprobs(
     check_temperature(temperature)
     check_low_memory(low_memory)
     backend = resolve_backend(backend, hidden)
-    num_tokens = targets.numel()
-    if chunk_size is None:
-        if low_memory:
-            chunk_size = low_memory_chunk_size(num_tokens, weight)
-        else:
-            chunk_size = default_chunk_size(num_tokens, weight.shape[0], hidden.device)
+    chunk_size = resolve_chunk_size(chunk_size, targets.numel(), weight, low_memory)
     logp, entropy = _LinearTokenLogprobs.apply(
         hidden, weight, targets, float(temperature), with_entropy, chunk_size, backend, low_memory
     )
