@@ -61,6 +61,27 @@ def check_linear_arguments(hidden, weight, chunk_size):
 _HAS_MIXED_PRECISION_MM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+# Elements of the fp32 temporary when addmm cannot accumulate into fp32 itself (64 MB).
+_FALLBACK_PRODUCT_ELEMENTS = 1 << 24
+_FP32_ACCUMULATION_BY_DEVICE = {}
+
+
+def _accumulates_into_fp32(device):
+    """Whether addmm.dtype_out takes an fp32 `self` with bf16 operands on this device.
+
+    torch releases differ: some require `self` in the operands' dtype. One tiny probe per device.
+    """
+    if device not in _FP32_ACCUMULATION_BY_DEVICE:
+        operand = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        accumulator = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        try:
+            torch.ops.aten.addmm.dtype_out(accumulator, operand, operand, torch.float32, out=accumulator)
+            _FP32_ACCUMULATION_BY_DEVICE[device] = True
+        except RuntimeError:
+            _FP32_ACCUMULATION_BY_DEVICE[device] = False
+    return _FP32_ACCUMULATION_BY_DEVICE[device]
+
+
 def has_mixed_precision_matmuls(tensor):
     """Whether bf16/fp16 operands like this tensor get matmuls with an fp32 result."""
     return tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) and _HAS_MIXED_PRECISION_MM
@@ -118,6 +139,18 @@ class ChunkedLinear:
         out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
         return torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
 
+    @classmethod
+    def _add_fp32_product(cls, accumulator, a, b):
+        """accumulator (fp32) += a @ b of low-precision operands, summed in fp32."""
+        if _accumulates_into_fp32(a.device):
+            torch.ops.aten.addmm.dtype_out(accumulator, a, b, torch.float32, out=accumulator)
+            return
+        # Older torch wants addmm's `self` in the operands' dtype: add the fp32 product in row
+        # blocks so that its temporary stays small.
+        rows = max(1, _FALLBACK_PRODUCT_ELEMENTS // max(b.shape[1], 1))
+        for start in range(0, a.shape[0], rows):
+            accumulator[start:start + rows].add_(cls._fp32_product(a[start:start + rows], b))
+
     def vocab_slice_logits(self, start, end, flat_buffer):
         """float32 logits of every token against vocabulary rows [start, end), in flat_buffer."""
         out = flat_buffer[: self.hidden.shape[0] * (end - start)].view(-1, end - start)
@@ -142,9 +175,7 @@ class ChunkedLinear:
             if grad_hidden is not None:
                 grad_hidden[start:end].copy_(self._fp32_product(operand, self.weight))
             if grad_weight_fp32 is not None:
-                torch.ops.aten.addmm.dtype_out(
-                    grad_weight_fp32, operand.T, chunk, torch.float32, out=grad_weight_fp32
-                )
+                self._add_fp32_product(grad_weight_fp32, operand.T, chunk)
             return
         if grad_hidden is not None:
             if grad_hidden.dtype == torch.float32:
@@ -218,7 +249,10 @@ def logprob_slice_backward(grad_logits, logits, targets, start, lse, entropy, gr
     """The row kernels' backward on one vocabulary slice whose first column is id `start`.
 
     The kernels match a target only inside [0, w): targets shifted outside it add nothing.
+    The torch rows would index with them instead, so the torch paths slice on their own.
     """
+    if backend == "torch":
+        raise RuntimeError("logprob_slice_backward serves the GPU backends; the torch path masks targets itself")
     logprob_rows_backward(
         grad_logits, logits, targets - start, lse, entropy, grad_logp, grad_entropy, temperature, backend
     )

@@ -152,7 +152,9 @@ def test_low_memory_loss_gives_the_same_grpo_steps(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
+@pytest.mark.parametrize("scale_rewards", ["group", "batch"])
+def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path, scale_rewards):
+    """Batch scaling divides by the std of every rank's rewards, as one process would."""
     import subprocess
     import sys
 
@@ -163,7 +165,7 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
     data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
     common = ["stage=grpo", f"model.path={model}", f"data.train_files={data}", "grpo.group_size=4",
               "grpo.max_new_tokens=12", "grpo.cosine_max_len=100", "train.max_steps=2", "optim.lr=1e-3",
-              "checkpoint.export_hf=false"]
+              "checkpoint.export_hf=false", f"grpo.scale_rewards={scale_rewards}"]
 
     def run(command, run_dir, prompts_per_rank):
         completed = subprocess.run(
@@ -181,6 +183,16 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path):
         assert one[0][key] == pytest.approx(two[0][key], rel=1e-6), key  # the same rollouts
     assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5, abs=1e-7)
     assert abs(one[0]["loss"]) > 1e-6  # a real loss, not 0 == 0
+
+
+def test_a_non_finite_loss_or_gradient_norm_stops_before_the_update():
+    from trainer.engine import TrainingError
+    from trainer.grpo import check_finite
+
+    check_finite(torch.tensor(0.25), torch.tensor(3.0))
+    for loss, norm in ((float("nan"), 1.0), (0.5, float("inf"))):
+        with pytest.raises(TrainingError, match="non-finite GRPO loss or gradient norm"):
+            check_finite(torch.tensor(loss), torch.tensor(norm))
 
 
 def test_sampling_logprobs_line_up_with_the_targets():

@@ -31,6 +31,8 @@ class DataStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_empty_completion: int = 0
+    # Completions the chat template would have rewritten, taken verbatim from the data instead.
+    completions_outside_template: int = 0
 
 
 def _first_line(error):
@@ -39,8 +41,8 @@ def _first_line(error):
 
 
 def _check_jsonl(path):
-    """A malformed line is reported with its number instead of a parser traceback."""
-    records = 0
+    """Line numbers of the records; a malformed line is reported with its number, not a traceback."""
+    line_numbers = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -55,13 +57,17 @@ def _check_jsonl(path):
                 raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records += 1
-    if records == 0:
+            line_numbers.append(number)
+    if not line_numbers:
         raise DataError(f"{path}: no examples (the file is empty)")
+    return line_numbers
 
 
 def load_records(files):
-    """Rows of every file, each with (file, row number) for error messages."""
+    """Rows of every file, each with (file, line or row number) for error messages.
+
+    A jsonl row carries its line in the file (blank lines are skipped); other formats their row.
+    """
     import datasets
 
     records = []
@@ -69,9 +75,10 @@ def load_records(files):
         if not os.path.isfile(path):
             raise DataError(f"{path}: data file not found")
         extension = os.path.splitext(path)[1].lower()
+        line_numbers = None
         if extension in (".jsonl", ".json"):
             if extension == ".jsonl":
-                _check_jsonl(path)
+                line_numbers = _check_jsonl(path)
             builder = "json"
         elif extension == ".parquet":
             builder = "parquet"
@@ -80,7 +87,9 @@ def load_records(files):
         try:
             dataset = datasets.load_dataset(builder, data_files=path, split="train")
             # Rows are converted here too: Arrow can fail on odd nested keys only when a row is read.
-            records.extend((path, number, row) for number, row in enumerate(dataset, start=1))
+            rows = list(dataset)
+            numbers = line_numbers if line_numbers and len(line_numbers) == len(rows) else range(1, len(rows) + 1)
+            records.extend((path, number, row) for number, row in zip(numbers, rows))
         except Exception as error:  # datasets raises many types; the user needs the file and the reason
             raise DataError(f"{path}: could not be read ({_first_line(error)})") from None
     if not records:
@@ -104,7 +113,8 @@ def to_messages(row, data_config, system_prompt, where):
         for name in (data_config.problem_field, data_config.solution_field):
             value = row.get(name)
             if value is None:
-                raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(sorted(row))})")
+                present = sorted(key for key, field in row.items() if field is not None)
+                raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(present)})")
             if not isinstance(value, str):
                 raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
             fields[name] = value
@@ -117,14 +127,38 @@ def to_messages(row, data_config, system_prompt, where):
     return messages
 
 
-def tokenize_chat(tokenizer, messages, where):
-    """Document of one chat; the completion is what the template adds after the generation prompt."""
+def _without_overlap(prompt, text):
+    """text less any start it shares with the end of prompt (a generation prompt ending in '<think>\n')."""
+    for size in range(min(len(prompt), len(text), 64), 0, -1):
+        if prompt.endswith(text[:size]):
+            return text[size:]
+    return text
+
+
+def render_completion(tokenizer, messages):
+    """(prompt, completion, rendered_by_template) of one chat.
+
+    The completion is what the chat template adds after the generation prompt, when that keeps
+    the assistant's text. Reasoning-model templates drop everything before '</think>' from
+    assistant turns (their history form), or open the turn with '<think>' in the generation
+    prompt only; training on their rendering would lose the trace. Then the completion is the
+    data's own text, less what the generation prompt already holds, followed by the EOS token.
+    """
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the full chat")
+    answer = messages[-1]["content"]
+    if full.startswith(prompt) and answer.strip() in full[len(prompt):]:
+        return prompt, full[len(prompt):], True
+    return prompt, _without_overlap(prompt, answer) + (tokenizer.eos_token or ""), False
+
+
+def tokenize_chat(tokenizer, messages, where, stats=None):
+    """Document of one chat: prompt tokens, then completion tokens (the only ones with a loss)."""
+    prompt, completion, rendered_by_template = render_completion(tokenizer, messages)
+    if not rendered_by_template and stats is not None:
+        stats.completions_outside_template += 1
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return Document(prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids))
 
 
@@ -133,7 +167,7 @@ def build_documents(records, tokenizer, data_config, system_prompt):
     documents = []
     for path, number, row in records:
         where = f"{path}:{number}"
-        document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), where)
+        document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), where, stats)
         stats.examples += 1
         if len(document.input_ids) > data_config.max_seq_len:
             if data_config.overlong == "drop":

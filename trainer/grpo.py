@@ -16,10 +16,10 @@ import torch
 from fastmath_kernels import group_advantages, grpo_token_loss, linear_token_logprobs
 
 from .data import DataError, load_records, to_messages
-from .engine import Engine
+from .engine import Engine, TrainingError
 from .metrics import MetricsLogger, plot_loss
 from .model import load_tokenizer
-from .parallel import all_reduce_sum, init_distributed, is_distributed, shutdown
+from .parallel import all_gather_concat, all_reduce_sum, init_distributed, is_distributed, shutdown
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine, sync_weights
 from .rollout.keyed_sampling import sequence_keys
@@ -93,6 +93,26 @@ def score_groups(chosen, completions, rewards):
         for name, values in group_parts.items():
             parts.setdefault(name, []).extend(values)
     return reward_values, parts
+
+
+def step_advantages(reward_values, grpo, device, rank, world_size):
+    """Advantages of this rank's rewards; scale "batch" divides by the std of every rank's rewards."""
+    rewards = torch.tensor(reward_values, dtype=torch.float32, device=device)
+    if grpo.scale_rewards != "batch" or world_size == 1:
+        return group_advantages(rewards, grpo.group_size, scale=grpo.scale_rewards)
+    # Every rank holds the same number of groups (sample_groups fills its batch back up).
+    everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch")
+    return everyone[rank * rewards.numel() : (rank + 1) * rewards.numel()]
+
+
+def check_finite(loss, grad_norm):
+    """Stops before a NaN or infinite update reaches the weights (one host sync)."""
+    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        raise TrainingError(
+            f"non-finite GRPO loss or gradient norm (loss {loss_value}, grad norm {norm_value}); "
+            "the last complete checkpoint is kept; lower optim.lr or check the rewards"
+        )
 
 
 def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, rank):
@@ -234,8 +254,7 @@ def run_grpo(config):
             chosen, completions, reward_values, parts, sampling_rounds = sample_groups(
                 indices, step, prompts, rollout, sampling, rewards, config, rank)
             rollout_s = time.perf_counter() - started
-            reward_tensor = torch.tensor(reward_values, dtype=torch.float32)
-            advantages = group_advantages(reward_tensor, grpo.group_size, scale=grpo.scale_rewards).to(device)
+            advantages = step_advantages(reward_values, grpo, device, rank, world_size)
 
             input_ids, position_ids, attention_mask, mask = policy_batch(chosen, completions, engine.tokenizer.pad_token_id)
             if grpo.mask_truncated:
@@ -280,6 +299,7 @@ def run_grpo(config):
                 grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters, config.optim.grad_clip)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
+                check_finite(loss, grad_norm)
                 lr = engine.scheduler.get_last_lr()[0]
                 engine.optimizer.step()
                 engine.optimizer.zero_grad(set_to_none=True)

@@ -10,9 +10,14 @@ from fastmath_kernels import linear_cross_entropy
 from .data import DataError
 
 
-def resolve_dtype(name, device):
+def resolve_dtype(name, device, trainable=False):
+    """auto: fp32 on CPU; on GPU bf16 for inference and fp32 master weights for training.
+
+    A trained GPU model still computes in bf16: FSDP's mixed-precision policy casts its
+    parameters for each forward, and a single process runs the forward under autocast.
+    """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and not trainable else torch.float32
     return getattr(torch, name)
 
 
@@ -35,10 +40,16 @@ def load_tokenizer(model_config):
     return tokenizer
 
 
-def load_causal_lm(model_config, device):
+def load_causal_lm(model_config, device, trainable=False):
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(model_config.dtype, device)
+    dtype = resolve_dtype(model_config.dtype, device, trainable)
+    if trainable and dtype in (torch.bfloat16, torch.float16) and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"model.dtype={model_config.dtype}: the optimizer steps {dtype} weights, and updates smaller than "
+            "about 1/256 of a weight round away; model.dtype=auto trains fp32 weights with bf16 compute",
+            flush=True,
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_config.path, dtype=dtype, trust_remote_code=model_config.trust_remote_code,
@@ -61,6 +72,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
         self.low_memory_loss = low_memory_loss
+        # Set when the parameters stay fp32 without FSDP's cast (one process on a GPU): the
+        # backbone then runs under autocast and the loss takes hidden and weight in this dtype.
+        self.autocast_dtype = None
 
     def forward(self, input_ids, position_ids, attention_mask, targets=None, head=None):
         """The summed cross-entropy at targets, or head(hidden, lm_head_weight) when a head is given.
@@ -68,11 +82,14 @@ class CausalLMLoss(nn.Module):
         GRPO passes its own head (token log-probs and the clipped loss); it runs here, inside the
         root's forward, for the same reason as the cross-entropy.
         """
-        hidden = self.causal_lm.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
-        ).last_hidden_state
+        autocast = self.autocast_dtype is not None
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            hidden = self.causal_lm.model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
+            ).last_hidden_state
+        weight = self.causal_lm.lm_head.weight
+        if autocast:
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
         if head is not None:
-            return head(hidden, self.causal_lm.lm_head.weight)
-        return linear_cross_entropy(
-            hidden, self.causal_lm.lm_head.weight, targets, reduction="sum", low_memory=self.low_memory_loss
-        )
+            return head(hidden, weight)
+        return linear_cross_entropy(hidden, weight, targets, reduction="sum", low_memory=self.low_memory_loss)

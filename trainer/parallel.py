@@ -32,6 +32,15 @@ def barrier():
         dist.barrier()
 
 
+def all_gather_concat(tensor):
+    """Every rank's tensor of the same shape, concatenated in rank order along dim 0."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def all_reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -45,7 +54,11 @@ def shutdown():
 
 
 def apply_fsdp(root, device, parallel_config):
-    """Shards each decoder layer, then the root; a single process keeps the plain module."""
+    """Shards each decoder layer, then the root; a single process keeps the plain module.
+
+    Either way a GPU computes in bf16: FSDP casts the parameters, a single process with fp32
+    weights runs its forward under autocast (CausalLMLoss.autocast_dtype).
+    """
     causal_lm = root.causal_lm
     if parallel_config.activation_checkpointing:
         # Non-reentrant checkpointing composes with FSDP2; transformers >= 5.x renamed the method.
@@ -54,6 +67,8 @@ def apply_fsdp(root, device, parallel_config):
         else:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not is_distributed():
+        if device.type == "cuda" and causal_lm.dtype == torch.float32:
+            root.autocast_dtype = torch.bfloat16  # fp32 master weights, bf16 compute, as under FSDP
         return root
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 

@@ -1,0 +1,79 @@
+"""Weight precision of trained models: fp32 master weights, low-precision compute."""
+
+import pytest
+import torch
+
+from trainer.model import CausalLMLoss, resolve_dtype
+from trainer.toy.model_dir import build_model_dir
+from trainer.toy.task import WORDS
+
+
+@pytest.mark.parametrize(
+    "name, device, trainable, expected",
+    [
+        ("auto", "cpu", True, torch.float32),
+        ("auto", "cpu", False, torch.float32),
+        ("auto", "cuda", True, torch.float32),  # the optimizer steps fp32 weights
+        ("auto", "cuda", False, torch.bfloat16),  # inference and the frozen reference model
+        ("bfloat16", "cuda", True, torch.bfloat16),
+        ("float16", "cpu", False, torch.float16),
+    ],
+)
+def test_auto_dtype_keeps_trained_weights_in_fp32(name, device, trainable, expected):
+    assert resolve_dtype(name, torch.device(device), trainable) is expected
+
+
+def test_bf16_weights_lose_small_adamw_updates_that_fp32_weights_keep():
+    """Why trained weights stay fp32: one AdamW step at lr 4e-6 moves a 0.02 weight by 2e-4 of itself."""
+    for dtype, expected_changed in ((torch.bfloat16, 0.0), (torch.float32, 1.0)):
+        weight = torch.nn.Parameter((0.02 + 0.01 * torch.rand(4096)).to(dtype))
+        before = weight.detach().clone()
+        weight.grad = torch.randn(4096).to(dtype)
+        torch.optim.AdamW([weight], lr=4e-6, weight_decay=0.0).step()
+        changed = (weight.detach() != before).float().mean().item()
+        assert changed == pytest.approx(expected_changed, abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = build_model_dir(str(tmp_path_factory.mktemp("model")), WORDS, hidden_size=64, layers=2)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_autocast_root_computes_in_bf16_and_trains_fp32_weights(toy_model):
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, toy_model.config.vocab_size, (2, 24))
+    position_ids = torch.arange(24).expand(2, 24)
+    targets = torch.roll(input_ids, -1, dims=1)
+    mask = torch.zeros(2, 1, 24, 24).masked_fill_(~torch.ones(24, 24, dtype=torch.bool).tril(), float("-inf"))
+
+    def loss_and_grads(autocast_dtype):
+        toy_model.zero_grad()
+        root = CausalLMLoss(toy_model)
+        root.autocast_dtype = autocast_dtype
+        seen = {}
+
+        def head(hidden, weight):
+            seen["hidden"], seen["weight"] = hidden.dtype, weight.dtype
+            return torch.nn.functional.cross_entropy(
+                (hidden @ weight.T).float().flatten(0, 1), targets.flatten(), reduction="sum"
+            )
+
+        loss = root(input_ids, position_ids, mask, head=head)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in toy_model.named_parameters()}
+        return loss.item(), grads, seen
+
+    loss_fp32, grads_fp32, seen_fp32 = loss_and_grads(None)
+    loss_bf16, grads_bf16, seen_bf16 = loss_and_grads(torch.bfloat16)
+    assert seen_fp32 == {"hidden": torch.float32, "weight": torch.float32}
+    assert seen_bf16 == {"hidden": torch.bfloat16, "weight": torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in toy_model.parameters())
+    assert all(g.dtype == torch.float32 for g in grads_bf16.values())
+    # bf16 compute: close to the fp32 result, but not the same numbers.
+    assert loss_bf16 == pytest.approx(loss_fp32, rel=2e-2) and loss_bf16 != loss_fp32
+    layer = "model.layers.0.mlp.down_proj.weight"
+    relative = (grads_bf16[layer] - grads_fp32[layer]).norm() / grads_fp32[layer].norm()
+    assert 0 < relative < 0.05
