@@ -77,3 +77,36 @@ def test_autocast_root_computes_in_bf16_and_trains_fp32_weights(toy_model):
     layer = "model.layers.0.mlp.down_proj.weight"
     relative = (grads_bf16[layer] - grads_fp32[layer]).norm() / grads_fp32[layer].norm()
     assert 0 < relative < 0.05
+
+
+@pytest.mark.gpu
+def test_one_gpu_process_trains_fp32_weights_with_bf16_compute(tmp_path):
+    from trainer.config import load_config
+    from trainer.model import load_causal_lm
+    from trainer.parallel import apply_fsdp
+
+    path = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    config = load_config(None, [f"model.path={path}", "data.train_files=[unused.jsonl]"])
+    device = torch.device("cuda")
+    root = apply_fsdp(CausalLMLoss(load_causal_lm(config.model, device, trainable=True)), device, config.parallel)
+    assert root.autocast_dtype is torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in root.parameters())
+
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, root.causal_lm.config.vocab_size, (2, 24), device=device)
+    position_ids = torch.arange(24, device=device).expand(2, 24)
+    targets = torch.roll(input_ids, -1, dims=1)
+    allowed = torch.ones(24, 24, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(2, 1, 24, 24, device=device).masked_fill_(~allowed, float("-inf"))
+    with torch.no_grad():  # fp32 reference of the same forward
+        reference = torch.nn.functional.cross_entropy(
+            root.causal_lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).logits.double()
+            .flatten(0, 1), targets.flatten(), reduction="sum",
+        ).item()
+    before = [p.detach().clone() for p in root.parameters()]
+    loss = root(input_ids, position_ids, mask, targets=targets)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference, rel=2e-2) and loss.item() != pytest.approx(reference, rel=1e-7)
+    torch.optim.AdamW(root.parameters(), lr=4e-6, weight_decay=0.0).step()
+    changed = torch.cat([(p.detach() != b).flatten() for p, b in zip(root.parameters(), before)]).float().mean()
+    assert all(p.dtype == torch.float32 for p in root.parameters()) and changed > 0.99
