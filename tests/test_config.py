@@ -1,6 +1,7 @@
 """Bad configurations are rejected at start-up, before any model or data loads, naming the key."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,6 +47,16 @@ def test_impossible_grpo_settings_name_their_key(override, key):
 def test_impossible_eval_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, ["stage=eval", "model.path=/m", "eval.data=/d.jsonl", override])
+
+
+@pytest.mark.parametrize("override,message", [
+    # Metrics are logged every step (progress bar, metrics.jsonl, TensorBoard); no key thins them.
+    ("train.log_every=10", "unknown config key 'train.log_every'"),
+    ("checkpoint.resume=latest", "checkpoint.resume: 'latest' is not one of none, auto"),
+])
+def test_keys_that_would_change_nothing_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["model.path=/m", "data.train_files=/d.jsonl", override])
 
 
 def test_a_stage_file_needs_a_stage(tmp_path):

@@ -45,6 +45,45 @@ def test_pass_at_1_majority_and_tokens_at_each_budget():
     assert at_short.mean_tokens == pytest.approx(short)  # every sample here is `short` tokens or cut there
 
 
+def test_a_completion_cut_at_the_largest_budget_is_unfinished_there():
+    tokenizer = build_tokenizer(WORDS)
+    ids = tokenizer("3 + 4 = 7 . \\boxed{ 7 }", add_special_tokens=False)["input_ids"]
+    budget = len(ids) + 1
+    ended = Completion(0, ids + [tokenizer.eos_token_id], "", "stop")  # its end-of-sequence is token `budget`
+    cut = Completion(0, ids + [ids[0]], "", "length")  # max_new_tokens=budget reached, no end in sight
+    (row,), _ = score_at_budgets([[ended, cut]], ["7"], tokenizer, [budget])
+    assert row.unfinished_fraction == pytest.approx(1 / 2)
+    assert row.pass_at_1 == pytest.approx(1.0)  # both hold the right box; being cut is reported, not scored
+    # Completions without a finish reason: ending on end-of-sequence at the budget is finishing.
+    unknown = [Completion(0, c.token_ids, "", None) for c in (ended, cut)]
+    (row,), _ = score_at_budgets([unknown], ["7"], tokenizer, [budget])
+    assert row.unfinished_fraction == pytest.approx(1 / 2)
+
+
+def test_unfinished_fraction_of_sampled_completions_counts_those_without_an_end(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.evaluate import sample_completions
+    from trainer.rollout import SamplingSettings
+
+    model_dir = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    problems = [json.loads(line) for line in open(write_problems(str(tmp_path / "p.jsonl"), 4, seed=2))]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p["problem"]}], tokenize=False,
+                                           add_generation_prompt=True) for p in problems]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    budget = 6
+    per_prompt = sample_completions(model, tokenizer, prompts, SamplingSettings(n=3, max_new_tokens=budget),
+                                    progress=False)
+    samples = [c for completions in per_prompt for c in completions]
+    # Independently of the finish reason: a completion ended when it holds the end-of-sequence token.
+    without_end = sum(tokenizer.eos_token_id not in c.token_ids for c in samples) / len(samples)
+    assert without_end > 0  # an untrained model runs into the budget
+    (row,), _ = score_at_budgets(per_prompt, [p["answer"] for p in problems], tokenizer, [budget])
+    assert row.unfinished_fraction == pytest.approx(without_end)
+
+
 def test_majority_vote_ignores_samples_without_an_answer_and_can_be_wrong():
     tokenizer = build_tokenizer(WORDS)
     samples = [[completion(tokenizer, t) for t in ("\\boxed{ 8 } </think>", "\\boxed{ 8 } </think>",

@@ -120,10 +120,16 @@ def test_corrupted_checkpoint_is_reported_and_the_previous_one_used(toy, tmp_pat
     data = bytearray(largest.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)  # same size: only the checksum can tell
     largest.write_bytes(bytes(data))
+    # The copied metrics as the stopped run left them, marked so the resumed run's own rows can be told apart.
+    rows = [dict(r, logged_before_the_stop=True) for r in read_metrics(damaged) if r["step"] <= 6]
+    (damaged / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     resumed = run(sft_arguments(toy, damaged, "checkpoint.resume=auto", "checkpoint.keep=5"))
     output = resumed.stdout + resumed.stderr
     assert "step_00000006 is incomplete or corrupted" in output
     assert "resumed from" in output and "step_00000004" in output
+    # Steps 1-4 stay as logged before the stop; 5-10 are the resumed run's.
+    records = read_metrics(damaged)
+    assert [r.get("logged_before_the_stop", False) for r in records] == [True] * 4 + [False] * 6
     assert step_metrics(damaged, ("loss",)) == step_metrics(whole, ("loss",))
 
 

@@ -55,21 +55,74 @@ def test_a_real_checkpoint_passes_the_metadata_check_and_a_tampered_one_stops_th
     assert not marker.exists()
 
 
+REMOTE_CODE = """
+import pathlib
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+pathlib.Path({marker!r}).write_text("ran")
+
+
+class Config(LlamaConfig):
+    model_type = "fastmath_unknown"
+
+
+class Model(LlamaForCausalLM):
+    config_class = Config
+"""
+
+
+def model_with_remote_code(tmp_path):
+    """A model directory whose config names its own code (evil.py), which leaves a marker file when run."""
+    path = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    marker = tmp_path / "ran"
+    (tmp_path / "model" / "evil.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config.update(model_type="fastmath_unknown", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    return path, marker
+
+
 def test_remote_code_in_a_model_directory_is_not_run_unless_asked_for(tmp_path):
     import torch
 
     from trainer.model import load_causal_lm, load_tokenizer
 
-    path = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
-    marker = tmp_path / "ran"
-    (tmp_path / "model" / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
-    config.update(model_type="fastmath_unknown", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
-    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    path, marker = model_with_remote_code(tmp_path)
     with pytest.raises(DataError, match="could not load the model"):
         load_causal_lm(ModelConfig(path=path), torch.device("cpu"))
     load_tokenizer(ModelConfig(path=path))  # the tokenizer files are plain data and still load
     assert not marker.exists()
+
+
+LOAD_WITH_REMOTE_CODE = """
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import ModelConfig
+from trainer.model import load_causal_lm
+
+path = sys.argv[1]
+model = load_causal_lm(ModelConfig(path=path, trust_remote_code=True), torch.device("cpu"))
+saved = load_file(path + "/model.safetensors")
+same = all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
+print(type(model).__module__, type(model).__name__, same)
+"""
+
+
+@pytest.mark.slow
+def test_remote_code_in_a_model_directory_runs_when_asked_for(tmp_path):
+    path, marker = model_with_remote_code(tmp_path)
+    # Offline, with a private module cache: the code comes from the directory and nowhere else.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    completed = subprocess.run([sys.executable, "-c", LOAD_WITH_REMOTE_CODE, path], capture_output=True, text=True,
+                               cwd=REPO, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    module, name, same_weights = completed.stdout.split()[-3:]
+    assert module.endswith(".evil") and name == "Model" and same_weights == "True"
+    assert marker.read_text() == "ran"
 
 
 INJECTIONS = [

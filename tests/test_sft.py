@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,7 +42,7 @@ def test_packed_documents_do_not_see_each_other(toy):
     model = AutoModelForCausalLM.from_pretrained(toy["model"], dtype=torch.float32).eval()
     config = sft_config(toy, "unused").data
     rows = [json.loads(line) for line in open(toy["data"])][:3]
-    documents = [tokenize_chat(tokenizer, to_messages(row, config, None, "row"), "row") for row in rows]
+    documents = [tokenize_chat(tokenizer, to_messages(row, config, None, "row")) for row in rows]
 
     def logits_of(docs):
         batch = collate(pack_documents(docs, 10_000), tokenizer.pad_token_id, torch.float32)
@@ -69,7 +71,7 @@ def test_completion_only_targets(toy):
 
     tokenizer = AutoTokenizer.from_pretrained(toy["model"])
     row = json.loads(open(toy["data"]).readline())
-    document = tokenize_chat(tokenizer, to_messages(row, sft_config(toy, "x").data, "be brief", "row"), "row")
+    document = tokenize_chat(tokenizer, to_messages(row, sft_config(toy, "x").data, "be brief", "row"))
     (pack,) = pack_documents([document], 10_000)
     counted = [t for t in pack.targets if t != -100]
     completion = [i for i, m in zip(document.input_ids, document.completion_mask) if m]
@@ -94,26 +96,106 @@ def test_short_run_lowers_the_loss_and_exports_a_loadable_model(toy, tmp_path):
     assert os.path.exists(os.path.join(config.run_dir, "loss.png"))
 
 
+def keep_metrics_up_to(run_dir, last_step):
+    """metrics.jsonl as a run killed after logging last_step leaves it, each row marked as that run's."""
+    rows = [dict(r, logged_before_the_kill=True) for r in read_metrics(run_dir) if r["step"] <= last_step]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def keep_checkpoints(run_dir, *names):
+    root = os.path.join(run_dir, "checkpoints")
+    assert set(names) <= set(os.listdir(root)), "the checkpoints to resume from must have been kept"
+    for name in os.listdir(root):
+        if name not in names:
+            shutil.rmtree(os.path.join(root, name))
+
+
 def test_resume_repeats_the_same_losses(toy, tmp_path):
     from trainer.sft import run_sft
 
     straight = sft_config(toy, str(tmp_path / "straight"), "train.max_steps=8")
     run_sft(straight)
-    first = sft_config(toy, str(tmp_path / "resumed"), "train.max_steps=8", "checkpoint.every_steps=3")
+    first = sft_config(toy, str(tmp_path / "resumed"), "train.max_steps=8", "checkpoint.every_steps=3",
+                       "checkpoint.keep=3")
     run_sft(first)
-    # Keep only the step-3 checkpoint and the metrics before it, as if the run had died at step 5.
-    root = os.path.join(first.run_dir, "checkpoints")
-    for name in os.listdir(root):
-        if name != "step_00000003":
-            import shutil
-
-            shutil.rmtree(os.path.join(root, name))
+    # As if the run had been killed during step 6: the step-3 checkpoint and the metrics of steps 1-5.
+    keep_checkpoints(first.run_dir, "step_00000003")
+    keep_metrics_up_to(first.run_dir, 5)
     resumed = sft_config(toy, first.run_dir, "train.max_steps=8", "checkpoint.every_steps=3", "checkpoint.resume=auto")
     run_sft(resumed)
+    records = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # Steps 1-3 stay as the killed run logged them; 4-8 are the resumed run's own.
+    assert [r.get("logged_before_the_kill", False) for r in records] == [True] * 3 + [False] * 5
     expected = [r["loss"] for r in read_metrics(straight.run_dir)]
-    got = [r["loss"] for r in read_metrics(resumed.run_dir)]
-    assert [r["step"] for r in read_metrics(resumed.run_dir)] == list(range(1, 9))
-    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert [r["loss"] for r in records] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def scheduled_lr(lr, step, total_steps, warmup_ratio):
+    """The documented schedule at 0-based step: linear warmup over round(ratio x total) steps, cosine to 0."""
+    warmup = round(warmup_ratio * total_steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total_steps - warmup)))
+
+
+def test_resume_follows_the_configured_lr_and_epochs(toy, tmp_path, capsys):
+    from trainer.engine import Engine
+    from trainer.sft import run_sft
+
+    run_dir = str(tmp_path / "run")
+    common = ("train.micro_batch_size=4", "train.grad_accum=2", "checkpoint.every_steps=2", "checkpoint.keep=5")
+    run_sft(sft_config(toy, run_dir, *common, "train.epochs=1"))
+    records = read_metrics(run_dir)
+    assert len(records) == 7  # 56 packed sequences, 8 per step
+    assert [r["lr"] for r in records] == pytest.approx([scheduled_lr(3e-3, s, 7, 0.1) for s in range(7)], rel=1e-12)
+
+    # Killed during step 5, resumed with a lower lr and twice the epochs: from step 5 on, the
+    # optimizer steps at the new schedule's lr (the cosine over 14 steps, peak 1e-3).
+    keep_checkpoints(run_dir, "step_00000002", "step_00000004")
+    keep_metrics_up_to(run_dir, 4)
+    capsys.readouterr()
+    run_sft(sft_config(toy, run_dir, *common, "train.epochs=2", "optim.lr=1e-3", "checkpoint.resume=auto"))
+    changed = [line for line in capsys.readouterr().out.splitlines() if "optim.lr" in line]
+    assert len(changed) == 1 and "optim.lr 0.003 -> 0.001" in changed[0] and "total steps 7 -> 14" in changed[0]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 15))
+    resumed = [r["lr"] for r in records if "logged_before_the_kill" not in r]
+    assert resumed == pytest.approx([scheduled_lr(1e-3, s, 14, 0.1) for s in range(4, 14)], rel=1e-12)
+    assert {r["epoch"] for r in records} == {0, 1}
+
+    # The optimizer itself carries the configured settings after a resume, not the checkpoint's.
+    config = sft_config(toy, run_dir, "train.epochs=3", "optim.lr=5e-4", "optim.weight_decay=0.1",
+                        "optim.beta2=0.99", "checkpoint.resume=auto")
+    engine = Engine(config)
+    engine.set_schedule(21)
+    assert engine.resume(lambda _: None) == 14
+    for group in engine.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(scheduled_lr(5e-4, 14, 21, 0.1), rel=1e-12)
+        assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"])) == (5e-4, 0.1, (0.9, 0.99))
+    assert engine.scheduler.base_lrs == [5e-4] * len(engine.optimizer.param_groups)
+
+    # A configuration that ends before the checkpoint's step cannot continue it.
+    with pytest.raises(ConfigError, match="step_00000014 is at step 14, beyond the 7 steps"):
+        run_sft(sft_config(toy, run_dir, *common, "train.epochs=1", "checkpoint.resume=auto"))
+
+
+def test_a_fresh_run_refuses_a_run_dir_holding_an_earlier_runs_checkpoints(toy, tmp_path):
+    from trainer.sft import run_sft
+
+    run_dir = str(tmp_path / "run")
+    run_sft(sft_config(toy, run_dir, "train.max_steps=4", "checkpoint.every_steps=2"))
+    root = os.path.join(run_dir, "checkpoints")
+    checkpoints, records = sorted(os.listdir(root)), read_metrics(run_dir)
+    assert checkpoints == ["step_00000002", "step_00000004"]
+    # A shorter fresh run would otherwise leave step 4 behind as the "latest" for --resume auto.
+    with pytest.raises(ConfigError) as refused:
+        run_sft(sft_config(toy, run_dir, "train.max_steps=3"))
+    message = str(refused.value)
+    assert f"run_dir {run_dir} already holds checkpoints" in message and "step_00000004" in message
+    assert "--resume auto" in message and "choose another run_dir" in message and f"delete {root}" in message
+    assert sorted(os.listdir(root)) == checkpoints and read_metrics(run_dir) == records
 
 
 def test_incomplete_checkpoint_is_skipped(toy, tmp_path):
@@ -176,6 +258,21 @@ def test_bad_input_gets_one_line_errors(toy, tmp_path):
     assert str(no_tokenizer) in cli_error(toy, tmp_path, f"model.path={no_tokenizer}")
 
     assert "did you mean 'lr'" in cli_error(toy, tmp_path, "optim.lrr=1e-3")
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_a_fresh_run_over_earlier_checkpoints_in_one_line(toy, tmp_path):
+    from trainer.sft import run_sft
+
+    run_dir = tmp_path / "run"
+    run_sft(sft_config(toy, str(run_dir), "train.max_steps=1"))
+    completed = run_cli(f"run_dir={run_dir}", f"model.path={toy['model']}", f"data.train_files={toy['data']}",
+                        "data.max_seq_len=192", "train.max_steps=1", "checkpoint.export_hf=false")
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    (line,) = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert f"run_dir {run_dir} already holds checkpoints" in line and "--resume auto" in line
+    assert "Traceback" not in completed.stderr
+    assert os.listdir(run_dir / "checkpoints") == ["step_00000001"] and len(read_metrics(str(run_dir))) == 1
 
 
 def test_config_errors_name_the_key():
@@ -265,7 +362,7 @@ def test_parquet_chat_messages_and_overlong_counts(toy, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(toy["model"])
     records = load_records([path])
     assert len(records) == 6 and records[0][:2] == (path, 1)
-    lengths = [len(tokenize_chat(tokenizer, c["messages"], "row").input_ids) for c in chats]
+    lengths = [len(tokenize_chat(tokenizer, c["messages"]).input_ids) for c in chats]
     limit = sorted(lengths)[2]  # half the examples are longer than this
     for overlong, kept, counted in (("truncate", 6, "truncated"), ("drop", 3, "dropped_overlong")):
         config = sft_config(toy, "x", "data.messages_field=messages", f"data.max_seq_len={limit}",

@@ -48,7 +48,7 @@ def chat(answer=TRACE):
 
 def test_plain_template_renders_the_completion(tokenizer):
     stats = DataStats()
-    document = tokenize_chat(tokenizer, chat(), "row", stats)
+    document = tokenize_chat(tokenizer, chat(), stats)
     assert completion_text(tokenizer, document) == TRACE + "<|im_end|>"
     assert stats.completions_outside_template == 0
 
@@ -57,7 +57,7 @@ def test_plain_template_renders_the_completion(tokenizer):
 def test_template_that_drops_the_reasoning_keeps_the_whole_trace(tokenizer, template):
     tokenizer.chat_template = template
     stats = DataStats()
-    document = tokenize_chat(tokenizer, chat(), "row", stats)
+    document = tokenize_chat(tokenizer, chat(), stats)
     text = completion_text(tokenizer, document)
     assert "\\boxed{ 4 }" in text and "</think>" in text  # the reasoning is trained on
     assert text.endswith("<|im_end|>")  # the model still learns to stop

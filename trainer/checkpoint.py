@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .config import ConfigError
 from .data import DataError
 from .parallel import barrier
 
@@ -119,6 +120,22 @@ def latest_checkpoint(run_dir, log=print):
             return path
         log(f"checkpoint {path} is incomplete or corrupted (manifest check failed); skipping it")
     return None
+
+
+def check_no_earlier_checkpoints(run_dir):
+    """A fresh run refuses a run_dir that holds another run's checkpoints.
+
+    Pruning and --resume auto pick checkpoints by step number, so an earlier run's later steps
+    would outlive the new run's and be resumed from as if they were its own.
+    """
+    root = checkpoint_root(run_dir)
+    found = sorted(name for name in os.listdir(root) if _STEP_DIR.match(name)) if os.path.isdir(root) else []
+    if found:
+        raise ConfigError(
+            f"run_dir {run_dir} already holds checkpoints of an earlier run ({', '.join(found)} in {root}); "
+            f"pass --resume auto (checkpoint.resume=auto) to continue that run, choose another run_dir, "
+            f"or delete {root}"
+        )
 
 
 def save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, rank, keep):

@@ -56,7 +56,6 @@ class TrainConfig:
     micro_batch_size: int = 1  # packed sequences per forward pass and rank
     grad_accum: int = 1
     seed: int = 0
-    log_every: int = 1
     # Fused-linear loss (SFT) and log-probs (GRPO) without the fp32 [vocab, hidden]
     # weight-gradient buffer, for one more logits matmul.
     low_memory_loss: bool = False
@@ -142,6 +141,7 @@ CHOICES = {
     "grpo.unparseable_gold": ("no_signal", "reward_one"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
+    "checkpoint.resume": ("none", "auto"),
 }
 
 
@@ -222,7 +222,7 @@ def validate(config):
     positive = {
         "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
-        "train.log_every": config.train.log_every, "checkpoint.keep": config.checkpoint.keep,
+        "checkpoint.keep": config.checkpoint.keep,
         "grpo.prompts_per_step": config.grpo.prompts_per_step, "grpo.max_new_tokens": config.grpo.max_new_tokens,
         "grpo.num_iterations": config.grpo.num_iterations, "grpo.max_sampling_rounds": config.grpo.max_sampling_rounds,
     }

@@ -152,7 +152,7 @@ def render_completion(tokenizer, messages):
     return prompt, _without_overlap(prompt, answer) + (tokenizer.eos_token or ""), False
 
 
-def tokenize_chat(tokenizer, messages, where, stats=None):
+def tokenize_chat(tokenizer, messages, stats=None):
     """Document of one chat: prompt tokens, then completion tokens (the only ones with a loss)."""
     prompt, completion, rendered_by_template = render_completion(tokenizer, messages)
     if not rendered_by_template and stats is not None:
@@ -167,7 +167,7 @@ def build_documents(records, tokenizer, data_config, system_prompt):
     documents = []
     for path, number, row in records:
         where = f"{path}:{number}"
-        document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), where, stats)
+        document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), stats)
         stats.examples += 1
         if len(document.input_ids) > data_config.max_seq_len:
             if data_config.overlong == "drop":

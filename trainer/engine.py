@@ -5,7 +5,14 @@ import os
 
 import torch
 
-from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_no_earlier_checkpoints,
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import ConfigError
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed
 
@@ -31,10 +38,13 @@ class Engine:
     def __init__(self, config, tokenizer=None):
         """tokenizer: already loaded (stages load it first, to check their data before the model)."""
         self.config = config
+        if config.checkpoint.resume != "auto":
+            # Checked before the model loads: a fresh run must not mix with an earlier run's checkpoints.
+            check_no_earlier_checkpoints(config.run_dir)
         self.rank, self.world_size, self.device = init_distributed()
         torch.manual_seed(config.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
-        causal_lm = load_causal_lm(config.model, self.device)
+        causal_lm = load_causal_lm(config.model, self.device, trainable=True)
         loss_module = CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss)
         self.module = apply_fsdp(loss_module, self.device, config.parallel)
         self.parameters = [p for p in self.module.parameters() if p.requires_grad]
@@ -43,6 +53,7 @@ class Engine:
             self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
         )
         self.scheduler = None
+        self.total_steps = None
 
     @property
     def compute_dtype(self):
@@ -50,6 +61,7 @@ class Engine:
 
     def set_schedule(self, total_steps):
         optim = self.config.optim
+        self.total_steps = total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total_steps, optim.warmup_ratio, optim.min_lr_ratio)
         )
@@ -80,27 +92,69 @@ class Engine:
                 f"non-finite loss or gradient norm (loss {values[0]}, grad norm {values[1]}); "
                 "the last complete checkpoint is kept; lower optim.lr or check the data"
             )
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # what this optimizer step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": values[0], "grad_norm": values[1], "tokens": int(values[2]), "lr": lr}
 
     def resume(self, log):
-        """With checkpoint.resume=auto, restores the newest complete checkpoint; returns the step to start at."""
+        """With checkpoint.resume=auto, restores the newest complete checkpoint; returns the step to start at.
+
+        Weights, optimizer moments, RNG and the step come from the checkpoint; the optimizer's
+        settings and the learning-rate schedule come from the current configuration, so
+        `--resume auto optim.lr=2e-5 train.epochs=10` continues on the newly configured schedule.
+        """
         if self.config.checkpoint.resume != "auto":
             return 0
         path = latest_checkpoint(self.config.run_dir, log=log)
         if not path:
             log("no complete checkpoint to resume from; starting at step 0")
             return 0
-        step = load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.rank)["step"]
+        saved = load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.rank)
+        step = saved["step"]
+        if step > self.total_steps:
+            raise ConfigError(
+                f"{path} is at step {step}, beyond the {self.total_steps} steps this configuration trains "
+                f"(train.epochs={self.config.train.epochs}, train.max_steps={self.config.train.max_steps}); "
+                "raise them to continue that run, or choose another run_dir"
+            )
+        self._apply_configured_optimizer(step, saved.get("total_steps"), log)
         log(f"resumed from {path} at step {step}")
         return step
 
+    def _apply_configured_optimizer(self, step, saved_total_steps, log):
+        """Replaces the optimizer settings and schedule a checkpoint restored with the configured ones.
+
+        Loading brings back the saved param groups (lr, initial_lr, betas, weight decay) and the
+        scheduler's saved base_lrs; the schedule's shape (warmup, cosine over total_steps) is
+        already the configured one. The learning rate at `step` becomes what the configured
+        schedule gives there.
+        """
+        optim = self.config.optim
+        group = self.optimizer.param_groups[0]
+        checkpoint_values = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": group["weight_decay"],
+                             "optim.beta1": group["betas"][0], "optim.beta2": group["betas"][1]}
+        configured = {"optim.lr": optim.lr, "optim.weight_decay": optim.weight_decay,
+                      "optim.beta1": optim.beta1, "optim.beta2": optim.beta2}
+        changes = [f"{key} {checkpoint_values[key]:g} -> {configured[key]:g}"
+                   for key in configured if checkpoint_values[key] != configured[key]]
+        if saved_total_steps is not None and saved_total_steps != self.total_steps:
+            changes.append(f"total steps {saved_total_steps} -> {self.total_steps}")
+        if changes:
+            log(f"resume: the configuration differs from the checkpoint ({', '.join(changes)}); "
+                f"the configured values apply from step {step + 1}")
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=optim.lr, lr=optim.lr * factor, weight_decay=optim.weight_decay,
+                         betas=(optim.beta1, optim.beta2))
+        self.scheduler.base_lrs = [optim.lr] * len(self.optimizer.param_groups)
+        # get_last_lr() reads this; the next scheduler.step() recomputes it from base_lrs.
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def _save(self, step):
-        save_checkpoint(self.config.run_dir, step, self.module, self.optimizer, self.scheduler, {"step": step},
-                        self.rank, self.config.checkpoint.keep)
+        save_checkpoint(self.config.run_dir, step, self.module, self.optimizer, self.scheduler,
+                        {"step": step, "total_steps": self.total_steps}, self.rank, self.config.checkpoint.keep)
 
     def after_step(self, step, total_steps):
         """Saves a checkpoint after `step` (1-based) when checkpoint.every_steps says so."""

@@ -86,15 +86,30 @@ def _think_end_token(tokenizer):
     return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
 
 
-def _answer_and_length(token_ids, budget, tokenizer, stop_at_think_end, think_end_id):
+def _ended_within(completion, budget, eos_token_id):
+    """Whether the completion ended on its own (end-of-sequence or a stop string) within budget tokens.
+
+    A completion of exactly max_new_tokens may have been cut there or have ended there: the
+    engine's finish reason tells which. Without one, a last token of end-of-sequence does.
+    """
+    length = len(completion.token_ids)
+    if completion.finish_reason in ("stop", "length"):
+        return completion.finish_reason == "stop" and length <= budget
+    return length < budget or (length == budget and completion.token_ids[-1] == eos_token_id)
+
+
+def _answer_and_length(completion, budget, tokenizer, stop_at_think_end, think_end_id):
     """(extracted answer or None, tokens counted, finished within the budget)."""
-    kept = token_ids[:budget]
+    kept = completion.token_ids[:budget]
+    thought_out = False  # the thinking ended within the budget, so the answer region is whole
     if stop_at_think_end and think_end_id is not None and think_end_id in kept:
         kept = kept[: kept.index(think_end_id) + 1]
+        thought_out = True
     text = tokenizer.decode(kept, skip_special_tokens=True)
     if stop_at_think_end and THINK_END in text:
         text = text[: text.index(THINK_END)]
-    finished = len(token_ids) <= budget or (stop_at_think_end and len(kept) < budget)
+        thought_out = True
+    finished = thought_out or _ended_within(completion, budget, tokenizer.eos_token_id)
     return last_boxed(text), len(kept), finished
 
 
@@ -129,7 +144,7 @@ def score_at_budgets(per_prompt, answers, tokenizer, budgets, *, stop_at_think_e
             extracted = []
             for completion in completions:
                 answer, length, finished = _answer_and_length(
-                    completion.token_ids, budget, tokenizer, stop_at_think_end, think_end_id
+                    completion, budget, tokenizer, stop_at_think_end, think_end_id
                 )
                 extracted.append(answer)
                 tokens += length

@@ -34,6 +34,12 @@ class SFTData:
             f"tokens; {len(documents)} documents in {len(self.packs)} sequences, {self.steps_per_epoch} "
             f"steps per epoch ({unused} sequences per epoch left out to keep steps whole)"
         )
+        if stats.completions_outside_template:
+            log(
+                f"data: the chat template rewrites assistant turns (it drops reasoning before </think>); "
+                f"{stats.completions_outside_template} completions were taken verbatim from the data, "
+                "after the generation prompt, ending in the EOS token"
+            )
 
     def micro_batches(self, step, rank, mask_dtype):
         epoch, index = divmod(step, self.steps_per_epoch)

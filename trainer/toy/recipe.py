@@ -154,6 +154,8 @@ def run_toy_recipe(config_path=None, overrides=()):
 
     print(f"== stage 1: SFT, {sft_config.train.epochs} epochs", flush=True)
     stage_start = time.perf_counter()
+    # The recipe owns its stage directories: a rerun starts them afresh, not over the last run's checkpoints.
+    shutil.rmtree(sft_config.run_dir, ignore_errors=True)
     run_sft(sft_config)
     seconds["sft"] = time.perf_counter() - stage_start
     results["SFT"] = evaluate_dir(os.path.join(run_dir, "sft", "hf_model"), held_out, settings, seed)
@@ -161,6 +163,7 @@ def run_toy_recipe(config_path=None, overrides=()):
 
     print(f"== stage 2: GRPO, {grpo_config.train.max_steps} steps", flush=True)
     stage_start = time.perf_counter()
+    shutil.rmtree(grpo_config.run_dir, ignore_errors=True)
     run_grpo(grpo_config)
     seconds["grpo"] = time.perf_counter() - stage_start
     results["SFT+GRPO"] = evaluate_dir(os.path.join(run_dir, "grpo", "hf_model"), held_out, settings, seed)
@@ -231,6 +234,7 @@ def run_epoch_ablation(config_path=None, overrides=()):
         else:
             config = stage_config(toy, "sft", base_model, train_file, stage_dir, [f"train.epochs={epochs}"])
             print(f"== SFT for {epochs} epoch(s)", flush=True)
+            shutil.rmtree(stage_dir, ignore_errors=True)  # the ablation owns it, as the recipe its stages
             run_sft(config)
         result = evaluate_dir(os.path.join(stage_dir, "hf_model"), held_out, settings, seed)
         print(_summary_line(f"{epochs} epoch(s)", result), flush=True)
