@@ -47,6 +47,18 @@ def test_weights_are_sent_whole_in_buckets_of_the_given_size(tmp_path):
         assert sum(sizes) >= bucket_bytes and sum(sizes[:-1]) < bucket_bytes
 
 
+def test_sync_sends_the_engines_dtype_from_fp32_master_weights(tmp_path):
+    _, _, model = load(tmp_path)
+    engine = RecordingEngine()
+    engine.weight_dtype = torch.bfloat16
+    sent = sync_weights(CausalLMLoss(model), engine, 64 * 1024)
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    received = dict(pair for bucket in engine.buckets for pair in bucket)
+    assert all(received[name].dtype == torch.bfloat16 and torch.equal(received[name], expected[name])
+               for name in expected)
+    assert sent == sum(t.numel() * 2 for t in expected.values())  # half the fp32 bytes
+
+
 def test_hf_engine_needs_no_sync(tmp_path):
     _, tokenizer, model = load(tmp_path)
     engine = HFRolloutEngine(CausalLMLoss(model), tokenizer, torch.device("cpu"))

@@ -50,10 +50,14 @@ def sync_weights(root_module, engine, bucket_bytes):
     """
     if not getattr(engine, "holds_weights", False):
         return 0
+    # The trainer keeps fp32 master weights; the engine computes in its own (lower) precision.
+    engine_dtype = getattr(engine, "weight_dtype", None)
     bucket, bucket_size, sent = [], 0, 0
     for name, tensor in root_module.causal_lm.state_dict().items():
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        bucket.append((name, full.detach()))
+        full = (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+        if engine_dtype is not None and full.is_floating_point():
+            full = full.to(engine_dtype)
+        bucket.append((name, full))
         bucket_size += full.numel() * full.element_size()
         if bucket_size >= bucket_bytes:
             engine.load_weights(bucket)

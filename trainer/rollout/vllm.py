@@ -22,7 +22,10 @@ class VLLMRolloutEngine:
             raise RuntimeError(
                 f"grpo.rollout_engine=vllm needs vllm ({error}); install it with pip install -e .[vllm]"
             ) from None
+        import torch
+
         self.tokenizer = tokenizer
+        self.weight_dtype = getattr(torch, dtype)  # what sync_weights sends
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enable_sleep_mode=True,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enable_prefix_caching=True,
