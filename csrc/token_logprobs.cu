@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
                                   int vocab, const int64_t* __restrict__ targets,
                                   float scale_log2, double inv_temperature,
                                   float* __restrict__ logp,
-                                  float* __restrict__ entropy, float* __restrict__ lse) {
+                                  float* __restrict__ entropy, double* __restrict__ lse) {
   constexpr int kVec = forward_vector_size<scalar_t>();
   constexpr int kPacks = forward_packs_per_iteration<scalar_t>();
   using Pack = AlignedPack<scalar_t, kVec>;
@@ -136,8 +136,9 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
     const float target_log2 = (target_logit - state.max) * scale_log2;
     logp[row] = static_cast<float>(
         (static_cast<double>(target_log2) - static_cast<double>(log2_sum)) * fastmath::kLn2Double);
-    lse[row] = static_cast<float>(static_cast<double>(state.max) * inv_temperature +
-                                  static_cast<double>(log2_sum) * fastmath::kLn2Double);
+    // Kept in double: near 1e4 a float lse is off by up to 5e-4, and every p with it.
+    lse[row] = static_cast<double>(state.max) * inv_temperature +
+               static_cast<double>(log2_sum) * fastmath::kLn2Double;
     if (kEntropy) entropy[row] = (log2_sum - state.weighted / state.sum) * fastmath::kLn2;
   }
 }
@@ -146,7 +147,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
 // c1 = ge * ln2 / T, which is (1/T) * (g * ([j == t] - p) - ge * p * (log p + H)).
 struct RowGradient {
   float inv_temperature;
-  float lse;
+  float lse_hi;  // lse_hi + lse_lo = the double lse, each a float
+  float lse_lo;
   float target_grad;
   float c0;
   float c1;
@@ -155,9 +157,9 @@ struct RowGradient {
 
 template <bool kEntropy>
 __device__ __forceinline__ float logit_gradient(const RowGradient& row, float x, int column) {
-  // x / T - lse with one rounding, in natural units like the lse itself: at T = 1 the row's
-  // largest logit gets exactly log p = lse's own rounding away from the forward's value.
-  const float log2_p = fmaf(x, row.inv_temperature, -row.lse) * fastmath::kLog2e;
+  // x / T - lse_hi is exact (fma, and Sterbenz) where p matters, x / T near lse; the small
+  // lse_lo then carries the rest of the double lse, so log p keeps full float precision.
+  const float log2_p = (fmaf(x, row.inv_temperature, -row.lse_hi) - row.lse_lo) * fastmath::kLog2e;
   const float p = fast_exp2(log2_p);
   // The clamp keeps c1 * log2(p) finite for -inf logits, where p = 0.
   const float coefficient = kEntropy ? fmaf(row.c1, fmaxf(log2_p, fastmath::kMinLog2), row.c0) : row.c0;
@@ -172,7 +174,7 @@ __device__ __forceinline__ float logit_gradient(const RowGradient& row, float x,
 template <typename logits_t, typename grad_t, bool kEntropy>
 __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_kernel(
     grad_t* grad_logits, int64_t grad_row_stride, const logits_t* logits, int64_t logits_row_stride,
-    int vocab, int num_chunks, const int64_t* __restrict__ targets, const float* __restrict__ lse,
+    int vocab, int num_chunks, const int64_t* __restrict__ targets, const double* __restrict__ lse,
     const float* __restrict__ entropy, const float* __restrict__ grad_logp,
     const float* __restrict__ grad_entropy, float inv_temperature) {
   constexpr int kVec = backward_vector_size<logits_t, grad_t>();
@@ -187,7 +189,9 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
 
   RowGradient stats;
   stats.inv_temperature = inv_temperature;
-  stats.lse = lse[row];
+  const double row_lse = lse[row];
+  stats.lse_hi = static_cast<float>(row_lse);
+  stats.lse_lo = isfinite(row_lse) ? static_cast<float>(row_lse - static_cast<double>(stats.lse_hi)) : 0.0f;
   const float g = grad_logp[row];
   stats.target_grad = g * inv_temperature;
   stats.c0 = g * inv_temperature;
@@ -246,11 +250,11 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
   }
 }
 
-void check_float_vector(const at::Tensor& tensor, const char* name, int64_t size,
-                        const at::Tensor& like) {
+void check_vector(const at::Tensor& tensor, const char* name, int64_t size, const at::Tensor& like,
+                  at::ScalarType dtype) {
   TORCH_CHECK(tensor.device() == like.device(), name, " must be on ", like.device(), ", got ",
               tensor.device());
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat, name, " must be float32, got ",
+  TORCH_CHECK(tensor.scalar_type() == dtype, name, " must be ", dtype, ", got ",
               tensor.scalar_type());
   TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == size, name, " must have shape [", size,
               "], got ", tensor.sizes());
@@ -303,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(
   const int64_t vocab = logits_in.size(1);
   const auto float_options = logits_in.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({num_rows}, float_options);
-  at::Tensor lse = at::empty({num_rows}, float_options);
+  at::Tensor lse = at::empty({num_rows}, logits_in.options().dtype(at::kDouble));
   at::Tensor entropy = at::empty({with_entropy ? num_rows : 0}, float_options);
   if (num_rows == 0) return {logp, entropy, lse};
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
@@ -327,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(
           kernel<<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
               logits.data_ptr<scalar_t>(), logits.stride(0), static_cast<int>(vocab),
               targets.data_ptr<int64_t>(), scale_log2, 1.0 / temperature, logp.data_ptr<float>(),
-              with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>());
+              with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<double>());
         };
         if (with_entropy) {
           launch(token_logprobs_forward_kernel<scalar_t, true>);
@@ -354,16 +358,16 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
   check_targets(targets_in, logits_in);
   const int64_t num_rows = logits_in.size(0);
   const int64_t vocab = logits_in.size(1);
-  check_float_vector(lse_in, "lse", num_rows, logits_in);
-  check_float_vector(grad_logp_in, "grad_logp", num_rows, logits_in);
+  check_vector(lse_in, "lse", num_rows, logits_in, at::kDouble);
+  check_vector(grad_logp_in, "grad_logp", num_rows, logits_in, at::kFloat);
   // The entropy term needs both the entropy and its upstream gradient; an empty entropy (a
   // forward without it) counts as absent.
   const bool with_entropy = entropy_in.has_value() && entropy_in->defined() &&
                             grad_entropy_in.has_value() && grad_entropy_in->defined() &&
                             !(entropy_in->numel() == 0 && num_rows > 0);
   if (with_entropy) {
-    check_float_vector(*entropy_in, "entropy", num_rows, logits_in);
-    check_float_vector(*grad_entropy_in, "grad_entropy", num_rows, logits_in);
+    check_vector(*entropy_in, "entropy", num_rows, logits_in, at::kFloat);
+    check_vector(*grad_entropy_in, "grad_entropy", num_rows, logits_in, at::kFloat);
   }
   scale_log2_of(temperature);  // validates the temperature
   if (num_rows == 0 || vocab == 0) return;
@@ -411,7 +415,7 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
                     grad_logits.data_ptr<grad_t>(), grad_logits.stride(0),
                     logits.data_ptr<logits_t>(), logits.stride(0), static_cast<int>(vocab),
                     static_cast<int>(num_chunks), targets.data_ptr<int64_t>(),
-                    lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
+                    lse.data_ptr<double>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
                     grad_logp.data_ptr<float>(),
                     with_entropy ? grad_entropy.data_ptr<float>() : nullptr, inv_temperature);
               };

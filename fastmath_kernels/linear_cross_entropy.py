@@ -27,7 +27,7 @@ from .linear_token_logprobs import (
     weight_grad_by_vocab_slices,
 )
 from .linear_vocab_chunks import targets_in_slice
-from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
+from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward, lse_parts
 
 REDUCTIONS = ("mean", "sum", "none")
 # Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
@@ -35,14 +35,14 @@ _CACHE_RESIDENT_ELEMENTS = 1 << 19
 
 
 def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
-    """Torch path, in place on fp32 scratch logits [n, V]: returns (logp [n], lse [n]).
+    """Torch path, in place on fp32 scratch logits [n, V]: returns (float32 logp [n], float64 lse [n]).
 
     With want_grad the logits are left holding d(loss)/d(logits) = row_grad * (onehot - p),
     computed from the same exponentials as the forward (no second pass over lse).
     """
     num_rows, vocab_size = logits.shape
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
     step = max(2, _CACHE_RESIDENT_ELEMENTS // vocab_size)
     for start in range(0, num_rows, step):
         end = min(start + step, num_rows)
@@ -53,7 +53,7 @@ def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
         sum_exp = z.exp_().sum(dim=1, keepdim=True)
         log_sum = sum_exp.log()
         logp[start:end] = (target_shifted - log_sum).squeeze(1)
-        lse[start:end] = (row_max + log_sum).squeeze(1)
+        lse[start:end] = (row_max.double() + log_sum.double()).squeeze(1)
         if want_grad:
             rows_grad = row_grad[start:end, None]
             z.mul_(-rows_grad / sum_exp).scatter_add_(1, rows_targets, rows_grad)
@@ -63,13 +63,14 @@ def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
 def cross_entropy_slice_grad(grad_logits, logits, targets, start, lse, row_grad, backend):
     """Writes row_grad * (onehot - p) for the vocabulary slice whose first column is `start`.
 
-    logits [N, w] are that slice's fp32 logits; lse [N] is over the whole vocabulary.
+    logits [N, w] are that slice's fp32 logits; lse [N] (float64) is over the whole vocabulary.
     """
     if backend != "torch":
         logprob_slice_backward(grad_logits, logits, targets, start, lse, None, row_grad, None, 1.0, backend)
         return
     column, inside = targets_in_slice(targets, start, start + logits.shape[1])
-    logits.sub_(lse[:, None]).exp_().mul_(-row_grad[:, None])
+    lse_hi, lse_lo = lse_parts(lse)
+    logits.sub_(lse_hi[:, None]).sub_(lse_lo[:, None]).exp_().mul_(-row_grad[:, None])
     logits.scatter_add_(1, column, torch.where(inside, row_grad, 0.0)[:, None])
     if grad_logits.data_ptr() != logits.data_ptr():
         grad_logits.copy_(logits)
@@ -95,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_by_slices = need_weight and low_memory
         grad_weight = weight_grad_buffer(weight) if need_weight and not weight_by_slices else None
         chunk_grads = need_hidden or grad_weight is not None
-        lse = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device) if weight_by_slices else None
+        lse = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device) if weight_by_slices else None
         projection = ChunkedLinear(rows, weight)
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
         buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)

@@ -284,7 +284,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             return logp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
         projection = ChunkedLinear(rows, weight)
         logp = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
-        lse = torch.empty_like(logp)
+        lse = torch.empty(num_tokens, dtype=torch.float64, device=rows.device)
         entropy = torch.empty_like(logp) if with_entropy else None
         buffer, workspace = projection.logits_buffer(chunk_size), Workspace(weight.shape[0], rows.device)
         for start, end in chunk_bounds(num_tokens, chunk_size):
@@ -306,7 +306,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None, None, None
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1).float()
+        grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32) if grad_logp is None else grad_logp.reshape(-1).float()
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).float()
         if ctx.backend == "torch":
             slice_size = vocab_slice_size(ctx.chunk_size, rows.shape[0], weight.shape[0])

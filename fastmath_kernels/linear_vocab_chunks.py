@@ -10,7 +10,7 @@ slice's probabilities.
 
 import torch
 
-from .token_logprobs import LOG_PROB_FLOOR
+from .token_logprobs import LOG_PROB_FLOOR, lse_parts
 
 
 def vocab_slices(vocab_size, slice_size):
@@ -46,7 +46,7 @@ def targets_in_slice(targets, start, end):
 
 
 def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, slice_size):
-    """float32 (logp [N], entropy [N] or None, lse [N]) of log_softmax(hidden @ weight.T / T)."""
+    """(logp [N], entropy [N] or None) in float32 and float64 lse [N] of log_softmax(hidden @ weight.T / T)."""
     num_tokens, device = hidden.shape[0], hidden.device
     slices = VocabSlices(hidden, weight, slice_size, buffers=2)
     running_max = torch.full((num_tokens,), float("-inf"), device=device)
@@ -71,9 +71,10 @@ def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, sl
         sum_exp = sum_exp * rescale + slice_sum
         running_max = new_max
     log_sum = sum_exp.log()
-    lse = running_max + log_sum
     entropy = log_sum - weighted / sum_exp if with_entropy else None
-    return target_logit - lse, entropy, lse
+    # Relative to the max, with no lse ~ 1e4 in between: small log-probs keep full precision.
+    logp = (target_logit - running_max) - log_sum
+    return logp, entropy, running_max.double() + log_sum.double()
 
 
 def vocab_chunked_backward(
@@ -88,11 +89,12 @@ def vocab_chunked_backward(
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     target_grad = grad_logp / temperature
+    lse_hi, lse_lo = lse_parts(lse)
     for start, end in vocab_slices(weight.shape[0], slice_size):
         log_probs = slices.logits(start, end)
         if temperature != 1.0:
             log_probs.div_(temperature)
-        log_probs.sub_(lse[:, None]).clamp_(min=LOG_PROB_FLOOR)
+        log_probs.sub_(lse_hi[:, None]).sub_(lse_lo[:, None]).clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=slices.buffer(1, end - start))
             weight_term = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])

@@ -39,12 +39,24 @@ class Workspace:
             yield start, min(start + self.rows, num_rows)
 
 
+def lse_parts(lse):
+    """float32 (hi, lo) with hi + lo = the float64 lse [N].
+
+    z - hi is exact where p matters (z near the lse), and lo carries the rest, so
+    log p = (z - hi) - lo keeps full float32 precision even for logits near 1e4, where a single
+    float32 lse would be off by up to 5e-4.
+    """
+    hi = lse.float()
+    lo = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0).float()
+    return hi, lo
+
+
 def _is_same_fp32_tensor(a, b):
     return a.dtype == torch.float32 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace=None, logits_are_scratch=False):
-    """Torch path: logits [N, V] -> float32 (logp [N], entropy [N] or None, lse [N]).
+    """Torch path: logits [N, V] -> (logp [N], entropy [N] or None) in float32, and float64 lse [N].
 
     With logits_are_scratch (fp32 logits the caller will recompute or drop) the work happens
     in place and the logits are overwritten.
@@ -52,7 +64,7 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, w
     num_rows, vocab_size = logits.shape
     workspace = workspace or Workspace(vocab_size, logits.device)
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     in_place = logits_are_scratch and logits.dtype == torch.float32
     for start, end in workspace.chunks(num_rows):
@@ -70,7 +82,7 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, w
         exps = torch.exp(shifted, out=workspace.get("exps", rows))
         sum_exp = exps.sum(dim=-1, keepdim=True)
         log_sum = sum_exp.log()
-        lse[start:end] = (row_max + log_sum).squeeze(1)
+        lse[start:end] = (row_max.double() + log_sum.double()).squeeze(1)
         logp[start:end] = (target_shifted - log_sum).squeeze(1)
         if with_entropy:
             # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.
@@ -90,12 +102,13 @@ def logprob_rows_backward_reference(
     use_entropy = grad_entropy is not None and entropy is not None
     in_place = _is_same_fp32_tensor(grad_logits, logits)
     target_grad = (grad_logp / temperature)[:, None]
+    lse_hi, lse_lo = lse_parts(lse)
     for start, end in workspace.chunks(num_rows):
         rows = end - start
         work = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
         if temperature != 1.0:
             work.div_(temperature)
-        log_probs = work.sub_(lse[start:end, None]).clamp_(min=LOG_PROB_FLOOR)
+        log_probs = work.sub_(lse_hi[start:end, None]).sub_(lse_lo[start:end, None]).clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=workspace.get("exps", rows))
             weight = log_probs.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
@@ -108,7 +121,7 @@ def logprob_rows_backward_reference(
 
 
 def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None, logits_are_scratch=False):
-    """(logp, entropy or None, lse), all float32 [N], for logits [N, V] with a contiguous last dim.
+    """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim; lse in float64.
 
     workspace and logits_are_scratch only matter to the torch path (see its reference).
     """
@@ -186,7 +199,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
+        grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32) if grad_logp is None else grad_logp.reshape(-1)
         grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad_logits.view(-1, logits.shape[-1])
@@ -240,7 +253,7 @@ if has_cuda_op("token_logprobs_forward"):
         return (
             logits.new_empty(num_rows, dtype=torch.float32),
             logits.new_empty(entropy_rows, dtype=torch.float32),
-            logits.new_empty(num_rows, dtype=torch.float32),
+            logits.new_empty(num_rows, dtype=torch.float64),
         )
 
     @torch.library.register_fake("fastmath::token_logprobs_backward")
@@ -260,7 +273,7 @@ if has_cuda_op("token_logprobs_forward"):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None
         if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
+            grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32)
         if entropy is None:
             grad_entropy = None
         grad_logits = torch.empty_like(logits)

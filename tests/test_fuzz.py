@@ -115,8 +115,8 @@ def test_rewards_never_raise_on_fuzzed_text(group, gold):
 def test_latex_built_to_be_slow_is_checked_within_its_time_limit(answer):
     started = time.perf_counter()
     score = accuracy_reward(f"\\boxed{{{answer}}}", "3", timeout_s=1)
-    assert score in (0.0, 1.0)
     assert time.perf_counter() - started < 10
+    assert score == 0.0, f"{answer[:40]!r} is not 3"
 
 
 @FUZZ

@@ -139,9 +139,12 @@ def test_gpu_backends_match_float64_reference(backend, scale, num_groups, group_
 def test_cuda_op_passes_opcheck():
     if not fk.HAS_CUDA_EXT:
         pytest.fail("the CUDA extension did not load on a GPU machine")
-    rewards = random_rewards(8, 4, torch.float32, seed=0, device="cuda")
-    for scale_mode in (0, 1, 2):
-        torch.library.opcheck(torch.ops.fastmath.group_advantages.default, (rewards, 4, scale_mode, 1e-4))
+    # Advantages are constants of the GRPO step: the op has no autograd registration, so the
+    # rewards do not require grad here.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rewards = random_rewards(8, 4, dtype, seed=0, device="cuda")
+        for scale_mode in (0, 1, 2):
+            torch.library.opcheck(torch.ops.fastmath.group_advantages.default, (rewards, 4, scale_mode, 1e-4))
 
 
 @pytest.mark.gpu

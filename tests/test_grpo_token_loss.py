@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import BACKEND_DEVICES, assert_fp32_accurate
+from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
 
 from fastmath_kernels import grpo_token_loss
 
@@ -50,6 +50,41 @@ def test_matches_float64(backend_device, shape, beta, eps_low, eps_high):
     assert_fp32_accurate(leaf.grad, ref_grad, "grad")
 
 
+def plain_torch_loss(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, upstream):
+    """The loss as a user would write it, every op in the inputs' dtype, with its gradient."""
+    logp = logp.detach().clone().requires_grad_()
+    ratio = torch.exp(logp - old_logp)
+    advantage = advantages.view(-1, *([1] * (logp.dim() - 1)))
+    loss = -torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantage)
+    if beta:
+        delta = ref_logp - logp
+        loss = loss + beta * (torch.exp(delta) - delta - 1)
+    (loss * upstream.to(logp.dtype)).sum().backward()
+    return loss, logp.grad
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 17), (2, 3, 5)], ids=str)
+@pytest.mark.parametrize("beta,eps_low,eps_high", [(0.0, 0.2, 0.2), (0.04, 0.2, 0.28)])
+def test_low_precision_within_twice_plain_torch(backend_device, dtype, shape, beta, eps_low, eps_high):
+    backend, device = backend_device
+    inputs = [t.to(dtype) for t in random_inputs(shape, device, seed=shape[-1] + 100)]
+    logp, old_logp, advantages, ref_logp, upstream = inputs
+    leaf = logp.clone().requires_grad_()
+    loss = grpo_token_loss(
+        leaf, old_logp, advantages, ref_logp=ref_logp if beta else None, beta=beta,
+        eps_low=eps_low, eps_high=eps_high, backend=backend,
+    )
+    (loss * upstream.float()).sum().backward()
+    assert loss.dtype == torch.float32 and loss.shape == logp.shape
+    assert leaf.grad.dtype == dtype and leaf.grad.shape == logp.shape
+    ref_loss, ref_grad = float64_reference(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, upstream)
+    plain_loss, plain_grad = plain_torch_loss(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, upstream)
+    assert_within_twice_plain_torch(loss, plain_loss, ref_loss, "loss")
+    assert_within_twice_plain_torch(leaf.grad, plain_grad, ref_grad, "grad")
+
+
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 def test_clipped_tokens_get_no_policy_gradient(backend_device):
     backend, device = backend_device
@@ -87,10 +122,14 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
 
 @pytest.mark.gpu
 def test_cuda_ops_pass_opcheck():
-    logp, old_logp, advantages, ref_logp, _ = random_inputs((5, 33), "cuda", seed=0)
-    torch.library.opcheck(
-        torch.ops.fastmath.grpo_token_loss_forward.default, (logp, old_logp, advantages, ref_logp, 0.04, 0.2, 0.28)
-    )
-    torch.library.opcheck(
-        torch.ops.fastmath.grpo_token_loss_forward.default, (logp, old_logp, advantages, None, 0.0, 0.2, 0.2)
-    )
+    logp, old_logp, advantages, ref_logp, upstream = random_inputs((5, 33), "cuda", seed=0)
+    # logp requires grad so that opcheck also checks the autograd registration and its backward.
+    logp.requires_grad_()
+    for ref, beta, eps_high in ((ref_logp, 0.04, 0.28), (None, 0.0, 0.2)):
+        torch.library.opcheck(
+            torch.ops.fastmath.grpo_token_loss_forward.default, (logp, old_logp, advantages, ref, beta, 0.2, eps_high)
+        )
+        torch.library.opcheck(
+            torch.ops.fastmath.grpo_token_loss_backward.default,
+            (upstream, logp.detach(), old_logp, advantages, ref, beta, 0.2, eps_high),
+        )

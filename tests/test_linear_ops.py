@@ -1,7 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
+from helpers import (
+    BACKEND_DEVICES,
+    assert_fp32_accurate,
+    assert_fp32_rows_accurate,
+    assert_within_twice_plain_torch,
+)
 
 from fastmath_kernels import linear_cross_entropy, linear_token_logprobs
 
@@ -100,6 +105,8 @@ def test_low_memory_peak_is_at_most_1_2x_the_gradients(backend, op):
     weight.requires_grad_()
     upstream = torch.randn(num_tokens, device="cuda")
     gradient_bytes = (hidden.numel() + weight.numel()) * 2
+    # cuBLAS takes its workspace from the caching allocator at the first matmul: not the op's memory.
+    torch.mm(hidden[:64].detach(), weight[:64].detach().T)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -218,23 +225,107 @@ def test_linear_token_logprobs_fp32_matches_float64(backend_device, shape, tempe
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature,with_entropy", [(1.0, False), (0.7, True)], ids=["logp", "T0.7-entropy"])
 @pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
-def test_linear_token_logprobs_bf16_within_twice_plain_torch(backend_device, low_memory):
+def test_linear_token_logprobs_low_precision_within_twice_plain_torch(
+    backend_device, dtype, temperature, with_entropy, low_memory
+):
     backend, device = backend_device
-    hidden, weight, targets = random_problem((2, 11), 24, 301, torch.bfloat16, device, 6)
-    upstream = torch.randn(2, 11, device=device)
+    hidden, weight, targets = random_problem((2, 11), 24, 301, dtype, device, 6)
+    generator = torch.Generator().manual_seed(16)
+    upstream_logp, upstream_entropy = torch.randn(2, 2, 11, generator=generator).to(device)
+    if not with_entropy:
+        upstream_entropy = torch.zeros_like(upstream_entropy)
     hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
-    logp = linear_token_logprobs(
-        hidden_leaf, weight_leaf, targets, chunk_size=7, backend=backend, low_memory=low_memory
+    outputs = linear_token_logprobs(
+        hidden_leaf, weight_leaf, targets, temperature=temperature, with_entropy=with_entropy, chunk_size=7,
+        backend=backend, low_memory=low_memory,
     )
-    (logp * upstream).sum().backward()
-    ref_logp, _, ref_hidden, ref_weight = float64_token_logprobs(hidden, weight, targets, 1.0, upstream, torch.zeros_like(upstream))
+    logp, entropy = outputs if with_entropy else (outputs, None)
+    loss = (logp * upstream_logp).sum() + ((entropy * upstream_entropy).sum() if with_entropy else 0.0)
+    loss.backward()
+    assert hidden_leaf.grad.dtype == weight_leaf.grad.dtype == dtype
+    ref_logp, ref_entropy, ref_hidden, ref_weight = float64_token_logprobs(
+        hidden, weight, targets, temperature, upstream_logp, upstream_entropy
+    )
+    # Plain PyTorch in the same dtype: matmul, log_softmax, entropy and backward all in `dtype`.
     plain_hidden, plain_weight = leaf(hidden), leaf(weight)
-    plain_logp = torch.log_softmax(plain_hidden @ plain_weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
-    (plain_logp * upstream.to(torch.bfloat16)).sum().backward()
+    plain_log_probs = torch.log_softmax((plain_hidden @ plain_weight.T) / temperature, -1)
+    plain_logp = plain_log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    plain_entropy = -(plain_log_probs.exp() * plain_log_probs).sum(-1)
+    plain_loss = (plain_logp * upstream_logp.to(dtype)).sum()
+    if with_entropy:
+        plain_loss = plain_loss + (plain_entropy * upstream_entropy.to(dtype)).sum()
+    plain_loss.backward()
     assert_within_twice_plain_torch(logp, plain_logp, ref_logp, "logp")
+    if with_entropy:
+        assert_within_twice_plain_torch(entropy, plain_entropy, ref_entropy, "entropy")
     assert_within_twice_plain_torch(hidden_leaf.grad, plain_hidden.grad, ref_hidden, "grad_hidden")
     assert_within_twice_plain_torch(weight_leaf.grad, plain_weight.grad, ref_weight, "grad_weight")
+
+
+def offset_logits_problem(num_tokens, hidden_size, vocab_size, device, seed):
+    """fp32 inputs whose logits are +-1e4 plus an O(1) spread, computed exactly in fp32.
+
+    Column 0 holds each token's offset (+-1e4 in hidden, 1 in weight); the other columns are
+    small integers (hidden) and sixteenths (weight), so every partial sum of the matmul is a
+    multiple of 1/16 below 2^14, exact in fp32 in any order. The float64 reference then sees
+    the very logits the op computes, and only the softmax near 1e4 is under test.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-3, 4, (num_tokens, hidden_size), generator=generator).float()
+    hidden[:, 0] = 1e4 * (torch.randint(0, 2, (num_tokens,), generator=generator) * 2 - 1)
+    weight = torch.randint(-16, 17, (vocab_size, hidden_size), generator=generator).float() / 16
+    weight[:, 0] = 1.0
+    targets = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+    hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
+    assert torch.equal((hidden @ weight.T).double(), hidden.double() @ weight.double().T), "fp32 logits must be exact"
+    return hidden, weight, targets
+
+
+def assert_weight_grad_rows_accurate(grad_weight, ref_weight):
+    # Column 0 multiplies the +-1e4 offsets and is about 1e4 times the rest: each part is held
+    # to its own scale, the rest row by row.
+    assert_fp32_accurate(grad_weight[:, 0], ref_weight[:, 0], "grad_weight[:, 0]")
+    assert_fp32_rows_accurate(grad_weight[:, 1:], ref_weight[:, 1:], "grad_weight[:, 1:]")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
+def test_linear_token_logprobs_near_1e4_fp32_matches_float64(backend_device, low_memory):
+    backend, device = backend_device
+    hidden, weight, targets = offset_logits_problem(13, 8, 301, device, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    upstream_logp, upstream_entropy = torch.randn(2, 13, generator=generator).to(device)
+    hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
+    logp, entropy = linear_token_logprobs(
+        hidden_leaf, weight_leaf, targets, with_entropy=True, chunk_size=5, backend=backend, low_memory=low_memory
+    )
+    (logp * upstream_logp + entropy * upstream_entropy).sum().backward()
+    ref_logp, ref_entropy, ref_hidden, ref_weight = float64_token_logprobs(
+        hidden, weight, targets, 1.0, upstream_logp, upstream_entropy
+    )
+    # Each token against its own log-prob and entropy, each gradient row against its own scale.
+    assert_fp32_rows_accurate(logp[:, None], ref_logp[:, None], "logp")
+    assert_fp32_rows_accurate(entropy[:, None], ref_entropy[:, None], "entropy")
+    assert_fp32_rows_accurate(hidden_leaf.grad, ref_hidden, "grad_hidden")
+    assert_weight_grad_rows_accurate(weight_leaf.grad, ref_weight)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
+def test_cross_entropy_near_1e4_fp32_matches_float64(backend_device, low_memory):
+    backend, device = backend_device
+    hidden, weight, targets = offset_logits_problem(13, 8, 301, device, seed=2)
+    upstream = torch.tensor(1.0, device=device)
+    loss, grad_hidden, grad_weight = run_cross_entropy(
+        hidden, weight, targets, "sum", upstream, backend, chunk_size=5, low_memory=low_memory
+    )
+    ref_loss, ref_hidden, ref_weight = float64_cross_entropy(hidden, weight, targets, "sum", upstream)
+    assert_fp32_accurate(loss, ref_loss, "loss")
+    assert_fp32_rows_accurate(grad_hidden, ref_hidden, "grad_hidden")
+    assert_weight_grad_rows_accurate(grad_weight, ref_weight)
 
 
 def test_no_grad_forward_and_frozen_weight():

@@ -1,8 +1,17 @@
 import pytest
 import torch
-from helpers import BACKEND_DEVICES, assert_fp32_accurate, assert_within_twice_plain_torch
+from helpers import (
+    BACKEND_DEVICES,
+    assert_fp32_accurate,
+    assert_fp32_rows_accurate,
+    assert_rows_within_twice_plain_torch,
+    assert_views_of,
+    assert_within_twice_plain_torch,
+    record_row_kernel_inputs,
+)
 
 from fastmath_kernels import token_logprobs
+from fastmath_kernels.token_logprobs import row_blocks
 
 # Odd shapes: N=1, V=1, V not a multiple of any block, 3-D inputs, a V larger than one block.
 SHAPES = [(1, 7), (4, 1), (17, 33), (3, 5, 1001), (2, 4099)]
@@ -55,6 +64,17 @@ def test_fp32_matches_float64(backend_device, shape, temperature):
         assert logp.abs().max() < 1e-6 and entropy.abs().max() < 1e-6 and grad.abs().max() < 1e-6
 
 
+def plain_torch(logits, targets, temperature, upstream_logp, upstream_entropy):
+    """log_softmax, gather, entropy and backward all in the logits' dtype, as a user would write them."""
+    dtype = logits.dtype
+    logits = logits.detach().clone().requires_grad_()
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (logp * upstream_logp.to(dtype) + entropy * upstream_entropy.to(dtype)).sum().backward()
+    return logp, entropy, logits.grad
+
+
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_plain_torch(backend_device, dtype):
@@ -63,29 +83,70 @@ def test_low_precision_within_twice_plain_torch(backend_device, dtype):
     logp, entropy, grad = run_op(logits, targets, 0.7, upstream_logp, upstream_entropy, backend)
     assert grad.dtype == dtype
     ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 0.7, upstream_logp, upstream_entropy)
-    # Plain PyTorch in the same dtype: log_softmax, gather and backward all in `dtype`.
-    plain_logits = logits.detach().clone().requires_grad_()
-    plain_log_probs = torch.log_softmax(plain_logits / 0.7, dim=-1)
-    plain_logp = plain_log_probs.gather(-1, targets[..., None]).squeeze(-1)
-    plain_entropy = -(plain_log_probs.exp() * plain_log_probs).sum(-1)
-    (plain_logp * upstream_logp.to(dtype) + plain_entropy * upstream_entropy.to(dtype)).sum().backward()
+    plain_logp, plain_entropy, plain_grad = plain_torch(logits, targets, 0.7, upstream_logp, upstream_entropy)
     assert_within_twice_plain_torch(logp, plain_logp, ref_logp, "logp")
     assert_within_twice_plain_torch(entropy, plain_entropy, ref_entropy, "entropy")
-    assert_within_twice_plain_torch(grad, plain_logits.grad, ref_grad, "grad")
+    assert_within_twice_plain_torch(grad, plain_grad, ref_grad, "grad")
+
+
+def extreme_case(dtype, device, seed):
+    """Rows of logits near +-1e4, each with its own scale of log-probs and entropy.
+
+    0, 1: flat at +1e4 and -1e4 (logp = -log V). 2, 3: an O(1) spread around +1e4 and -1e4, a
+    spread-out softmax far from 0. 4: one token at +1e4 above the rest near -1e4 (entropy 0,
+    the target elsewhere: logp near -2e4). 5: tokens split between +1e4 and -1e4.
+    All values stay inside the fp16 range, log-probs included.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vocab_size = 257
+    noise = 3 * torch.randn(6, vocab_size, generator=generator, dtype=torch.float64)
+    logits = torch.empty(6, vocab_size, dtype=torch.float64)
+    logits[0], logits[1] = 1e4, -1e4
+    logits[2], logits[3] = 1e4 + noise[2], -1e4 + noise[3]
+    targets = torch.randint(0, vocab_size, (6,), generator=generator)
+    logits[4] = -1e4 + noise[4]
+    logits[4, (targets[4] + 1) % vocab_size] = 1e4
+    signs = torch.randint(0, 2, (vocab_size,), generator=generator) * 2 - 1
+    logits[5] = 1e4 * signs + noise[5]
+    upstream_logp = torch.randn(6, generator=generator).to(device)
+    upstream_entropy = torch.randn(6, generator=generator).to(device)
+    return logits.to(dtype).to(device), targets.to(device), upstream_logp, upstream_entropy
+
+
+def per_token(values):
+    """[N] -> [N, 1]: each token's value becomes a row of its own for the row-wise error."""
+    return values[..., None]
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 def test_extreme_logits(backend_device):
     backend, device = backend_device
-    logits, targets, upstream_logp, upstream_entropy = random_case((5, 257), torch.float32, device, seed=1, scale=1e4)
-    logits[0, :] = 1e4  # a flat row at the top of the range
-    logits[1, :] = -1e4
+    logits, targets, upstream_logp, upstream_entropy = extreme_case(torch.float32, device, seed=1)
     logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
     ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
-    assert_fp32_accurate(logp, ref_logp, "logp")
-    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
-    assert_fp32_accurate(grad, ref_grad, "grad")
+    # Each row against its own value: one batch-wide scale (|logp| up to 2e4) would let a row
+    # with logp = -5.5 be 3% off.
+    assert_fp32_rows_accurate(per_token(logp), per_token(ref_logp), "logp")
+    assert_fp32_rows_accurate(per_token(entropy), per_token(ref_entropy), "entropy")
+    assert_fp32_rows_accurate(grad, ref_grad, "grad")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_extreme_logits_low_precision_within_twice_plain_torch(backend_device, dtype):
+    backend, device = backend_device
+    logits, targets, upstream_logp, upstream_entropy = extreme_case(dtype, device, seed=3)
+    logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
+    assert grad.dtype == dtype
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    plain_logp, plain_entropy, plain_grad = plain_torch(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    assert torch.isfinite(plain_entropy).all(), "the case must stay inside the dtype's range"
+    assert_rows_within_twice_plain_torch(per_token(logp), per_token(plain_logp), per_token(ref_logp), "logp")
+    assert_rows_within_twice_plain_torch(
+        per_token(entropy), per_token(plain_entropy), per_token(ref_entropy), "entropy"
+    )
+    assert_rows_within_twice_plain_torch(grad, plain_grad, ref_grad, "grad")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
@@ -99,13 +160,26 @@ def test_logp_only_gradient(backend_device):
     assert_fp32_accurate(logits.grad, ref_grad, "grad")
 
 
-def test_non_contiguous_rows_are_read_in_place():
-    base = torch.randn(6, 50)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_rows_are_read_in_place(backend, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 50, generator=generator).requires_grad_()
     logits = base[:, :41]  # row stride 50, last dim contiguous
-    targets = torch.randint(0, 41, (6,))
-    for backend in ("torch", "triton"):
-        expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
-        assert_fp32_accurate(token_logprobs(logits, targets, backend=backend), expected, backend)
+    targets = torch.randint(0, 41, (6,), generator=generator)
+    upstream = torch.randn(6, generator=generator)
+    blocks = row_blocks(logits.detach())
+    assert_views_of(blocks, base, "row_blocks")
+    assert torch.equal(torch.cat(blocks), logits.detach())
+    kernel_inputs = record_row_kernel_inputs(monkeypatch)
+    logp = token_logprobs(logits, targets, backend=backend)
+    (logp * upstream).sum().backward()
+    assert len(kernel_inputs) == 2, "one forward and one backward call over all rows"
+    assert_views_of(kernel_inputs, base, backend)
+    reference = base.detach().double().requires_grad_()
+    expected = torch.log_softmax(reference[:, :41], -1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * upstream.double()).sum().backward()
+    assert_fp32_accurate(logp, expected, "logp")
+    assert_fp32_accurate(base.grad, reference.grad, "grad")
 
 
 @pytest.mark.parametrize(
@@ -126,10 +200,21 @@ def test_bad_arguments_name_the_argument(logits, targets, kwargs, argument):
 
 
 @pytest.mark.gpu
-def test_cuda_ops_pass_opcheck():
-    logits, targets, _, _ = random_case((7, 1001), torch.bfloat16, "cuda", seed=2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_ops_pass_opcheck(dtype):
+    logits, targets, upstream_logp, upstream_entropy = random_case((7, 1001), dtype, "cuda", seed=2)
+    # Logits that require grad make opcheck check the autograd registration and its backward.
+    logits.requires_grad_()
     for with_entropy in (False, True):
         torch.library.opcheck(torch.ops.fastmath.token_logprobs_forward.default, (logits, targets, 0.7, with_entropy))
+    logits = logits.detach()
+    _, entropy, lse = torch.ops.fastmath.token_logprobs_forward(logits, targets, 0.7, True)
+    for entropy_arg, grad_entropy in ((entropy, upstream_entropy), (None, None)):
+        grad_logits = torch.zeros_like(logits)
+        torch.library.opcheck(
+            torch.ops.fastmath.token_logprobs_backward.default,
+            (grad_logits, logits, targets, lse, entropy_arg, upstream_logp, grad_entropy, 0.7),
+        )
 
 
 @pytest.mark.gpu

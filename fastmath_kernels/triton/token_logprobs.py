@@ -48,11 +48,13 @@ def _logprob_rows_forward_kernel(
             sum_exp_shifted = rescale * (sum_exp_shifted + sum_exp * shift) + block_weighted
         sum_exp = sum_exp * rescale + tl.sum(exps, axis=0)
         running_max = new_max
-    lse = running_max + tl.log(sum_exp)
+    log_sum = tl.log(sum_exp)
     target = tl.load(targets_ptr + row)
     target_logit = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
-    tl.store(logp_ptr + row, target_logit - lse)
-    tl.store(lse_ptr + row, lse)
+    # Relative to the max, with no lse ~ 1e4 in between: small log-probs keep full precision.
+    tl.store(logp_ptr + row, (target_logit - running_max) - log_sum)
+    # float64: near 1e4 a float32 lse would be off by up to 5e-4, and every p in the backward with it.
+    tl.store(lse_ptr + row, running_max.to(tl.float64) + log_sum.to(tl.float64))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.log(sum_exp) - sum_exp_shifted / sum_exp)
 
@@ -77,9 +79,14 @@ def _logprob_rows_backward_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < vocab_size
     z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    # The float64 lse as two float32 parts: z / T - lse_hi is exact where p matters (z / T near
+    # lse), and lse_lo carries the rest.
+    lse = tl.load(lse_ptr + row)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = tl.where(lse == lse_hi.to(tl.float64), 0.0, (lse - lse_hi.to(tl.float64)).to(tl.float32))
     # log p <= 0 in exact arithmetic: the upper clamp keeps masked lanes from overflowing, the
     # lower one turns -inf logits into a finite floor so that 0 * log p stays 0, not NaN.
-    log_probs = tl.minimum(tl.maximum(z * inv_temperature - tl.load(lse_ptr + row), _LOG_PROB_FLOOR), 0.0)
+    log_probs = tl.minimum(tl.maximum((z * inv_temperature - lse_hi) - lse_lo, _LOG_PROB_FLOOR), 0.0)
     probs = tl.exp(log_probs)
     grad_logp = tl.load(grad_logp_ptr + row)
     target = tl.load(targets_ptr + row)
@@ -100,7 +107,7 @@ def _block_size(vocab_size, limit):
 def logprob_rows_forward_triton(logits, targets, temperature, with_entropy):
     num_rows, vocab_size = logits.shape
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else None
     if num_rows == 0:
         return logp, entropy, lse
@@ -121,7 +128,7 @@ def logprob_rows_backward_triton(grad_logits, logits, targets, lse, entropy, gra
     grid = (num_rows, triton.cdiv(vocab_size, block_v))
     _logprob_rows_backward_kernel[grid](
         grad_logits, grad_logits.stride(0), logits, logits.stride(0), targets.contiguous(), lse,
-        entropy if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
+        entropy if with_entropy else grad_logp, grad_logp, grad_entropy if with_entropy else grad_logp,
         vocab_size, 1.0 / temperature,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v,
     )
