@@ -3,8 +3,6 @@ import torch
 from helpers import (
     BACKEND_DEVICES,
     assert_fp32_accurate,
-    assert_fp32_rows_accurate,
-    assert_rows_within_twice_plain_torch,
     assert_views_of,
     assert_within_twice_plain_torch,
     record_row_kernel_inputs,
@@ -127,9 +125,9 @@ def test_extreme_logits(backend_device):
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
     # Each row against its own value: one batch-wide scale (|logp| up to 2e4) would let a row
     # with logp = -5.5 be 3% off.
-    assert_fp32_rows_accurate(per_token(logp), per_token(ref_logp), "logp")
-    assert_fp32_rows_accurate(per_token(entropy), per_token(ref_entropy), "entropy")
-    assert_fp32_rows_accurate(grad, ref_grad, "grad")
+    assert_fp32_accurate(per_token(logp), per_token(ref_logp), "logp", per_row=True)
+    assert_fp32_accurate(per_token(entropy), per_token(ref_entropy), "entropy", per_row=True)
+    assert_fp32_accurate(grad, ref_grad, "grad", per_row=True)
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
@@ -142,11 +140,10 @@ def test_extreme_logits_low_precision_within_twice_plain_torch(backend_device, d
     ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
     plain_logp, plain_entropy, plain_grad = plain_torch(logits, targets, 1.0, upstream_logp, upstream_entropy)
     assert torch.isfinite(plain_entropy).all(), "the case must stay inside the dtype's range"
-    assert_rows_within_twice_plain_torch(per_token(logp), per_token(plain_logp), per_token(ref_logp), "logp")
-    assert_rows_within_twice_plain_torch(
-        per_token(entropy), per_token(plain_entropy), per_token(ref_entropy), "entropy"
-    )
-    assert_rows_within_twice_plain_torch(grad, plain_grad, ref_grad, "grad")
+    assert_within_twice_plain_torch(per_token(logp), per_token(plain_logp), per_token(ref_logp), "logp", per_row=True)
+    assert_within_twice_plain_torch(
+        per_token(entropy), per_token(plain_entropy), per_token(ref_entropy), "entropy", per_row=True)
+    assert_within_twice_plain_torch(grad, plain_grad, ref_grad, "grad", per_row=True)
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
