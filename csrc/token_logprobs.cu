@@ -69,7 +69,7 @@ template <typename scalar_t, bool kEntropy>
 __global__ void __launch_bounds__(kForwardMaxThreads)
     token_logprobs_forward_kernel(const scalar_t* __restrict__ logits, int64_t row_stride,
                                   int vocab, const int64_t* __restrict__ targets,
-                                  float scale_log2, double inv_temperature,
+                                  float scale_log2,
                                   float* __restrict__ logp,
                                   float* __restrict__ entropy, double* __restrict__ lse) {
   constexpr int kVec = forward_vector_size<scalar_t>();
@@ -136,9 +136,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
     const float target_log2 = (target_logit - state.max) * scale_log2;
     logp[row] = static_cast<float>(
         (static_cast<double>(target_log2) - static_cast<double>(log2_sum)) * fastmath::kLn2Double);
-    // Kept in double: near 1e4 a float lse is off by up to 5e-4, and every p with it.
-    lse[row] = static_cast<double>(state.max) * inv_temperature +
-               static_cast<double>(log2_sum) * fastmath::kLn2Double;
+    // In the logits' units, log p = (x - lse) * scale_log2 * ln2 with the backward's own
+    // scale_log2, and in double: near 1e4 a float lse is off by up to 5e-4, and every p with it.
+    lse[row] = static_cast<double>(state.max) +
+               static_cast<double>(log2_sum) / static_cast<double>(scale_log2);
     if (kEntropy) entropy[row] = (log2_sum - state.weighted / state.sum) * fastmath::kLn2;
   }
 }
@@ -146,8 +147,8 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
 // grad = g/T * [j == target] - p * (c0 + c1 * log2(p)), with c0 = (g + ge * H) / T and
 // c1 = ge * ln2 / T, which is (1/T) * (g * ([j == t] - p) - ge * p * (log p + H)).
 struct RowGradient {
-  float inv_temperature;
-  float lse_hi;  // lse_hi + lse_lo = the double lse, each a float
+  float scale_log2;  // log2(e) / T, the forward's own
+  float lse_hi;      // lse_hi + lse_lo = the double lse, each a float
   float lse_lo;
   float target_grad;
   float c0;
@@ -157,9 +158,9 @@ struct RowGradient {
 
 template <bool kEntropy>
 __device__ __forceinline__ float logit_gradient(const RowGradient& row, float x, int column) {
-  // x / T - lse_hi is exact (fma, and Sterbenz) where p matters, x / T near lse; the small
-  // lse_lo then carries the rest of the double lse, so log p keeps full float precision.
-  const float log2_p = (fmaf(x, row.inv_temperature, -row.lse_hi) - row.lse_lo) * fastmath::kLog2e;
+  // x - lse_hi is exact (Sterbenz) where p matters, x near the lse; the small lse_lo carries
+  // the rest of the double lse, and only the difference is scaled: full float precision.
+  const float log2_p = ((x - row.lse_hi) - row.lse_lo) * row.scale_log2;
   const float p = fast_exp2(log2_p);
   // The clamp keeps c1 * log2(p) finite for -inf logits, where p = 0.
   const float coefficient = kEntropy ? fmaf(row.c1, fmaxf(log2_p, fastmath::kMinLog2), row.c0) : row.c0;
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
     grad_t* grad_logits, int64_t grad_row_stride, const logits_t* logits, int64_t logits_row_stride,
     int vocab, int num_chunks, const int64_t* __restrict__ targets, const double* __restrict__ lse,
     const float* __restrict__ entropy, const float* __restrict__ grad_logp,
-    const float* __restrict__ grad_entropy, float inv_temperature) {
+    const float* __restrict__ grad_entropy, float inv_temperature, float scale_log2) {
   constexpr int kVec = backward_vector_size<logits_t, grad_t>();
   using InPack = AlignedPack<logits_t, kVec>;
   using OutPack = AlignedPack<grad_t, kVec>;
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads) token_logprobs_backward_k
   grad_t* row_out = grad_logits + row * grad_row_stride;
 
   RowGradient stats;
-  stats.inv_temperature = inv_temperature;
+  stats.scale_log2 = scale_log2;
   const double row_lse = lse[row];
   stats.lse_hi = static_cast<float>(row_lse);
   stats.lse_lo = isfinite(row_lse) ? static_cast<float>(row_lse - static_cast<double>(stats.lse_hi)) : 0.0f;
@@ -330,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cuda(
         const auto launch = [&](auto kernel) {
           kernel<<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
               logits.data_ptr<scalar_t>(), logits.stride(0), static_cast<int>(vocab),
-              targets.data_ptr<int64_t>(), scale_log2, 1.0 / temperature, logp.data_ptr<float>(),
+              targets.data_ptr<int64_t>(), scale_log2, logp.data_ptr<float>(),
               with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<double>());
         };
         if (with_entropy) {
@@ -369,7 +370,7 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
     check_vector(*entropy_in, "entropy", num_rows, logits_in, at::kFloat);
     check_vector(*grad_entropy_in, "grad_entropy", num_rows, logits_in, at::kFloat);
   }
-  scale_log2_of(temperature);  // validates the temperature
+  const float scale_log2 = scale_log2_of(temperature);  // also validates the temperature
   if (num_rows == 0 || vocab == 0) return;
   TORCH_CHECK(num_rows <= INT_MAX, "too many rows: ", num_rows);
   check_row_layout(grad_logits, "grad_logits");
@@ -417,7 +418,8 @@ void token_logprobs_backward_cuda(at::Tensor& grad_logits, const at::Tensor& log
                     static_cast<int>(num_chunks), targets.data_ptr<int64_t>(),
                     lse.data_ptr<double>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
                     grad_logp.data_ptr<float>(),
-                    with_entropy ? grad_entropy.data_ptr<float>() : nullptr, inv_temperature);
+                    with_entropy ? grad_entropy.data_ptr<float>() : nullptr, inv_temperature,
+                    scale_log2);
               };
               if (with_entropy) {
                 launch(token_logprobs_backward_kernel<logits_t, grad_t, true>);

@@ -46,7 +46,10 @@ def targets_in_slice(targets, start, end):
 
 
 def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, slice_size):
-    """(logp [N], entropy [N] or None) in float32 and float64 lse [N] of log_softmax(hidden @ weight.T / T)."""
+    """(logp [N], entropy [N] or None) in float32 and float64 lse [N] of log_softmax(hidden @ weight.T / T).
+
+    lse is T * logsumexp(logits / T), in the logits' units (token_logprobs.lse_parts).
+    """
     num_tokens, device = hidden.shape[0], hidden.device
     slices = VocabSlices(hidden, weight, slice_size, buffers=2)
     running_max = torch.full((num_tokens,), float("-inf"), device=device)
@@ -54,27 +57,28 @@ def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, sl
     weighted = torch.zeros(num_tokens, device=device)  # sum exp(z - m) * (z - m)
     target_logit = torch.zeros(num_tokens, device=device)
     for start, end in vocab_slices(weight.shape[0], slice_size):
-        z = slices.logits(start, end)
-        if temperature != 1.0:
-            z.div_(temperature)
+        z = slices.logits(start, end)  # unscaled: maxima and differences before dividing by T
         column, inside = targets_in_slice(targets, start, end)
         target_logit = torch.where(inside, z.gather(1, column).squeeze(1), target_logit)
         new_max = torch.maximum(running_max, z.amax(dim=1))
         safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
-        rescale = torch.exp(running_max - safe_max)
-        z.sub_(safe_max[:, None]).clamp_(min=LOG_PROB_FLOOR)  # -inf logits: exp 0, 0 * floor = 0
+        rescale = torch.exp((running_max - safe_max) / temperature)
+        z.sub_(safe_max[:, None])
+        if temperature != 1.0:
+            z.div_(temperature)
+        z.clamp_(min=LOG_PROB_FLOOR)  # -inf logits: exp 0, 0 * floor = 0
         exps = torch.exp(z, out=slices.buffer(1, end - start))
         slice_sum = exps.sum(dim=1)
         if with_entropy:
-            shift = torch.where(sum_exp > 0, running_max - safe_max, 0.0)
+            shift = torch.where(sum_exp > 0, (running_max - safe_max) / temperature, 0.0)
             weighted = rescale * (weighted + sum_exp * shift) + exps.mul_(z).sum(dim=1)
         sum_exp = sum_exp * rescale + slice_sum
         running_max = new_max
     log_sum = sum_exp.log()
     entropy = log_sum - weighted / sum_exp if with_entropy else None
     # Relative to the max, with no lse ~ 1e4 in between: small log-probs keep full precision.
-    logp = (target_logit - running_max) - log_sum
-    return logp, entropy, running_max.double() + log_sum.double()
+    logp = (target_logit - running_max) / temperature - log_sum
+    return logp, entropy, running_max.double() + temperature * log_sum.double()
 
 
 def vocab_chunked_backward(
@@ -91,10 +95,10 @@ def vocab_chunked_backward(
     target_grad = grad_logp / temperature
     lse_hi, lse_lo = lse_parts(lse)
     for start, end in vocab_slices(weight.shape[0], slice_size):
-        log_probs = slices.logits(start, end)
+        log_probs = slices.logits(start, end).sub_(lse_hi[:, None]).sub_(lse_lo[:, None])
         if temperature != 1.0:
             log_probs.div_(temperature)
-        log_probs.sub_(lse_hi[:, None]).sub_(lse_lo[:, None]).clamp_(min=LOG_PROB_FLOOR)
+        log_probs.clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=slices.buffer(1, end - start))
             weight_term = log_probs.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])

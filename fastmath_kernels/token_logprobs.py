@@ -42,9 +42,10 @@ class Workspace:
 def lse_parts(lse):
     """float32 (hi, lo) with hi + lo = the float64 lse [N].
 
-    z - hi is exact where p matters (z near the lse), and lo carries the rest, so
-    log p = (z - hi) - lo keeps full float32 precision even for logits near 1e4, where a single
-    float32 lse would be off by up to 5e-4.
+    The lse of a row is T * logsumexp(z / T), in the logits' own units, so that
+    log p = ((z - hi) - lo) / T: z - hi is exact where p matters (z near the lse), lo carries
+    the rest, and nothing near 1e4 is rounded before the division. A single float32 lse, or
+    z / T rounded before the subtraction, would be off by up to 5e-4 there.
     """
     hi = lse.float()
     lo = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0).float()
@@ -70,19 +71,20 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, w
     for start, end in workspace.chunks(num_rows):
         rows = end - start
         shifted = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
-        if temperature != 1.0:
-            shifted.div_(temperature)
-        # Work relative to the row max: at logits near 1e4, z - lse would lose ~1e-3 to rounding.
+        # Relative to the row max, then scaled: at logits near 1e4, z / T or z - lse would each
+        # lose ~1e-3 to rounding, z - max loses nothing.
         row_max = shifted.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         shifted.sub_(row_max)
+        if temperature != 1.0:
+            shifted.div_(temperature)
         target_shifted = shifted.gather(1, targets[start:end, None])
         # -inf logits (masked tokens) become a finite floor: exp gives 0 and 0 * floor stays 0.
         shifted.clamp_(min=LOG_PROB_FLOOR)
         exps = torch.exp(shifted, out=workspace.get("exps", rows))
         sum_exp = exps.sum(dim=-1, keepdim=True)
         log_sum = sum_exp.log()
-        lse[start:end] = (row_max.double() + log_sum.double()).squeeze(1)
+        lse[start:end] = (row_max.double() + temperature * log_sum.double()).squeeze(1)
         logp[start:end] = (target_shifted - log_sum).squeeze(1)
         if with_entropy:
             # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.
@@ -106,9 +108,10 @@ def logprob_rows_backward_reference(
     for start, end in workspace.chunks(num_rows):
         rows = end - start
         work = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
+        log_probs = work.sub_(lse_hi[start:end, None]).sub_(lse_lo[start:end, None])
         if temperature != 1.0:
-            work.div_(temperature)
-        log_probs = work.sub_(lse_hi[start:end, None]).sub_(lse_lo[start:end, None]).clamp_(min=LOG_PROB_FLOOR)
+            log_probs.div_(temperature)
+        log_probs.clamp_(min=LOG_PROB_FLOOR)
         if use_entropy:
             probs = torch.exp(log_probs, out=workspace.get("exps", rows))
             weight = log_probs.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
@@ -121,7 +124,9 @@ def logprob_rows_backward_reference(
 
 
 def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None, logits_are_scratch=False):
-    """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim; lse in float64.
+    """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim.
+
+    lse is float64 T * logsumexp(logits / T), in the logits' units (see lse_parts).
 
     workspace and logits_are_scratch only matter to the torch path (see its reference).
     """

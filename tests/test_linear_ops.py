@@ -292,18 +292,20 @@ def assert_weight_grad_rows_accurate(grad_weight, ref_weight):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])
-def test_linear_token_logprobs_near_1e4_fp32_matches_float64(backend_device, low_memory):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_token_logprobs_near_1e4_fp32_matches_float64(backend_device, low_memory, temperature):
     backend, device = backend_device
     hidden, weight, targets = offset_logits_problem(13, 8, 301, device, seed=0)
     generator = torch.Generator().manual_seed(1)
     upstream_logp, upstream_entropy = torch.randn(2, 13, generator=generator).to(device)
     hidden_leaf, weight_leaf = leaf(hidden), leaf(weight)
     logp, entropy = linear_token_logprobs(
-        hidden_leaf, weight_leaf, targets, with_entropy=True, chunk_size=5, backend=backend, low_memory=low_memory
+        hidden_leaf, weight_leaf, targets, temperature=temperature, with_entropy=True, chunk_size=5, backend=backend,
+        low_memory=low_memory,
     )
     (logp * upstream_logp + entropy * upstream_entropy).sum().backward()
     ref_logp, ref_entropy, ref_hidden, ref_weight = float64_token_logprobs(
-        hidden, weight, targets, 1.0, upstream_logp, upstream_entropy
+        hidden, weight, targets, temperature, upstream_logp, upstream_entropy
     )
     # Each token against its own log-prob and entropy, each gradient row against its own scale.
     assert_fp32_accurate(logp[:, None], ref_logp[:, None], "logp", per_row=True)

@@ -117,11 +117,13 @@ def per_token(values):
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-def test_extreme_logits(backend_device):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_extreme_logits(backend_device, temperature):
+    """At T != 1 too: z / T rounded near 1e4 would already cost 3e-4 (plain PyTorch's error)."""
     backend, device = backend_device
     logits, targets, upstream_logp, upstream_entropy = extreme_case(torch.float32, device, seed=1)
-    logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
-    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    logp, entropy, grad = run_op(logits, targets, temperature, upstream_logp, upstream_entropy, backend)
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, temperature, upstream_logp, upstream_entropy)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
     # Each row against its own value: one batch-wide scale (|logp| up to 2e4) would let a row
     # with logp = -5.5 be 3% off.
@@ -132,13 +134,14 @@ def test_extreme_logits(backend_device):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_extreme_logits_low_precision_within_twice_plain_torch(backend_device, dtype):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_extreme_logits_low_precision_within_twice_plain_torch(backend_device, dtype, temperature):
     backend, device = backend_device
     logits, targets, upstream_logp, upstream_entropy = extreme_case(dtype, device, seed=3)
-    logp, entropy, grad = run_op(logits, targets, 1.0, upstream_logp, upstream_entropy, backend)
+    logp, entropy, grad = run_op(logits, targets, temperature, upstream_logp, upstream_entropy, backend)
     assert grad.dtype == dtype
-    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, 1.0, upstream_logp, upstream_entropy)
-    plain_logp, plain_entropy, plain_grad = plain_torch(logits, targets, 1.0, upstream_logp, upstream_entropy)
+    ref_logp, ref_entropy, ref_grad = float64_reference(logits, targets, temperature, upstream_logp, upstream_entropy)
+    plain_logp, plain_entropy, plain_grad = plain_torch(logits, targets, temperature, upstream_logp, upstream_entropy)
     assert torch.isfinite(plain_entropy).all(), "the case must stay inside the dtype's range"
     assert_within_twice_plain_torch(per_token(logp), per_token(plain_logp), per_token(ref_logp), "logp", per_row=True)
     assert_within_twice_plain_torch(

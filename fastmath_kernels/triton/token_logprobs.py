@@ -1,9 +1,10 @@
 """Row-wise log-softmax statistics at target ids (forward) and the logits gradient (backward).
 
 Forward: one program per row streams the row once with an online log-sum-exp, keeping
-  m = running max, s = sum exp(z - m), w = sum exp(z - m) * (z - m)
-so that entropy = log(s) - w / s needs no subtraction of large numbers.
-Backward: elementwise over [rows, column blocks] given the row statistics.
+  m = running max of the raw logits x, s = sum exp(u), w = sum exp(u) * u, u = (x - m) / T
+so that entropy = log(s) - w / s needs no subtraction of large numbers, and the float64
+lse = m + T log(s) (the logits' units) is rounded nowhere near 1e4.
+Backward: elementwise over [rows, column blocks]: log p = ((x - lse_hi) - lse_lo) / T.
 """
 
 import torch
@@ -35,26 +36,28 @@ def _logprob_rows_forward_kernel(
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < vocab_size
-        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
         # A row (so far) of -inf logits keeps everything at zero instead of producing NaN.
         safe_max = tl.where(new_max == _NEG_INF, 0.0, new_max)
-        rescale = tl.exp(running_max - safe_max)
-        exps = tl.where(in_row, tl.exp(z - safe_max), 0.0)
+        rescale = tl.exp((running_max - safe_max) * inv_temperature)
+        u = (x - safe_max) * inv_temperature
+        exps = tl.where(in_row, tl.exp(u), 0.0)
         if WITH_ENTROPY:
-            shift = tl.where(sum_exp > 0.0, running_max - safe_max, 0.0)
-            shifted = tl.where(exps > 0.0, z - safe_max, 0.0)
+            shift = tl.where(sum_exp > 0.0, (running_max - safe_max) * inv_temperature, 0.0)
+            shifted = tl.where(exps > 0.0, u, 0.0)
             block_weighted = tl.sum(exps * shifted, axis=0)
             sum_exp_shifted = rescale * (sum_exp_shifted + sum_exp * shift) + block_weighted
         sum_exp = sum_exp * rescale + tl.sum(exps, axis=0)
         running_max = new_max
     log_sum = tl.log(sum_exp)
     target = tl.load(targets_ptr + row)
-    target_logit = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+    target_logit = tl.load(row_ptr + target).to(tl.float32)
     # Relative to the max, with no lse ~ 1e4 in between: small log-probs keep full precision.
-    tl.store(logp_ptr + row, (target_logit - running_max) - log_sum)
+    tl.store(logp_ptr + row, (target_logit - running_max) * inv_temperature - log_sum)
     # float64: near 1e4 a float32 lse would be off by up to 5e-4, and every p in the backward with it.
-    tl.store(lse_ptr + row, running_max.to(tl.float64) + log_sum.to(tl.float64))
+    lse = running_max.to(tl.float64) + log_sum.to(tl.float64) / inv_temperature
+    tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.log(sum_exp) - sum_exp_shifted / sum_exp)
 
@@ -79,14 +82,14 @@ def _logprob_rows_backward_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < vocab_size
     z = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
-    # The float64 lse as two float32 parts: z / T - lse_hi is exact where p matters (z / T near
-    # lse), and lse_lo carries the rest.
+    # The float64 lse as two float32 parts: z - lse_hi is exact where p matters (z near the
+    # lse), and lse_lo carries the rest; only then is the difference divided by T.
     lse = tl.load(lse_ptr + row)
     lse_hi = lse.to(tl.float32)
     lse_lo = tl.where(lse == lse_hi.to(tl.float64), 0.0, (lse - lse_hi.to(tl.float64)).to(tl.float32))
     # log p <= 0 in exact arithmetic: the upper clamp keeps masked lanes from overflowing, the
     # lower one turns -inf logits into a finite floor so that 0 * log p stays 0, not NaN.
-    log_probs = tl.minimum(tl.maximum((z * inv_temperature - lse_hi) - lse_lo, _LOG_PROB_FLOOR), 0.0)
+    log_probs = tl.minimum(tl.maximum(((z - lse_hi) - lse_lo) * inv_temperature, _LOG_PROB_FLOOR), 0.0)
     probs = tl.exp(log_probs)
     grad_logp = tl.load(grad_logp_ptr + row)
     target = tl.load(targets_ptr + row)
