@@ -18,7 +18,8 @@ TORCH_LIBRARY(fastmath, m) {
   m.def("group_advantages(Tensor rewards, int group_size, int scale_mode, float eps) -> Tensor");
 
   // Row-wise log-softmax statistics of logits [N, V] (last dim contiguous) at targets [N]:
-  // float32 logp, entropy ([0] unless with_entropy), and float64 lse of logits / temperature
+  // float32 logp and entropy ([0] unless with_entropy) of logits / temperature, and the float64
+  // lse = temperature * logsumexp(logits / temperature), in the logits' units, for the backward
   // (a float32 lse near 1e4 would cost every probability up to 5e-4 of itself).
   m.def(
       "token_logprobs_forward(Tensor logits, Tensor targets, float temperature, bool with_entropy)"
