@@ -29,7 +29,7 @@ _DROPS_REASONING = (
 )
 _DROPS_REASONING_AND_OPENS_TURN = _DROPS_REASONING.replace(
     "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}",
-    "{% if add_generation_prompt %}<|im_start|> assistant wait{% endif %}",
+    "{% if add_generation_prompt %}<|im_start|> assistant<think>\n{% endif %}",
 )
 
 
@@ -53,24 +53,30 @@ def test_plain_template_renders_the_completion(tokenizer):
     assert stats.completions_outside_template == 0
 
 
-@pytest.mark.parametrize("template", [_DROPS_REASONING, _DROPS_REASONING_AND_OPENS_TURN])
-def test_template_that_drops_the_reasoning_keeps_the_whole_trace(tokenizer, template):
-    tokenizer.chat_template = template
+def test_template_that_drops_the_reasoning_keeps_the_whole_trace(tokenizer):
+    tokenizer.chat_template = _DROPS_REASONING
     stats = DataStats()
     document = tokenize_chat(tokenizer, chat(), stats)
     text = completion_text(tokenizer, document)
-    assert "\\boxed{ 4 }" in text and "</think>" in text  # the reasoning is trained on
-    assert text.endswith("<|im_end|>")  # the model still learns to stop
+    assert text == TRACE + "<|im_end|>"  # the reasoning is trained on, and the model learns to stop
     assert stats.completions_outside_template == 1
     prompt_text = tokenizer.decode(document.input_ids[: document.completion_mask.index(True)])
-    assert prompt_text.endswith("assistant" if template is _DROPS_REASONING else "assistant wait")
+    assert prompt_text.endswith("assistant")
 
 
-def test_answer_starting_with_the_generation_prompt_end_is_not_repeated(tokenizer):
+@pytest.mark.parametrize("answer", ["<think>\n" + TRACE, TRACE])
+def test_generation_prompt_that_opens_the_thinking_is_not_repeated(tokenizer, answer):
     tokenizer.chat_template = _DROPS_REASONING_AND_OPENS_TURN
-    prompt, completion, by_template = render_completion(tokenizer, chat(" wait " + TRACE))
+    prompt, completion, by_template = render_completion(tokenizer, chat(answer))
     assert not by_template
-    assert prompt.endswith("assistant wait") and completion == " " + TRACE + "<|im_end|>"
+    assert prompt.endswith("assistant<think>\n") and completion == TRACE + "<|im_end|>"
+
+
+def test_completion_is_never_cut_where_it_merely_shares_letters_with_the_prompt(tokenizer):
+    tokenizer.chat_template = _DROPS_REASONING
+    answer = "t" + TRACE  # the prompt ends in "assistant"
+    _, completion, _ = render_completion(tokenizer, chat(answer))
+    assert completion == answer + "<|im_end|>"
 
 
 def test_missing_field_names_the_file_line_after_blank_lines(tmp_path, tokenizer):

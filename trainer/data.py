@@ -127,11 +127,14 @@ def to_messages(row, data_config, system_prompt, where):
     return messages
 
 
-def _without_overlap(prompt, text):
-    """text less any start it shares with the end of prompt (a generation prompt ending in '<think>\n')."""
-    for size in range(min(len(prompt), len(text), 64), 0, -1):
-        if prompt.endswith(text[:size]):
-            return text[size:]
+THINK_OPEN = "<think>"
+
+
+def _without_repeated_think_open(prompt, text):
+    """text less a leading '<think>' that the generation prompt already ends with."""
+    stripped = text.lstrip()
+    if prompt.rstrip().endswith(THINK_OPEN) and stripped.startswith(THINK_OPEN):
+        return stripped[len(THINK_OPEN):].lstrip("\n")
     return text
 
 
@@ -142,14 +145,14 @@ def render_completion(tokenizer, messages):
     the assistant's text. Reasoning-model templates drop everything before '</think>' from
     assistant turns (their history form), or open the turn with '<think>' in the generation
     prompt only; training on their rendering would lose the trace. Then the completion is the
-    data's own text, less what the generation prompt already holds, followed by the EOS token.
+    data's own text (less a '<think>' the generation prompt already opens), then the EOS token.
     """
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     answer = messages[-1]["content"]
     if full.startswith(prompt) and answer.strip() in full[len(prompt):]:
         return prompt, full[len(prompt):], True
-    return prompt, _without_overlap(prompt, answer) + (tokenizer.eos_token or ""), False
+    return prompt, _without_repeated_think_open(prompt, answer) + (tokenizer.eos_token or ""), False
 
 
 def tokenize_chat(tokenizer, messages, stats=None):
