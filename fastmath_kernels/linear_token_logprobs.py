@@ -73,10 +73,11 @@ def _accumulates_into_fp32(device):
     """
     if device not in _FP32_ACCUMULATION_BY_DEVICE:
         operand = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        accumulator = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        accumulator = torch.ones(2, 2, dtype=torch.float32, device=device)
         try:
             torch.ops.aten.addmm.dtype_out(accumulator, operand, operand, torch.float32, out=accumulator)
-            _FP32_ACCUMULATION_BY_DEVICE[device] = True
+            # 1 + (1 * 1 + 1 * 1): the accumulator must be added, not only accepted.
+            _FP32_ACCUMULATION_BY_DEVICE[device] = bool((accumulator == 3.0).all())
         except RuntimeError:
             _FP32_ACCUMULATION_BY_DEVICE[device] = False
     return _FP32_ACCUMULATION_BY_DEVICE[device]

@@ -185,7 +185,7 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path, scale_rewards):
     assert abs(one[0]["loss"]) > 1e-6  # a real loss, not 0 == 0
 
 
-def test_a_non_finite_loss_or_gradient_norm_stops_before_the_update():
+def test_check_finite_raises_on_a_non_finite_loss_or_gradient_norm():
     from trainer.engine import TrainingError
     from trainer.grpo import check_finite
 

@@ -110,3 +110,22 @@ def test_one_gpu_process_trains_fp32_weights_with_bf16_compute(tmp_path):
     torch.optim.AdamW(root.parameters(), lr=4e-6, weight_decay=0.0).step()
     changed = torch.cat([(p.detach() != b).flatten() for p, b in zip(root.parameters(), before)]).float().mean()
     assert all(p.dtype == torch.float32 for p in root.parameters()) and changed > 0.99
+
+
+def test_export_writes_the_requested_dtype_and_says_so_in_its_config(toy_model, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.checkpoint import export_hf
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model.name_or_path)
+    directory = export_hf(CausalLMLoss(toy_model), tokenizer, str(tmp_path / "hf_model"), rank=0, dtype=torch.bfloat16)
+    with open(f"{directory}/config.json") as handle:
+        assert json.load(handle)["dtype"] == "bfloat16"
+    exported = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    trained = dict(toy_model.named_parameters())
+    for name, parameter in exported.named_parameters():
+        assert torch.equal(parameter, trained[name].detach().to(torch.bfloat16)), name
+    assert all(p.dtype == torch.float32 for p in toy_model.parameters())  # the live weights stay fp32

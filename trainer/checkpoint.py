@@ -122,12 +122,15 @@ def latest_checkpoint(run_dir, log=print):
     return None
 
 
-def check_no_earlier_checkpoints(run_dir):
-    """A fresh run refuses a run_dir that holds another run's checkpoints.
+def check_no_earlier_checkpoints(config):
+    """A fresh run (not checkpoint.resume=auto) refuses a run_dir that holds another run's checkpoints.
 
     Pruning and --resume auto pick checkpoints by step number, so an earlier run's later steps
     would outlive the new run's and be resumed from as if they were its own.
     """
+    if config.checkpoint.resume == "auto":
+        return
+    run_dir = config.run_dir
     root = checkpoint_root(run_dir)
     found = sorted(name for name in os.listdir(root) if _STEP_DIR.match(name)) if os.path.isdir(root) else []
     if found:
@@ -218,15 +221,34 @@ def load_checkpoint(path, model, optimizer, scheduler, rank):
     return saved["trainer"]
 
 
-def export_hf(root_module, tokenizer, directory, rank):
-    """Collective: writes a Hugging Face directory (safetensors, config, tokenizer), atomically."""
+def _set_config_dtype(path, dtype):
+    """The saved config names the weights' dtype, not the fp32 of the live master weights."""
+    with open(path) as handle:
+        config = json.load(handle)
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
+def export_hf(root_module, tokenizer, directory, rank, dtype=None):
+    """Collective: writes a Hugging Face directory (safetensors, config, tokenizer), atomically.
+
+    dtype: the floating-point weights' dtype on disk (default: as trained), e.g. bf16 for a
+    model trained as fp32 master weights with bf16 compute.
+    """
     full_state = get_model_state_dict(root_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         prefix = "causal_lm."
         weights = {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
+        if dtype is not None:
+            weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in weights.items()}
         temporary = directory.rstrip("/") + ".tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         root_module.causal_lm.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
+        if dtype is not None:
+            _set_config_dtype(os.path.join(temporary, "config.json"), dtype)
         tokenizer.save_pretrained(temporary)
         shutil.rmtree(directory, ignore_errors=True)
         os.rename(temporary, directory)

@@ -5,13 +5,7 @@ import os
 
 import torch
 
-from .checkpoint import (
-    check_no_earlier_checkpoints,
-    export_hf,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed
@@ -38,9 +32,6 @@ class Engine:
     def __init__(self, config, tokenizer=None):
         """tokenizer: already loaded (stages load it first, to check their data before the model)."""
         self.config = config
-        if config.checkpoint.resume != "auto":
-            # Checked before the model loads: a fresh run must not mix with an earlier run's checkpoints.
-            check_no_earlier_checkpoints(config.run_dir)
         self.rank, self.world_size, self.device = init_distributed()
         torch.manual_seed(config.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
@@ -167,5 +158,8 @@ class Engine:
         if start_step < total_steps:
             self._save(total_steps)
         if self.config.checkpoint.export_hf:
-            export = export_hf(self.module, self.tokenizer, os.path.join(self.config.run_dir, "hf_model"), self.rank)
+            # model.dtype=auto on GPU trains fp32 master weights for bf16 compute: export bf16.
+            dtype = torch.bfloat16 if self.device.type == "cuda" and self.config.model.dtype == "auto" else None
+            export = export_hf(self.module, self.tokenizer, os.path.join(self.config.run_dir, "hf_model"), self.rank,
+                               dtype=dtype)
             log(f"exported a Hugging Face model to {export}")

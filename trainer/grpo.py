@@ -15,6 +15,7 @@ import torch
 
 from fastmath_kernels import group_advantages, grpo_token_loss, linear_token_logprobs
 
+from .checkpoint import check_no_earlier_checkpoints
 from .data import DataError, load_records, to_messages
 from .engine import Engine, TrainingError
 from .metrics import MetricsLogger, plot_loss
@@ -204,7 +205,9 @@ def load_reference(config, device):
     from .model import CausalLMLoss, load_causal_lm
     from .parallel import apply_fsdp
 
-    causal_lm = load_causal_lm(config.model, device)
+    # Loaded like the policy where one process runs it (fp32 under bf16 autocast), so that the KL
+    # starts at 0; under FSDP both compute with bf16 weights, which bf16 storage gives directly.
+    causal_lm = load_causal_lm(config.model, device, trainable=not is_distributed())
     causal_lm.requires_grad_(False)
     causal_lm.eval()
     return apply_fsdp(CausalLMLoss(causal_lm), device, config.parallel)
@@ -212,6 +215,7 @@ def load_reference(config, device):
 
 def run_grpo(config):
     # The prompts are read and checked before the model loads: bad data fails in seconds.
+    check_no_earlier_checkpoints(config)
     rank, world_size, _ = init_distributed()
     log = print if rank == 0 else (lambda *_: None)
     grpo = config.grpo

@@ -2,6 +2,7 @@
 
 import time
 
+from .checkpoint import check_no_earlier_checkpoints
 from .data import DataError, build_documents, collate, epoch_order, load_records, pack_documents
 from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
@@ -54,6 +55,7 @@ class SFTData:
 
 def run_sft(config):
     # The data is read and checked before the model loads: bad data fails in seconds.
+    check_no_earlier_checkpoints(config)
     rank, world_size, _ = init_distributed()
     log = print if rank == 0 else (lambda *_: None)
     tokenizer = load_tokenizer(config.model)

@@ -69,11 +69,14 @@ class HFRolloutEngine:
                             logits_processor=LogitsProcessorList([sampler]))
             if settings.stop:
                 sampling["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, settings.stop, longest)])
-            output = causal_lm.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **sampling,
-                max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=distributed, return_dict_in_generate=True,
-            )
+            # fp32 master weights in one process: sample with the training forward's bf16 compute.
+            autocast_dtype = getattr(self.root, "autocast_dtype", None)
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = causal_lm.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **sampling,
+                    max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=distributed, return_dict_in_generate=True,
+                )
         finally:
             causal_lm.train(was_training)
             if distributed:

@@ -124,6 +124,16 @@ def _prepare(toy):
     return run_dir, train_file, base_model, held_out
 
 
+def _start_stage_afresh(config, recipe_dir):
+    """The recipe owns its stage directories: a rerun starts them afresh, not over the last run's
+    checkpoints. Only a directory strictly inside the recipe's run_dir is removed, and a stage
+    set to resume keeps its own."""
+    stage_dir, recipe_dir = os.path.realpath(config.run_dir), os.path.realpath(recipe_dir)
+    inside = stage_dir != recipe_dir and os.path.commonpath([stage_dir, recipe_dir]) == recipe_dir
+    if inside and config.checkpoint.resume != "auto":
+        shutil.rmtree(stage_dir, ignore_errors=True)
+
+
 def _summary_line(name, result):
     row = result.final
     return (f"{name}: pass@1 {row.pass_at_1:.1%}, maj@{result.samples_per_problem} {row.maj_at_k:.1%}, "
@@ -154,8 +164,7 @@ def run_toy_recipe(config_path=None, overrides=()):
 
     print(f"== stage 1: SFT, {sft_config.train.epochs} epochs", flush=True)
     stage_start = time.perf_counter()
-    # The recipe owns its stage directories: a rerun starts them afresh, not over the last run's checkpoints.
-    shutil.rmtree(sft_config.run_dir, ignore_errors=True)
+    _start_stage_afresh(sft_config, run_dir)
     run_sft(sft_config)
     seconds["sft"] = time.perf_counter() - stage_start
     results["SFT"] = evaluate_dir(os.path.join(run_dir, "sft", "hf_model"), held_out, settings, seed)
@@ -163,7 +172,7 @@ def run_toy_recipe(config_path=None, overrides=()):
 
     print(f"== stage 2: GRPO, {grpo_config.train.max_steps} steps", flush=True)
     stage_start = time.perf_counter()
-    shutil.rmtree(grpo_config.run_dir, ignore_errors=True)
+    _start_stage_afresh(grpo_config, run_dir)
     run_grpo(grpo_config)
     seconds["grpo"] = time.perf_counter() - stage_start
     results["SFT+GRPO"] = evaluate_dir(os.path.join(run_dir, "grpo", "hf_model"), held_out, settings, seed)
@@ -234,7 +243,7 @@ def run_epoch_ablation(config_path=None, overrides=()):
         else:
             config = stage_config(toy, "sft", base_model, train_file, stage_dir, [f"train.epochs={epochs}"])
             print(f"== SFT for {epochs} epoch(s)", flush=True)
-            shutil.rmtree(stage_dir, ignore_errors=True)  # the ablation owns it, as the recipe its stages
+            _start_stage_afresh(config, run_dir)
             run_sft(config)
         result = evaluate_dir(os.path.join(stage_dir, "hf_model"), held_out, settings, seed)
         print(_summary_line(f"{epochs} epoch(s)", result), flush=True)
