@@ -27,7 +27,13 @@ from .linear_token_logprobs import (
     weight_grad_by_vocab_slices,
 )
 from .linear_vocab_chunks import targets_in_slice
-from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward, lse_parts
+from .token_logprobs import (
+    Workspace,
+    logprob_rows_backward,
+    logprob_rows_forward,
+    lse_parts,
+    row_lse,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 # Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
@@ -53,7 +59,7 @@ def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
         sum_exp = z.exp_().sum(dim=1, keepdim=True)
         log_sum = sum_exp.log()
         logp[start:end] = (target_shifted - log_sum).squeeze(1)
-        lse[start:end] = (row_max.double() + log_sum.double()).squeeze(1)
+        lse[start:end] = row_lse(row_max, log_sum, 1.0).squeeze(1)
         if want_grad:
             rows_grad = row_grad[start:end, None]
             z.mul_(-rows_grad / sum_exp).scatter_add_(1, rows_targets, rows_grad)

@@ -10,7 +10,7 @@ slice's probabilities.
 
 import torch
 
-from .token_logprobs import LOG_PROB_FLOOR, lse_parts
+from .token_logprobs import LOG_PROB_FLOOR, lse_parts, row_lse
 
 
 def vocab_slices(vocab_size, slice_size):
@@ -78,7 +78,7 @@ def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, sl
     entropy = log_sum - weighted / sum_exp if with_entropy else None
     # Relative to the max, with no lse ~ 1e4 in between: small log-probs keep full precision.
     logp = (target_logit - running_max) / temperature - log_sum
-    return logp, entropy, running_max.double() + temperature * log_sum.double()
+    return logp, entropy, row_lse(running_max, log_sum, temperature)
 
 
 def vocab_chunked_backward(

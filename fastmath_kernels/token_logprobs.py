@@ -39,6 +39,11 @@ class Workspace:
             yield start, min(start + self.rows, num_rows)
 
 
+def row_lse(row_max, log_sum, temperature):
+    """float64 T * logsumexp(z / T) from the raw row max and log sum exp((z - max) / T)."""
+    return row_max.double() + temperature * log_sum.double()
+
+
 def lse_parts(lse):
     """float32 (hi, lo) with hi + lo = the float64 lse [N].
 
@@ -84,7 +89,7 @@ def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, w
         exps = torch.exp(shifted, out=workspace.get("exps", rows))
         sum_exp = exps.sum(dim=-1, keepdim=True)
         log_sum = sum_exp.log()
-        lse[start:end] = (row_max.double() + temperature * log_sum.double()).squeeze(1)
+        lse[start:end] = row_lse(row_max, log_sum, temperature).squeeze(1)
         logp[start:end] = (target_shifted - log_sum).squeeze(1)
         if with_entropy:
             # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.

@@ -186,13 +186,12 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path, scale_rewards):
 
 
 def test_check_finite_raises_on_a_non_finite_loss_or_gradient_norm():
-    from trainer.engine import TrainingError
-    from trainer.grpo import check_finite
+    from trainer.engine import TrainingError, check_finite
 
-    check_finite(torch.tensor(0.25), torch.tensor(3.0))
+    check_finite(torch.tensor(0.25), torch.tensor(3.0), what="GRPO loss")
     for loss, norm in ((float("nan"), 1.0), (0.5, float("inf"))):
         with pytest.raises(TrainingError, match="non-finite GRPO loss or gradient norm"):
-            check_finite(torch.tensor(loss), torch.tensor(norm))
+            check_finite(torch.tensor(loss), torch.tensor(norm), what="GRPO loss")
 
 
 def test_sampling_logprobs_line_up_with_the_targets():

@@ -28,6 +28,17 @@ def warmup_cosine(total_steps, warmup_ratio, min_lr_ratio):
     return factor
 
 
+def check_finite(loss, grad_norm, what="loss", hint="check the data"):
+    """(loss, grad norm) as numbers, read in one host sync; raises TrainingError unless both are finite."""
+    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        raise TrainingError(
+            f"non-finite {what} or gradient norm (loss {loss_value}, grad norm {norm_value}); "
+            f"the last complete checkpoint is kept; lower optim.lr or {hint}"
+        )
+    return loss_value, norm_value
+
+
 class Engine:
     def __init__(self, config, tokenizer=None):
         """tokenizer: already loaded (stages load it first, to check their data before the model)."""
@@ -73,21 +84,25 @@ class Engine:
             loss = self.module(**batch) * scale
             loss.backward()
             step_loss += loss.detach()
+        mean_loss = all_reduce_sum(step_loss) / self.world_size
+        loss_value, grad_norm, lr = self.optimizer_step(mean_loss)
+        self.scheduler.step()
+        return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens.item()), "lr": lr}
+
+    def optimizer_step(self, loss, what="loss", hint="check the data"):
+        """Clips the gradients and steps the optimizer; returns (loss, grad norm, lr) as numbers.
+
+        A non-finite loss or gradient norm stops the run before the update. The scheduler's
+        step is the caller's: GRPO takes several optimizer steps per schedule step.
+        """
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optim.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        mean_loss = all_reduce_sum(step_loss) / self.world_size
-        values = torch.stack([mean_loss, grad_norm.float(), global_tokens]).tolist()  # one host sync
-        if not all(math.isfinite(v) for v in values[:2]):
-            raise TrainingError(
-                f"non-finite loss or gradient norm (loss {values[0]}, grad norm {values[1]}); "
-                "the last complete checkpoint is kept; lower optim.lr or check the data"
-            )
+        loss_value, norm_value = check_finite(loss, grad_norm, what, hint)
         lr = self.optimizer.param_groups[0]["lr"]  # what this optimizer step uses
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": values[0], "grad_norm": values[1], "tokens": int(values[2]), "lr": lr}
+        return loss_value, norm_value, lr
 
     def resume(self, log):
         """With checkpoint.resume=auto, restores the newest complete checkpoint; returns the step to start at.

@@ -17,7 +17,7 @@ from fastmath_kernels import group_advantages, grpo_token_loss, linear_token_log
 
 from .checkpoint import check_no_earlier_checkpoints
 from .data import DataError, load_records, to_messages
-from .engine import Engine, TrainingError
+from .engine import Engine
 from .metrics import MetricsLogger, plot_loss
 from .model import load_tokenizer
 from .parallel import all_gather_concat, all_reduce_sum, init_distributed, is_distributed, shutdown
@@ -104,16 +104,6 @@ def step_advantages(reward_values, grpo, device, rank, world_size):
     # Every rank holds the same number of groups (sample_groups fills its batch back up).
     everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch")
     return everyone[rank * rewards.numel() : (rank + 1) * rewards.numel()]
-
-
-def check_finite(loss, grad_norm):
-    """Stops before a NaN or infinite update reaches the weights (one host sync)."""
-    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        raise TrainingError(
-            f"non-finite GRPO loss or gradient norm (loss {loss_value}, grad norm {norm_value}); "
-            "the last complete checkpoint is kept; lower optim.lr or check the rewards"
-        )
 
 
 def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, rank):
@@ -300,13 +290,7 @@ def run_grpo(config):
                 # FSDP averages gradients over ranks, so each rank's loss is its own mean.
                 loss = engine.module(**batch, head=head)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(engine.parameters, config.optim.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                check_finite(loss, grad_norm)
-                lr = engine.scheduler.get_last_lr()[0]
-                engine.optimizer.step()
-                engine.optimizer.zero_grad(set_to_none=True)
+                loss_value, grad_norm, lr = engine.optimizer_step(loss, what="GRPO loss", hint="check the rewards")
             engine.scheduler.step()
             train_s = time.perf_counter() - train_started
             sync_started = time.perf_counter()
@@ -317,7 +301,7 @@ def run_grpo(config):
             correct = [a for a in parts["accuracy"] if math.isfinite(a)]
             lengths = [len(c.token_ids) for c in completions]
             summary = all_reduce_sum(torch.tensor([
-                loss.item(), grad_norm.item(), sum(finite), len(finite), sum(correct),
+                loss_value, grad_norm, sum(finite), len(finite), sum(correct),
                 float(sum(lengths)), float(len(completions)),
                 float(sum(c.finish_reason == "length" for c in completions)),
                 float(zero_variance_groups(reward_values, grpo.group_size)), float(len(chosen)),

@@ -59,7 +59,7 @@ def _logprob_rows_forward_kernel(
     lse = running_max.to(tl.float64) + log_sum.to(tl.float64) / inv_temperature
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.log(sum_exp) - sum_exp_shifted / sum_exp)
+        tl.store(entropy_ptr + row, log_sum - sum_exp_shifted / sum_exp)
 
 
 @triton.jit
