@@ -61,7 +61,7 @@ def run_fastmath(model, data, steps, workdir):
     engine.set_schedule(steps)
     before = _reset_peak()
     started = time.perf_counter()
-    losses = [engine.train_step(sft_data.micro_batches(step, 0, engine.compute_dtype))["loss"] for step in range(steps)]
+    losses = [engine.train_step(sft_data.micro_batches(step, 0))["loss"] for step in range(steps)]
     return time.perf_counter() - started, 1024 * (_read_status_kib("VmHWM") - before), losses
 
 

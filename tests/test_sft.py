@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.data import block_causal_mask, collate, pack_documents, to_messages, tokenize_chat
+from trainer.data import collate, pack_documents, to_messages, tokenize_chat
 from trainer.metrics import read_metrics
 from trainer.toy.model_dir import build_model_dir
 from trainer.toy.task import WORDS, write_problems
@@ -35,35 +35,27 @@ def sft_config(toy, run_dir, *overrides):
 
 
 def test_packed_documents_do_not_see_each_other(toy):
-    """A token's logits are the same alone and packed beside other documents."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A token's logits are the same alone and packed beside other documents (the trainer's loader)."""
+    from transformers import AutoTokenizer
+
+    from trainer.model import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(toy["model"])
-    model = AutoModelForCausalLM.from_pretrained(toy["model"], dtype=torch.float32).eval()
+    model = load_causal_lm(sft_config(toy, "unused").model, torch.device("cpu")).eval()
     config = sft_config(toy, "unused").data
     rows = [json.loads(line) for line in open(toy["data"])][:3]
     documents = [tokenize_chat(tokenizer, to_messages(row, config, None, "row")) for row in rows]
 
     def logits_of(docs):
-        batch = collate(pack_documents(docs, 10_000), tokenizer.pad_token_id, torch.float32)
+        batch = collate(pack_documents(docs, 10_000), tokenizer.pad_token_id)
         with torch.no_grad():
-            return model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
-            ).logits[0]
+            return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
 
     alone = logits_of([documents[1]])
     packed = logits_of(documents)
     start = len(documents[0].input_ids)
     beside = packed[start : start + len(documents[1].input_ids)]
     assert (beside - alone).abs().max() < 1e-5
-
-
-def test_block_causal_mask_shape_and_isolation():
-    mask = block_causal_mask([2, 3], 6, torch.float32)[0]
-    allowed = mask == 0
-    assert allowed[1, 0] and not allowed[0, 1]  # causal inside a document
-    assert not allowed[2, 1] and allowed[4, 2]  # second document sees only itself
-    assert allowed[5, 5] and not allowed[5, 4]  # padding attends to itself only
 
 
 def test_completion_only_targets(toy):

@@ -24,7 +24,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     chat_template: Optional[str] = None  # a Jinja template replacing the tokenizer's own
     system_prompt: Optional[str] = None
-    attn_implementation: str = "sdpa"
+    # document_masked: packed rows without an [L, L] mask (varlen flash kernels on CUDA)
+    attn_implementation: str = "document_masked"
 
 
 @dataclasses.dataclass
@@ -142,7 +143,11 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
     "checkpoint.resume": ("none", "auto"),
+    "model.attn_implementation": ("document_masked", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
 }
+
+# Implementations that keep packed documents apart from restarting position ids alone.
+PACKING_ATTENTION = ("document_masked", "flash_attention_2", "flash_attention_3")
 
 
 def _suggest(key, known):
@@ -218,7 +223,9 @@ def validate(config):
         for part in key.split("."):
             value = getattr(value, part)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(allowed)}{_suggest(str(value), list(allowed))}"
+            )
     positive = {
         "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
@@ -243,6 +250,11 @@ def validate(config):
         raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
     if not config.model.path:
         raise ConfigError("model.path: no model directory given")
+    if config.stage == "sft" and config.data.pack and config.model.attn_implementation not in PACKING_ATTENTION:
+        raise ConfigError(
+            f"model.attn_implementation={config.model.attn_implementation} would let packed documents attend to "
+            f"each other (data.pack=true); use one of {', '.join(PACKING_ATTENTION)}, or data.pack=false"
+        )
     if config.stage == "grpo":
         _validate_grpo(config.grpo)
     if config.stage == "eval":

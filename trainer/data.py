@@ -3,7 +3,7 @@
 Each example becomes one document: the prompt (system + user turns) and the completion
 (the assistant turn). Only completion tokens carry a loss. Documents are packed into
 sequences of at most max_seq_len tokens; position ids restart per document and the
-attention mask is block-diagonal, so no token sees another document.
+document-masked attention (trainer/attention.py) keeps every token inside its own document.
 """
 
 import dataclasses
@@ -11,6 +11,8 @@ import json
 import os
 
 import torch
+
+from .attention import document_boundaries
 
 IGNORE_INDEX = -100
 
@@ -221,37 +223,29 @@ def pack_documents(documents, max_seq_len, pack=True):
     return packs
 
 
-def block_causal_mask(document_lengths, length, dtype):
-    """[1, L, L] additive mask: 0 where a token may attend (same document, not later), -inf elsewhere."""
-    document_index = torch.repeat_interleave(
-        torch.arange(len(document_lengths)), torch.tensor(document_lengths)
-    )
-    padding = length - len(document_index)
-    document_index = torch.cat([document_index, torch.full((padding,), -1)])
-    same_document = document_index[:, None] == document_index[None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = same_document & causal
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves: no NaN rows
-    mask = torch.zeros(length, length, dtype=dtype)
-    return mask.masked_fill_(~allowed, float("-inf"))[None]
+def collate(packs, pad_token_id):
+    """Micro-batch tensors: input_ids, position_ids, targets [B, L] and the document boundaries.
 
-
-def collate(packs, pad_token_id, dtype):
-    """Micro-batch tensors: input_ids, position_ids, targets [B, L] and a [B, 1, L, L] attention mask."""
+    No attention mask: `document_boundaries` (cumulative lengths over the flattened rows, each
+    row's padding one document of its own) tell the document-masked attention where each
+    document begins, so no [L, L] tensor exists.
+    """
     length = max(len(p.input_ids) for p in packs)
     input_ids = torch.full((len(packs), length), pad_token_id, dtype=torch.long)
     targets = torch.full((len(packs), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(packs), length), dtype=torch.long)
-    masks = []
+    lengths = []
     for row, pack in enumerate(packs):
         size = len(pack.input_ids)
         input_ids[row, :size] = torch.tensor(pack.input_ids)
         targets[row, :size] = torch.tensor(pack.targets)
         position_ids[row, :size] = torch.tensor(pack.position_ids)
-        masks.append(block_causal_mask(pack.document_lengths, length, dtype))
+        position_ids[row, size:] = torch.arange(length - size)
+        lengths.extend(pack.document_lengths + ([length - size] if size < length else []))
+    cumulative, longest = document_boundaries(lengths)
     return {
         "input_ids": input_ids, "position_ids": position_ids, "targets": targets,
-        "attention_mask": torch.stack(masks),
+        "document_boundaries": cumulative, "longest_document": longest,
     }
 
 

@@ -57,10 +57,6 @@ class Engine:
         self.scheduler = None
         self.total_steps = None
 
-    @property
-    def compute_dtype(self):
-        return self.module.causal_lm.dtype if self.device.type == "cpu" else torch.bfloat16
-
     def set_schedule(self, total_steps):
         optim = self.config.optim
         self.total_steps = total_steps
@@ -80,7 +76,7 @@ class Engine:
         scale = self.world_size / global_tokens.clamp_min(1.0)
         step_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            batch = {key: value.to(self.device) for key, value in batch.items()}
+            batch = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
             loss = self.module(**batch) * scale
             loss.backward()
             step_loss += loss.detach()

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastmath_kernels import linear_cross_entropy
 
+from .attention import DOCUMENT_MASKED, register_document_attention
 from .data import DataError
 
 
@@ -44,6 +45,8 @@ def load_causal_lm(model_config, device, trainable=False):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(model_config.dtype, device, trainable)
+    if model_config.attn_implementation == DOCUMENT_MASKED:
+        register_document_attention()
     if trainable and dtype in (torch.bfloat16, torch.float16) and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"model.dtype={model_config.dtype}: the optimizer steps {dtype} weights, and updates smaller than "
@@ -76,16 +79,23 @@ class CausalLMLoss(nn.Module):
         # backbone then runs under autocast and the loss takes hidden and weight in this dtype.
         self.autocast_dtype = None
 
-    def forward(self, input_ids, position_ids, attention_mask, targets=None, head=None):
+    def forward(self, input_ids, position_ids, attention_mask=None, targets=None, head=None,
+                document_boundaries=None, longest_document=None):
         """The summed cross-entropy at targets, or head(hidden, lm_head_weight) when a head is given.
 
         GRPO passes its own head (token log-probs and the clipped loss); it runs here, inside the
-        root's forward, for the same reason as the cross-entropy.
+        root's forward, for the same reason as the cross-entropy. Packed rows come with
+        document_boundaries (cumulative lengths over the flattened rows) and longest_document;
+        the document-masked attention reads them under transformers' names for packed rows.
         """
+        packing = {}
+        if document_boundaries is not None:
+            packing = dict(cu_seq_lens_q=document_boundaries, cu_seq_lens_k=document_boundaries,
+                           max_length_q=longest_document, max_length_k=longest_document)
         autocast = self.autocast_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=autocast):
             hidden = self.causal_lm.model(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **packing
             ).last_hidden_state
         weight = self.causal_lm.lm_head.weight
         if autocast:

@@ -42,13 +42,13 @@ class SFTData:
                 "after the generation prompt, ending in the EOS token"
             )
 
-    def micro_batches(self, step, rank, mask_dtype):
+    def micro_batches(self, step, rank):
         epoch, index = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.packs), epoch, self.seed)
         chosen = order[index * self.packs_per_step : (index + 1) * self.packs_per_step][rank :: self.world_size]
         size = self.micro_batch_size
         return [
-            collate([self.packs[i] for i in chosen[start : start + size]], self.pad_token_id, mask_dtype)
+            collate([self.packs[i] for i in chosen[start : start + size]], self.pad_token_id)
             for start in range(0, len(chosen), size)
         ]
 
@@ -71,7 +71,7 @@ def run_sft(config):
     try:
         for step in range(start_step, total_steps):
             started = time.perf_counter()
-            values = engine.train_step(data.micro_batches(step, rank, engine.compute_dtype))
+            values = engine.train_step(data.micro_batches(step, rank))
             values["epoch"] = step // data.steps_per_epoch
             values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - started, 1e-9)
             metrics.log_step(step + 1, values)
