@@ -57,11 +57,14 @@ def _from_logprobs(logprob_fn):
     return _loss_run(loss)
 
 
-def _twice_default_chunk(hidden, weight, targets):
-    from fastmath_kernels.linear_token_logprobs import default_chunk_size
+def _scaled_default_chunk(factor, backend=None):
+    def loss(hidden, weight, targets):
+        from fastmath_kernels.linear_token_logprobs import default_chunk_size
 
-    chunk_size = 2 * default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
-    return fk.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+        chunk_size = factor * default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
+        return fk.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, backend=backend)
+
+    return loss
 
 
 def implementations(device):
@@ -78,8 +81,10 @@ def implementations(device):
         impls.append(ready(
             "fastmath triton", _loss_run(lambda h, w, t: fk.linear_cross_entropy(h, w, t, backend="triton"))
         ))
-        # Twice the default chunk: half as many passes over the fp32 weight-gradient buffer.
-        impls.append(ready("fastmath 2x chunk", _loss_run(_twice_default_chunk)))
+        # Larger chunks: fewer passes over the fp32 weight-gradient buffer, larger logits buffers.
+        impls.append(ready("fastmath 2x chunk", _loss_run(_scaled_default_chunk(2))))
+        impls.append(ready("fastmath 4x chunk", _loss_run(_scaled_default_chunk(4))))
+        impls.append(ready("fastmath triton 2x chunk", _loss_run(_scaled_default_chunk(2, "triton"))))
     impls.append(peers.liger_fused_linear_cross_entropy(device))
     if device == "cuda":
         impls.append(peers.liger_fused_linear_cross_entropy(device, fp32_weight_grad=True))

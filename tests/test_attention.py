@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import max_relative_error
+from helpers import max_relative_error
 from trainer.attention import (
     DOCUMENT_MASKED, boundaries_from_positions, document_boundaries, grouped_document_attention, length_groups,
     register_document_attention, varlen_document_attention, varlen_usable,

@@ -120,6 +120,34 @@ def test_low_memory_peak_is_at_most_1_2x_the_gradients(backend, op):
     assert peak_extra <= 1.2 * gradient_bytes, f"peak extra {peak_extra / mib:.0f} MiB, gradients {gradient_bytes / mib:.0f} MiB"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_default_peak_is_the_fp32_weight_buffer_plus_two_chunk_buffers(backend):
+    """Working memory beyond the returned gradients: the fp32 [V, H] buffer, one fp32 logits chunk
+    and one bf16 logits-gradient chunk (64 MiB allowed for cuBLAS and row temporaries)."""
+    from fastmath_kernels.linear_token_logprobs import default_chunk_size
+
+    num_tokens, hidden_size, vocab_size = 8192, 2048, 65536
+    hidden, weight, targets = random_problem((num_tokens,), hidden_size, vocab_size, torch.bfloat16, "cuda", 13)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    chunk = default_chunk_size(num_tokens, vocab_size, hidden.device)
+    allowed = weight.numel() * 4 + chunk * vocab_size * (4 + 2)
+    gradient_bytes = (hidden.numel() + weight.numel()) * 2
+    torch.mm(hidden[:64].detach(), weight[:64].detach().T)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(hidden, weight, targets, backend=backend).backward()
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - before
+    working = peak_extra - hidden.numel() * 2  # the hidden gradient is returned, not working memory
+    mib = 2**20
+    print(f"{backend}: peak extra {peak_extra / mib:.0f} MiB = {peak_extra / gradient_bytes:.2f}x the bf16 gradients")
+    assert weight.grad.abs().max() > 0
+    assert working <= allowed + 64 * mib, f"working memory {working / mib:.0f} MiB > {allowed / mib:.0f} MiB"
+
+
 def test_low_memory_default_chunks_hold_a_fraction_of_the_gradients():
     from fastmath_kernels.linear_token_logprobs import low_memory_chunk_size
 

@@ -68,6 +68,7 @@ class CheckpointConfig:
     keep: int = 2
     resume: str = "none"  # "auto": continue from the latest complete checkpoint in run_dir
     export_hf: bool = True
+    save_final: bool = True  # false: no checkpoint at the end (smoke runs and benchmarks)
 
 
 @dataclasses.dataclass

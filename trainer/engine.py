@@ -57,6 +57,14 @@ class Engine:
         self.scheduler = None
         self.total_steps = None
 
+    def peak_memory_gb(self):
+        """This rank's peak GPU memory allocated since the last call, in GiB (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
     def set_schedule(self, total_steps):
         optim = self.config.optim
         self.total_steps = total_steps
@@ -166,7 +174,7 @@ class Engine:
 
     def finish(self, start_step, total_steps, log):
         """The final checkpoint (unless the run resumed at its end) and the Hugging Face export."""
-        if start_step < total_steps:
+        if start_step < total_steps and self.config.checkpoint.save_final:
             self._save(total_steps)
         if self.config.checkpoint.export_hf:
             # model.dtype=auto on GPU trains fp32 master weights for bf16 compute: export bf16.

@@ -325,6 +325,8 @@ def run_grpo(config):
             for name, values_of_reward in parts.items():
                 finite_values = [v for v in values_of_reward if math.isfinite(v)]
                 values[f"reward_{name}"] = sum(finite_values) / max(len(finite_values), 1)
+            if (peak := engine.peak_memory_gb()) is not None:
+                values["peak_memory_GB"] = peak
             metrics.log_step(step + 1, values)
             engine.after_step(step + 1, total_steps)
         engine.finish(start_step, total_steps, metrics.message)

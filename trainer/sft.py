@@ -74,6 +74,8 @@ def run_sft(config):
             values = engine.train_step(data.micro_batches(step, rank))
             values["epoch"] = step // data.steps_per_epoch
             values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - started, 1e-9)
+            if (peak := engine.peak_memory_gb()) is not None:
+                values["peak_memory_GB"] = peak
             metrics.log_step(step + 1, values)
             engine.after_step(step + 1, total_steps)
         engine.finish(start_step, total_steps, metrics.message)
