@@ -131,13 +131,18 @@ class ChunkedLinear:
         return torch.mm(chunk.float(), self.weight_fp32.T, out=out)
 
     @staticmethod
-    def _fp32_product(a, b):
+    def _fp32_product(a, b, scratch=None):
         """a @ b of low-precision operands with an fp32 result, to be rounded once by the caller.
 
         A matmul with a bf16/fp16 output may add split-K partial sums in that precision, and the
         long reductions here (over the vocabulary, or over every token) are where it would split.
+        scratch: free fp32 room of at least that many elements to write the product into.
         """
-        out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+        elements = a.shape[0] * b.shape[1]
+        if scratch is not None and scratch.numel() >= elements:
+            out = scratch.view(-1)[:elements].view(a.shape[0], b.shape[1])
+        else:
+            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
         return torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
 
     @classmethod
@@ -168,13 +173,19 @@ class ChunkedLinear:
         else:
             grad_weight[start:end] = grad_logits.T @ self.hidden_fp32
 
-    def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32):
-        """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden."""
+    def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32, scratch=None):
+        """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden.
+
+        scratch: the chunk's fp32 logits buffer, free once the logits gradient sits in its own
+        buffer; the hidden gradient's fp32 product then needs no allocation of its own.
+        """
         chunk = self.hidden[start:end]
         if self.mixed_precision_gpu:
             operand = grad_logits.to(self.weight.dtype)  # a no-op when written in that dtype already
+            if scratch is not None and scratch.data_ptr() == operand.data_ptr():
+                scratch = None
             if grad_hidden is not None:
-                grad_hidden[start:end].copy_(self._fp32_product(operand, self.weight))
+                grad_hidden[start:end].copy_(self._fp32_product(operand, self.weight, scratch))
             if grad_weight_fp32 is not None:
                 self._add_fp32_product(grad_weight_fp32, operand.T, chunk)
             return
@@ -335,7 +346,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
                     workspace,
                 )
-                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight)
+                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight,
+                                            scratch=buffer if grad_buffer is not None else None)
             # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
             buffer = grad_buffer = logits = grad_logits = None
         if need_hidden:
