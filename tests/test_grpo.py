@@ -5,28 +5,44 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.grpo import aggregate, policy_batch, without_truncated, zero_variance_groups
+from trainer.grpo import kept_sequences, rollout_sequences, zero_variance_groups
+from trainer.grpo_batch import BudgetError, aggregation_weights, first_fit_decreasing, pack_rollouts
 from trainer.metrics import read_metrics
 from trainer.rollout import Completion
 from trainer.toy.model_dir import build_model_dir
 from trainer.toy.task import WORDS, write_problems
 
 
-def test_policy_batch_masks_exactly_the_completion_tokens():
+def test_packed_row_marks_exactly_the_completion_targets():
     prompts = [([5, 6, 7], "1"), ([8], "2")]
     completions = [Completion(0, [1, 2], "", "stop"), Completion(1, [3, 4, 9], "", "length")]
-    input_ids, position_ids, attention_mask, mask = policy_batch(prompts, completions, pad_token_id=0)
-    assert input_ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
-    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert position_ids[1, :4].tolist() == [0, 1, 2, 3]
+    sequences, starts = rollout_sequences(prompts, completions)
+    assert sequences == [[5, 6, 7, 1, 2], [8, 3, 4, 9]] and starts == [3, 1]
+    (row,) = pack_rollouts(sequences, starts, budget=None)
+    assert row.inputs["input_ids"].tolist() == [[5, 6, 7, 1, 2, 8, 3, 4, 9]]
+    assert row.inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert row.inputs["document_boundaries"].tolist() == [0, 5, 9] and row.inputs["longest_document"] == 5
+    # Position i predicts token i + 1 of its own sequence; counted where that token is a completion token.
+    assert row.targets.tolist() == [6, 7, 1, 2, 0, 3, 4, 9, 0]
+    assert row.completion_targets.tolist() == [0, 0, 1, 1, 0, 1, 1, 1, 0]
+    assert row.token_sequence.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1] and row.pad_tokens == 0
+
+
+def test_first_fit_decreasing_never_splits_and_respects_the_budget():
+    lengths = [7, 3, 9, 2, 5, 5, 1, 8]
+    bins = first_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    # By hand: 9 | 8 | 7 | 5+5 | then 3 joins 7, 2 joins 8, 1 joins 9: four full bins.
+    assert bins == [[2, 6], [7, 3], [0, 1], [4, 5]]
+    with pytest.raises(BudgetError, match="11 tokens exceeds the budget of 10"):
+        first_fit_decreasing([3, 11], 10)
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss():
     completions = [Completion(0, [1, 2], "", "stop"), Completion(0, [3, 4], "", "length")]
-    mask = torch.ones(2, 5)
-    assert without_truncated(mask, completions).tolist() == [[1] * 5, [0] * 5]
-    assert mask.sum() == 10  # the caller's mask is not modified
+    assert kept_sequences(completions, mask_truncated=True).tolist() == [1.0, 0.0]
+    assert kept_sequences(completions, mask_truncated=False).tolist() == [1.0, 1.0]
 
 
 def test_zero_variance_groups_count_groups_with_equal_finite_rewards():
@@ -35,13 +51,23 @@ def test_zero_variance_groups_count_groups_with_equal_finite_rewards():
     assert zero_variance_groups(rewards, 4) == 2  # group 1 (all 1.0) and group 2 (2.0 and NaN)
 
 
+def aggregate(loss, mask, method, max_new_tokens, global_tokens=None, world_size=1):
+    """A rank's aggregated loss of [B, L] token losses, through the per-token weights the trainer uses."""
+    rows, length = mask.shape
+    weights = aggregation_weights(mask.flatten(), torch.arange(rows).repeat_interleave(length), rows, method,
+                                  max_new_tokens, global_tokens, world_size)
+    return (weights * loss.flatten()).sum()
+
+
 def test_loss_aggregations():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert aggregate(loss, mask, "dapo", 10).item() == pytest.approx(10 / 4)
+    assert aggregate(loss, mask, "dapo", 10, mask.sum()).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "bnpo", 10).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "grpo", 10).item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate(loss, mask, "dr_grpo", 10).item() == pytest.approx(10 / (2 * 10))
+    with pytest.raises(ValueError, match="dapo normalises by the tokens of every rank"):
+        aggregate(loss, mask, "dapo", 10)
 
 
 def _direct_aggregations(loss, mask, max_new_tokens, ranks):
@@ -200,17 +226,17 @@ def test_sampling_logprobs_line_up_with_the_targets():
     prompts = [([5, 6, 7], "1"), ([8], "2")]
     completions = [Completion(0, [1, 2], "", "stop", logprobs=[-0.5, -1.5]),
                    Completion(1, [3, 4, 9], "", "length", logprobs=[-0.1, -0.2, -0.3])]
-    input_ids, _, _, mask = policy_batch(prompts, completions, pad_token_id=0)
-    table = sampling_logprobs(completions, input_ids.shape, prompts)
-    targets, token_mask = input_ids[:, 1:], mask[:, 1:]
+    sequences, starts = rollout_sequences(prompts, completions)
+    (row,) = pack_rollouts(sequences, starts, budget=None)
+    table = sampling_logprobs(completions, starts, row)
     # Each completion token is a target exactly where its sampling log-prob sits.
-    assert targets[0, 2:4].tolist() == [1, 2] and table[0, 2:4].tolist() == [-0.5, -1.5]
-    assert targets[1, 0:3].tolist() == [3, 4, 9] and table[1, 0:3].tolist() == pytest.approx([-0.1, -0.2, -0.3])
-    assert (table[token_mask == 0] == 0).all()
-    trainer_logp = table + torch.tensor([[0.0, 0.0, 0.1, 2.0], [-0.2, 0.0, 0.0, 0.0]])
-    weight = truncated_importance_weight(trainer_logp, table, token_mask, cap=2.0)
-    expected = [[1.0, 1.0, math.exp(0.1), 2.0], [math.exp(-0.2), 1.0, 1.0, 1.0]]
-    assert weight.tolist() == [pytest.approx(row) for row in expected]
+    counted = row.completion_targets.bool()
+    assert row.targets[counted].tolist() == [1, 2, 3, 4, 9]
+    assert table[counted].tolist() == pytest.approx([-0.5, -1.5, -0.1, -0.2, -0.3])
+    assert (table[~counted] == 0).all()
+    trainer_logp = table + torch.tensor([0.0, 0.0, 0.1, 2.0, 0.0, -0.2, 0.0, 0.0, 0.0])
+    weight = truncated_importance_weight(trainer_logp, table, row.completion_targets, cap=2.0)
+    assert weight.tolist() == pytest.approx([1.0, 1.0, math.exp(0.1), 2.0, 1.0, math.exp(-0.2), 1.0, 1.0, 1.0])
 
 
 @pytest.mark.slow

@@ -60,6 +60,10 @@ class TrainConfig:
     # Fused-linear loss (SFT) and log-probs (GRPO) without the fp32 [vocab, hidden]
     # weight-gradient buffer, for one more logits matmul.
     low_memory_loss: bool = False
+    # Tokens per packed micro-batch: GRPO packs each step's sequences into rows of at most this
+    # many (never splitting one) and accumulates gradients over them; SFT packs to it. None:
+    # GRPO trains each step's rollouts in one packed row.
+    max_tokens_per_micro_batch: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -251,6 +255,20 @@ def validate(config):
         raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
     if not config.model.path:
         raise ConfigError("model.path: no model directory given")
+    budget = config.train.max_tokens_per_micro_batch
+    if budget is not None and budget < 1:
+        raise ConfigError(f"train.max_tokens_per_micro_batch must be at least 1 or unset, got {budget}")
+    if budget is not None and config.stage == "sft":
+        if budget < config.data.max_seq_len:
+            raise ConfigError(
+                f"train.max_tokens_per_micro_batch={budget} is below data.max_seq_len={config.data.max_seq_len}: "
+                "a document of that length would not fit one micro-batch"
+            )
+        if config.train.micro_batch_size != 1:
+            raise ConfigError(
+                f"train.max_tokens_per_micro_batch packs each micro-batch as one row; set train.micro_batch_size=1 "
+                f"(got {config.train.micro_batch_size}) and use train.grad_accum for more rows per step"
+            )
     if config.stage == "sft" and config.data.pack and config.model.attn_implementation not in PACKING_ATTENTION:
         raise ConfigError(
             f"model.attn_implementation={config.model.attn_implementation} would let packed documents attend to "

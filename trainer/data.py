@@ -224,7 +224,8 @@ def pack_documents(documents, max_seq_len, pack=True):
 
 
 def collate(packs, pad_token_id):
-    """Micro-batch tensors: input_ids, position_ids, targets [B, L] and the document boundaries.
+    """Micro-batch tensors: input_ids, position_ids, targets [B, L], the document boundaries, and
+    the number of pad tokens that fill rows up to the longest.
 
     No attention mask: `document_boundaries` (cumulative lengths over the flattened rows, each
     row's padding one document of its own) tell the document-masked attention where each
@@ -246,6 +247,7 @@ def collate(packs, pad_token_id):
     return {
         "input_ids": input_ids, "position_ids": position_ids, "targets": targets,
         "document_boundaries": cumulative, "longest_document": longest,
+        "pad_tokens": input_ids.numel() - sum(len(p.input_ids) for p in packs),
     }
 
 

@@ -79,19 +79,26 @@ class Engine:
         contributes its token-loss sum divided by the global token count. FSDP's gradient
         reduce-scatter averages over ranks, hence the factor world_size.
         """
-        local_tokens = sum((batch["targets"] != -100).sum() for batch in micro_batches)
-        global_tokens = all_reduce_sum(local_tokens.clone().to(self.device, torch.float32))
+        counts = torch.tensor([
+            float(sum(int((batch["targets"] != -100).sum()) for batch in micro_batches)),
+            float(sum(batch.get("pad_tokens", 0) for batch in micro_batches)),
+            float(sum(batch["input_ids"].numel() for batch in micro_batches)),
+        ], device=self.device)
+        global_tokens, pad_tokens, computed_tokens = all_reduce_sum(counts).unbind()
         scale = self.world_size / global_tokens.clamp_min(1.0)
         step_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            batch = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batch.items()}
-            loss = self.module(**batch) * scale
+            inputs = {key: value.to(self.device) if torch.is_tensor(value) else value
+                      for key, value in batch.items() if key != "pad_tokens"}
+            loss = self.module(**inputs) * scale
             loss.backward()
             step_loss += loss.detach()
         mean_loss = all_reduce_sum(step_loss) / self.world_size
         loss_value, grad_norm, lr = self.optimizer_step(mean_loss)
         self.scheduler.step()
-        return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens.item()), "lr": lr}
+        return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens.item()), "lr": lr,
+                "pad_fraction": pad_tokens.item() / max(computed_tokens.item(), 1.0),
+                "micro_batches": len(micro_batches)}
 
     def optimizer_step(self, loss, what="loss", hint="check the data"):
         """Clips the gradients and steps the optimizer; returns (loss, grad norm, lr) as numbers.

@@ -4,7 +4,8 @@ Each step: sample group_size completions for each prompt, score them with the re
 normalise rewards within groups (group_advantages), then num_iterations policy-gradient steps
 with the clipped token loss (grpo_token_loss, plus beta * k3 KL to a frozen reference model
 when beta > 0) on log-probs from the fused-linear kernel (linear_token_logprobs), masked after
-each completion's end-of-sequence token.
+each completion's end-of-sequence token. The rollouts train packed, without padding, in
+micro-batches of at most train.max_tokens_per_micro_batch tokens (grpo_batch.py).
 """
 
 import dataclasses
@@ -16,11 +17,15 @@ import torch
 from fastmath_kernels import group_advantages, grpo_token_loss, linear_token_logprobs
 
 from .checkpoint import check_no_earlier_checkpoints
+from .config import ConfigError
 from .data import DataError, load_records, to_messages
 from .engine import Engine
+from .grpo_batch import aggregation_weights, pack_rollouts, padding_row, step_tokens
 from .metrics import MetricsLogger, plot_loss
 from .model import load_tokenizer
-from .parallel import all_gather_concat, all_reduce_sum, init_distributed, is_distributed, shutdown
+from .parallel import (
+    all_gather_concat, all_reduce_max, all_reduce_sum, init_distributed, is_distributed, shutdown,
+)
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine, sync_weights
 from .rollout.keyed_sampling import sequence_keys
@@ -45,43 +50,27 @@ def load_prompts(config, tokenizer, files=None, answer_field=None):
     return prompts
 
 
-def aggregate(per_token_loss, mask, method, max_new_tokens, global_tokens=None, world_size=1):
-    """Masked reduction of [B, T] token losses to this rank's loss, as TRL and verl define them.
-
-    grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over this rank's
-    tokens; dr_grpo: sum over B * max_new_tokens, a constant, so no length bias; dapo: mean over
-    the tokens of the whole global batch (global_tokens), times world_size because FSDP then
-    averages the ranks' gradients.
-    """
-    if method == "grpo":
-        return ((per_token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
-    if method == "dr_grpo":
-        return (per_token_loss * mask).sum() / (mask.shape[0] * max_new_tokens)
-    if method == "dapo" and global_tokens is not None:
-        return (per_token_loss * mask).sum() * world_size / global_tokens.clamp_min(1)
-    return (per_token_loss * mask).sum() / mask.sum().clamp_min(1)
+def kept_sequences(completions, mask_truncated):
+    """1.0 per completion whose tokens count in the loss; 0.0 for one cut by max_new_tokens when masked."""
+    return torch.tensor([0.0 if mask_truncated and c.finish_reason == "length" else 1.0 for c in completions])
 
 
-def policy_batch(prompts, completions, pad_token_id):
-    """Right-padded prompt+completion ids, their position ids, and the completion-token mask."""
-    sequences = [list(prompts[c.prompt_index][0]) + list(c.token_ids) for c in completions]
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), length), dtype=torch.float32)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, (sequence, completion) in enumerate(zip(sequences, completions)):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
-        start = len(sequence) - len(completion.token_ids)
-        completion_mask[row, start : len(sequence)] = 1.0
-    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-    return input_ids, position_ids, attention_mask, completion_mask
+def rollout_sequences(chosen, completions):
+    """(prompt + completion token ids, index of the first completion token) of every completion."""
+    prompts = [chosen[c.prompt_index][0] for c in completions]
+    return [list(p) + list(c.token_ids) for p, c in zip(prompts, completions)], [len(p) for p in prompts]
 
 
-def without_truncated(mask, completions):
-    """The completion mask with every completion cut by max_new_tokens left out of the loss."""
-    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
-    return mask.masked_fill(truncated[:, None], 0.0)
+def check_token_budget(prompts, config):
+    """Before the model loads: every prompt plus grpo.max_new_tokens must fit one micro-batch."""
+    budget = config.train.max_tokens_per_micro_batch
+    longest = max(len(ids) for ids, _ in prompts)
+    if budget is not None and longest + config.grpo.max_new_tokens > budget:
+        raise ConfigError(
+            f"train.max_tokens_per_micro_batch={budget} cannot hold the longest prompt ({longest} tokens) plus "
+            f"grpo.max_new_tokens={config.grpo.max_new_tokens}; raise the budget to at least "
+            f"{longest + config.grpo.max_new_tokens} or shorten the completions"
+        )
 
 
 def score_groups(chosen, completions, rewards):
@@ -147,14 +136,17 @@ def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, ra
     return chosen, completions, reward_values, parts, rounds
 
 
-def sampling_logprobs(completions, shape, chosen):
-    """[B, L - 1] the engine's log-probs of the completion tokens, aligned with the targets."""
-    table = torch.zeros(shape[0], shape[1] - 1)
-    for row, completion in enumerate(completions):
+def sampling_logprobs(completions, sequence_starts, row):
+    """[T] the engine's log-probs of one row's completion tokens at their target positions, 0 elsewhere."""
+    table = torch.zeros(row.tokens)
+    offset = 0
+    for index in row.sequence_ids:
+        completion = completions[index]
         if completion.logprobs is None:
             raise ValueError("grpo.tis_cap > 0 needs sampling log-probs, which this rollout engine does not return")
-        start = len(chosen[completion.prompt_index][0]) - 1
-        table[row, start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+        start = offset + sequence_starts[index] - 1  # the position whose target is the first completion token
+        table[start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+        offset += sequence_starts[index] + len(completion.token_ids)
     return table
 
 
@@ -176,11 +168,12 @@ def zero_variance_groups(rewards, group_size):
 def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
     """[clipped tokens, KL sum, entropy sum, tokens] over the masked tokens of one update.
 
-    A token is clipped where the clip changes its gradient: ratio below 1 - eps_low with a
-    negative advantage, or above 1 + eps_high with a positive one. KL is the k3 estimate.
+    Every argument holds one value per token (advantages too). A token is clipped where the clip
+    changes its gradient: ratio below 1 - eps_low with a negative advantage, or above
+    1 + eps_high with a positive one. KL is the k3 estimate.
     """
     ratio = torch.exp(logp - old_logp)
-    advantage = advantages[:, None]
+    advantage = advantages
     clipped = ((ratio < 1 - grpo.eps_low) & (advantage < 0)) | ((ratio > 1 + grpo.eps_high) & (advantage > 0))
     if ref_logp is not None:
         delta = ref_logp - logp
@@ -203,6 +196,101 @@ def load_reference(config, device):
     return apply_fsdp(CausalLMLoss(causal_lm), device, config.parallel)
 
 
+@dataclasses.dataclass
+class PackedStep:
+    """This rank's rollouts of one step as packed rows, with every per-token quantity per row."""
+
+    rows: list  # MicroBatch, on the device
+    weights: list  # [T] per row: the aggregation's weight of each token
+    advantages: list  # [T] per row: the advantage of each token's sequence
+    counted: list  # [T] per row: 1.0 on tokens in the loss
+    sampling_logp: list  # [T] per row, or None without grpo.tis_cap
+    pad_tokens: int
+    computed_tokens: int
+
+
+def pack_step(chosen, completions, advantages, config, pad_token_id, device, world_size):
+    """Packs the rollouts and turns the loss aggregation into per-token weights over the whole step."""
+    grpo = config.grpo
+    sequences, starts = rollout_sequences(chosen, completions)
+    rows = pack_rollouts(sequences, starts, config.train.max_tokens_per_micro_batch)
+    # Under FSDP every rank runs as many forward and backward passes as the rank with the most rows.
+    rows += [padding_row(pad_token_id) for _ in range(all_reduce_max(len(rows)) - len(rows))]
+    kept = kept_sequences(completions, grpo.mask_truncated)
+    counted = [row.completion_targets * kept[row.token_sequence] for row in rows]
+    token_sequence = step_tokens(rows, "token_sequence")
+    all_counted = torch.cat(counted)
+    global_tokens = all_reduce_sum(all_counted.sum().to(device))
+    weights = aggregation_weights(all_counted.to(device), token_sequence.to(device), len(sequences),
+                                  grpo.loss_aggregation, grpo.max_new_tokens, global_tokens, world_size)
+    sizes = [row.tokens for row in rows]
+    sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if grpo.tis_cap > 0 else None
+    return PackedStep(
+        rows=[row.to(device) for row in rows], weights=list(weights.split(sizes)),
+        advantages=[advantages[row.token_sequence.to(device)] for row in rows],
+        counted=[c.to(device) for c in counted], sampling_logp=sampling,
+        pad_tokens=sum(row.pad_tokens for row in rows), computed_tokens=sum(sizes),
+    )
+
+
+def logprob_head(row, grpo, low_memory, with_entropy=False):
+    """The log-probs of one packed row's targets, computed inside the root module's forward."""
+    def head(hidden, weight):
+        return linear_token_logprobs(hidden[0], weight, row.targets, temperature=grpo.temperature,
+                                     with_entropy=with_entropy, low_memory=low_memory)
+
+    return head
+
+
+def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
+    """The weighted clipped loss of row `index`; adds its token statistics into `statistics`."""
+    row, advantages, counted = step.rows[index], step.advantages[index], step.counted[index]
+
+    def head(hidden, weight):
+        logp, entropy = logprob_head(row, grpo, low_memory, with_entropy=True)(hidden, weight)
+        old = logp.detach() if old_logp is None else old_logp
+        # One token per row of the kernel's [B, T] layout, so each carries its own advantage.
+        per_token = grpo_token_loss(logp[:, None], old[:, None], advantages,
+                                    ref_logp=None if ref_logp is None else ref_logp[:, None], beta=grpo.beta,
+                                    eps_low=grpo.eps_low, eps_high=grpo.eps_high)[:, 0]
+        if step.sampling_logp is not None:
+            # The engine sampled from its own copy; weight each token by the truncated ratio of
+            # the trainer's probability (at rollout) to the engine's.
+            per_token = per_token * truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.tis_cap)
+        with torch.no_grad():
+            statistics.add_(token_statistics(logp, old, ref_logp, entropy, advantages, counted, grpo))
+        return (per_token * step.weights[index]).sum()
+
+    return head
+
+
+def update_policy(engine, reference, step, grpo, low_memory):
+    """grpo.num_iterations optimizer steps, each over every packed row; returns (loss, grad norm, lr, statistics).
+
+    The reference and old-policy log-probs come first, row by row under no_grad. Each row is
+    forwarded and backwarded on its own (gradients accumulate), and its loss is already weighted
+    for the whole step, so the rows add up to the whole-batch loss.
+    """
+    rows = step.rows
+    with torch.no_grad():
+        ref = [reference(**row.inputs, head=logprob_head(row, grpo, low_memory)) if reference is not None else None
+               for row in rows]
+        # Several updates per rollout: the ratio is against the policy that sampled.
+        old = [engine.module(**row.inputs, head=logprob_head(row, grpo, low_memory))
+               if grpo.num_iterations > 1 else None for row in rows]
+    statistics = torch.zeros(4, device=engine.device)  # clipped tokens, KL sum, entropy sum, tokens
+    for _ in range(grpo.num_iterations):
+        step_loss = torch.zeros((), device=engine.device)
+        for index, row in enumerate(rows):
+            # FSDP averages gradients over ranks, so each rank's loss is its own aggregate.
+            loss = engine.module(**row.inputs, head=loss_head(step, index, old[index], ref[index], grpo, low_memory,
+                                                              statistics))
+            loss.backward()
+            step_loss += loss.detach()
+        loss_value, grad_norm, lr = engine.optimizer_step(step_loss, what="GRPO loss", hint="check the rewards")
+    return loss_value, grad_norm, lr, statistics
+
+
 def run_grpo(config):
     # The prompts are read and checked before the model loads: bad data fails in seconds.
     check_no_earlier_checkpoints(config)
@@ -211,6 +299,7 @@ def run_grpo(config):
     grpo = config.grpo
     tokenizer = load_tokenizer(config.model)
     prompts = load_prompts(config, tokenizer)
+    check_token_budget(prompts, config)
     steps_per_epoch = len(prompts) // (grpo.prompts_per_step * world_size)
     if steps_per_epoch == 0:
         raise DataError(f"data.train_files: {len(prompts)} prompts are fewer than one step needs "
@@ -250,47 +339,9 @@ def run_grpo(config):
             rollout_s = time.perf_counter() - started
             advantages = step_advantages(reward_values, grpo, device, rank, world_size)
 
-            input_ids, position_ids, attention_mask, mask = policy_batch(chosen, completions, engine.tokenizer.pad_token_id)
-            if grpo.mask_truncated:
-                mask = without_truncated(mask, completions)
-            batch = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                         attention_mask=attention_mask.to(device))
-            targets, token_mask = batch["input_ids"][:, 1:], mask[:, 1:].to(device)
-
-            sampling_logp = sampling_logprobs(completions, input_ids.shape, chosen).to(device) if grpo.tis_cap > 0 else None
-
-            def logprob_head(hidden, weight):
-                return linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature,
-                                             low_memory=low_memory_loss)
-
-            with torch.no_grad():
-                ref_logp = reference(**batch, head=logprob_head) if reference is not None else None
-                # Several updates per rollout: the ratio is against the policy that sampled.
-                old_logp = engine.module(**batch, head=logprob_head) if grpo.num_iterations > 1 else None
-
-            global_tokens = all_reduce_sum(token_mask.sum().detach().clone())
+            packed = pack_step(chosen, completions, advantages, config, engine.tokenizer.pad_token_id, device, world_size)
             train_started = time.perf_counter()
-            step_stats = torch.zeros(4, device=device)  # clipped tokens, KL sum, entropy sum, tokens
-            for _ in range(grpo.num_iterations):
-                def head(hidden, weight):
-                    logp, entropy = linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature,
-                                                          with_entropy=True, low_memory=low_memory_loss)
-                    old = logp.detach() if old_logp is None else old_logp
-                    per_token = grpo_token_loss(logp, old, advantages, ref_logp=ref_logp, beta=grpo.beta,
-                                                eps_low=grpo.eps_low, eps_high=grpo.eps_high)
-                    if sampling_logp is not None:
-                        # The engine sampled from its own copy; weight each token by the truncated
-                        # ratio of the trainer's probability (at rollout) to the engine's.
-                        per_token = per_token * truncated_importance_weight(old, sampling_logp, token_mask, grpo.tis_cap)
-                    with torch.no_grad():
-                        step_stats.add_(token_statistics(logp, old, ref_logp, entropy, advantages, token_mask, grpo))
-                    return aggregate(per_token, token_mask, grpo.loss_aggregation, grpo.max_new_tokens,
-                                     global_tokens, world_size)
-
-                # FSDP averages gradients over ranks, so each rank's loss is its own mean.
-                loss = engine.module(**batch, head=head)
-                loss.backward()
-                loss_value, grad_norm, lr = engine.optimizer_step(loss, what="GRPO loss", hint="check the rewards")
+            loss_value, grad_norm, lr, step_stats = update_policy(engine, reference, packed, grpo, low_memory_loss)
             engine.scheduler.step()
             train_s = time.perf_counter() - train_started
             sync_started = time.perf_counter()
@@ -305,7 +356,7 @@ def run_grpo(config):
                 float(sum(lengths)), float(len(completions)),
                 float(sum(c.finish_reason == "length" for c in completions)),
                 float(zero_variance_groups(reward_values, grpo.group_size)), float(len(chosen)),
-                *step_stats.tolist(),
+                *step_stats.tolist(), float(packed.pad_tokens), float(packed.computed_tokens),
             ], device=device)).tolist()
             extremes = torch.tensor([-min(lengths), max(lengths)], dtype=torch.float32, device=device)
             if is_distributed():
@@ -320,7 +371,8 @@ def run_grpo(config):
                 "kl": summary[11] / tokens_seen, "entropy": summary[12] / tokens_seen,
                 "rollout_s": rollout_s, "train_s": train_s, "sync_s": sync_s, "synced_MB": synced_bytes / 2**20,
                 "step_s": time.perf_counter() - started, "reward_failures": sum(rewards.counts.values()),
-                "sampling_rounds": sampling_rounds,
+                "sampling_rounds": sampling_rounds, "pad_fraction": summary[14] / max(summary[15], 1.0),
+                "micro_batches": len(packed.rows),
             }
             for name, values_of_reward in parts.items():
                 finite_values = [v for v in values_of_reward if math.isfinite(v)]

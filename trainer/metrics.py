@@ -45,7 +45,8 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
         # The headline numbers of each stage; metrics.jsonl and TensorBoard get every value.
-        headline = ("loss", "lr", "tokens_per_s", "reward", "accuracy", "completion_tokens", "kl", "peak_memory_GB")
+        headline = ("loss", "lr", "tokens_per_s", "reward", "accuracy", "completion_tokens", "kl", "pad_fraction",
+                    "micro_batches", "peak_memory_GB")
         shown = {k: values[k] for k in headline if k in values}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(1)

@@ -47,6 +47,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(value):
+    """The largest of every rank's integer."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def shutdown():
     if is_distributed():
         dist.barrier()  # every rank reaches teardown before the group goes away
