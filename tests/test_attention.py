@@ -41,13 +41,18 @@ def random_qkv(lengths, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, d
     return draw(heads), draw(kv_heads), draw(kv_heads)
 
 
-def test_length_groups_cover_every_document_once_within_the_padding_slack():
-    lengths = [300, 7, 290, 64, 1, 66, 65, 2, 150]
-    groups = length_groups(lengths)
+@pytest.mark.parametrize("spare_tokens", [0, 2048])
+def test_length_groups_cover_every_document_once_within_the_padding_slack(spare_tokens):
+    lengths = [3000, 7, 2900, 640, 1, 660, 650, 2, 1500, 5000]
+    groups = length_groups(lengths, slack=1.25, spare_tokens=spare_tokens)
     assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
     for group in groups:
+        tokens = sum(lengths[i] for i in group)
         padded = len(group) * max(lengths[i] for i in group)
-        assert padded <= 1.25 * sum(lengths[i] for i in group) or len(group) == 1
+        assert padded <= max(1.25 * tokens, tokens + spare_tokens) or len(group) == 1
+    # Short documents share one call where the padding costs little.
+    assert len(length_groups([40, 80, 55, 61, 79], spare_tokens=2048)) == 1
+    assert len(length_groups([40, 80, 55, 61, 79], spare_tokens=0)) == 2
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

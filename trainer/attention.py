@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 DOCUMENT_MASKED = "document_masked"
 
-# A group's padded size may exceed its real tokens by this factor (the CPU path's only waste).
+# A group's padded size may exceed its real tokens by this factor, or by this many tokens where
+# that is more: many short documents then share one SDPA call (the CPU path's only waste).
 GROUP_PADDING_SLACK = 1.25
+GROUP_PADDING_TOKENS = 2048
 
 
 def document_boundaries(lengths, device=None):
@@ -91,12 +93,14 @@ def varlen_document_attention(query, key, value, cumulative, longest, scaling):
     return varlen_attn(query, key, value, cumulative, cumulative, longest, longest, **options)
 
 
-def length_groups(lengths, slack=GROUP_PADDING_SLACK):
-    """Document indices in groups of similar length whose padded size is at most slack x their tokens."""
+def length_groups(lengths, slack=GROUP_PADDING_SLACK, spare_tokens=GROUP_PADDING_TOKENS):
+    """Document indices in groups of similar length, each padded to its longest document at a cost
+    of at most max(slack x its tokens, its tokens + spare_tokens)."""
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     groups, current, tokens = [], [], 0
     for index in order:
-        if current and (len(current) + 1) * lengths[current[0]] > slack * (tokens + lengths[index]):
+        grown = tokens + lengths[index]
+        if current and (len(current) + 1) * lengths[current[0]] > max(slack * grown, grown + spare_tokens):
             groups.append(current)
             current, tokens = [], 0
         current.append(index)
@@ -106,25 +110,47 @@ def length_groups(lengths, slack=GROUP_PADDING_SLACK):
     return groups
 
 
+class _GroupPlan:
+    """Gather indices of one set of document boundaries, built once and reused by every layer."""
+
+    def __init__(self, bounds, device):
+        starts, lengths = bounds[:-1], [end - start for start, end in zip(bounds, bounds[1:])]
+        self.bounds, self.device, self.groups = bounds, device, []
+        positions = []
+        for members in length_groups(lengths):
+            longest = lengths[members[0]]
+            first = torch.tensor([starts[m] for m in members], device=device)[:, None]
+            size = torch.tensor([lengths[m] for m in members], device=device)[:, None]
+            offset = torch.arange(longest, device=device)[None, :]
+            valid = offset < size
+            index = torch.where(valid, first + offset, first)  # pad slots read the document's first token
+            self.groups.append((index, valid))
+            positions.append(index[valid])
+        # Every token lies in exactly one document, so the positions are a permutation of 0..T-1.
+        self.order = torch.cat(positions).argsort()
+
+
+_last_plan = None
+
+
+def _plan_for(cumulative, device):
+    global _last_plan
+    bounds = cumulative.tolist()
+    if _last_plan is None or _last_plan.bounds != bounds or _last_plan.device != device:
+        _last_plan = _GroupPlan(bounds, device)
+    return _last_plan
+
+
 def grouped_document_attention(query, key, value, cumulative, scaling, dropout=0.0):
     """The exact reference: causal SDPA per document, documents of similar length batched together.
 
     query [T, Hq, D], key and value [T, Hkv, D]; returns [T, Hq, D]. Pad slots inside a group
     sit after each document's tokens, so causal attention never lets a real token see them.
     """
-    bounds = cumulative.tolist()
-    starts, lengths = bounds[:-1], [end - start for start, end in zip(bounds, bounds[1:])]
+    plan = _plan_for(cumulative, query.device)
     groups = query.shape[1] // key.shape[1]
-    device = query.device
-    pieces, positions = [], []
-    for members in length_groups(lengths):
-        longest = lengths[members[0]]
-        first = torch.tensor([starts[m] for m in members], device=device)[:, None]
-        size = torch.tensor([lengths[m] for m in members], device=device)[:, None]
-        offset = torch.arange(longest, device=device)[None, :]
-        valid = offset < size
-        index = torch.where(valid, first + offset, first)  # pad slots read the document's first token
-
+    pieces = []
+    for index, valid in plan.groups:
         def gather(tensor):
             return tensor[index].transpose(1, 2)  # [documents, heads, longest, D]
 
@@ -133,9 +159,7 @@ def grouped_document_attention(query, key, value, cumulative, scaling, dropout=0
             is_causal=True, scale=scaling, dropout_p=dropout,
         )
         pieces.append(out.transpose(1, 2)[valid])
-        positions.append(index[valid])
-    # Every token lies in exactly one document, so the positions are a permutation of 0..T-1.
-    return torch.cat(pieces)[torch.cat(positions).argsort()]
+    return torch.cat(pieces)[plan.order]
 
 
 def document_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
