@@ -188,7 +188,7 @@ def run_grpo_steps(model_path, prompts_path, workdir, args, config, device, ceil
         f"train.max_steps={args.grpo_steps + 1}", "optim.lr=4e-6", "parallel.activation_checkpointing=true",
         "grpo.prompts_per_step=2", "grpo.group_size=4", f"grpo.max_new_tokens={args.max_new_tokens}",
         "grpo.beta=0.04", "grpo.top_p=1.0", "grpo.min_p=0.0", "checkpoint.export_hf=false",
-        "checkpoint.save_final=false",
+        "checkpoint.save_final=false", f"train.max_tokens_per_micro_batch={args.grpo_budget}",
     ])
     reset_memory(device)
     run_grpo(run)
@@ -204,8 +204,9 @@ def run_grpo_steps(model_path, prompts_path, workdir, args, config, device, ceil
     step = statistics.median(r["step_s"] for r in records)
     return summarise("grpo (training phase)", config, times, flops, tokens, peak if device.type == "cuda" else None,
                      memory_gb(device)[1], ceiling,
-                     f"8 completions of {args.max_new_tokens} new tokens, HF rollouts {rollout:.1f} s and whole "
-                     f"step {step:.1f} s (medians), beta 0.04 with the reference model loaded")
+                     f"8 completions of {args.max_new_tokens} new tokens packed in rows of at most "
+                     f"{args.grpo_budget} tokens, HF rollouts {rollout:.1f} s and whole step {step:.1f} s (medians), "
+                     "beta 0.04 with the reference model loaded")
 
 
 def summarise(stage, config, times, flops, tokens, peak, reserved, ceiling, notes):
@@ -228,11 +229,14 @@ def main(argv=None):
     parser.add_argument("--sft-steps", type=int, default=5, help="measured steps after one warm-up step")
     parser.add_argument("--grpo-steps", type=int, default=2, help="measured steps after one warm-up step")
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--grpo-budget", type=int, default=None,
+                        help="GRPO tokens per packed micro-batch (default: two sequences' worth)")
     parser.add_argument("--stages", default="sft,grpo")
     parser.add_argument("--tiny", action="store_true", help="a small model and short rows: the same path on CPU")
     args = parser.parse_args(argv)
     if args.tiny:
         args.seq_len, args.max_new_tokens = 512, 16
+    args.grpo_budget = args.grpo_budget or 2 * (args.max_new_tokens + 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = model_config(args.layers, args.tiny)
     ceiling = matmul_tflops(device)

@@ -103,3 +103,16 @@ def test_micro_batched_equals_whole_batch_on_two_gloo_ranks(model, tmp_path):
         assert ranks[0][f"{aggregation}_40"]["rows"] == ranks[1][f"{aggregation}_40"]["rows"]
         assert ranks[0][f"{aggregation}_40"]["pad_tokens"] > 0
         assert ranks[0][f"{aggregation}_40"]["gradients"] == ranks[1][f"{aggregation}_40"]["gradients"]
+
+
+@pytest.mark.gpu
+def test_micro_batched_equals_whole_batch_on_cuda_in_bf16(model, tmp_path):
+    """On a GPU: varlen attention and bf16 compute over fp32 master weights, rows vs one row."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    micro = check.policy_update(model, tmp_path / "micro", "dapo", budget=40, num_iterations=2)
+    whole = check.policy_update(model, tmp_path / "whole", "dapo", budget=None, num_iterations=2)
+    assert micro["rows"] >= 3 and whole["rows"] == 1
+    assert micro["loss"] == pytest.approx(whole["loss"], rel=2e-2, abs=1e-4)
+    for ours, expected in zip(micro["gradients"], whole["gradients"]):
+        assert max_relative_error(ours, expected) < 2e-2

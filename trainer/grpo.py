@@ -173,8 +173,7 @@ def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
     1 + eps_high with a positive one. KL is the k3 estimate.
     """
     ratio = torch.exp(logp - old_logp)
-    advantage = advantages
-    clipped = ((ratio < 1 - grpo.eps_low) & (advantage < 0)) | ((ratio > 1 + grpo.eps_high) & (advantage > 0))
+    clipped = ((ratio < 1 - grpo.eps_low) & (advantages < 0)) | ((ratio > 1 + grpo.eps_high) & (advantages > 0))
     if ref_logp is not None:
         delta = ref_logp - logp
         kl = (torch.exp(delta) - delta - 1.0) * mask
