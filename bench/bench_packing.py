@@ -4,7 +4,7 @@ Memory (each case in a fresh process; peak resident set above the resident set a
 loaded, the Llama-architecture toy-size model of bench_sft with its 32,768-token vocabulary):
 - SFT, one optimizer step on one packed row of 2k, 8k and 32k tokens (documents of 1/8 of it);
 - GRPO's training phase (the policy's forward, backward and optimizer step over packed rows) for
-  8, 32 and 128 completions of 200 tokens at a fixed budget of 2048 tokens per micro-batch.
+  8, 32 and 128 completions of 200 tokens at a fixed budget of 1024 tokens per micro-batch.
 glibc's mmap threshold is fixed in those processes (MALLOC_MMAP_THRESHOLD_): left dynamic, freed
 large buffers stay in a fragmented heap and the resident set grows with the number of passes
 (measured: 686 MB at 32 completions and 965 MB at 128; 568 and 618 MB with the threshold fixed).
@@ -32,8 +32,9 @@ from .bench_sft import _reset_peak, prepare
 from .common import RESULTS_DIR, write_results
 from .memory import _read_status_kib
 
-# The memory cases' budget holds 8 completions of 200 tokens (plus prompts) in one row.
-GRPO_BUDGET, MEMORY_BUDGET, GRPO_COMPLETION, PROMPT_TOKENS = 4096, 2048, 200, 24
+# The memory cases' budget holds 4 completions of 200 tokens (plus prompts): every case, 8
+# completions too, accumulates gradients over several rows, which holds one more weight gradient.
+GRPO_BUDGET, MEMORY_BUDGET, GRPO_COMPLETION, PROMPT_TOKENS = 4096, 1024, 200, 24
 MEMORY_COLUMNS = ["stage", "case", "tokens", "micro_batches", "peak_extra_MB", "ratio_to_first", "tokens_ratio"]
 SPEED_COLUMNS = ["layout", "completions", "tokens_computed", "pad_fraction", "micro_batches", "train_s",
                  "speedup_vs_padded", "loss"]
