@@ -88,3 +88,14 @@ def test_the_paper_config_is_valid_for_each_stage():
     assert (grpo.grpo.top_p, grpo.grpo.min_p, grpo.grpo.cosine_max_len) == (0.9, 0.05, 30000)
     evaluation = load_config(path, ["stage=eval"])
     assert evaluation.eval.budgets == [8192, 12288, 16384, 24576, 32768]
+
+
+def test_the_sft_token_budget_must_hold_a_document_and_one_pack_per_micro_batch():
+    base = ["model.path=m", "data.train_files=[d.jsonl]", "data.max_seq_len=2048"]
+    assert load_config(None, base + ["train.max_tokens_per_micro_batch=4096"]).train.max_tokens_per_micro_batch == 4096
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch=1024 is below data.max_seq_len=2048"):
+        load_config(None, base + ["train.max_tokens_per_micro_batch=1024"])
+    with pytest.raises(ConfigError, match="set train.micro_batch_size=1"):
+        load_config(None, base + ["train.max_tokens_per_micro_batch=4096", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="at least 1 or unset"):
+        load_config(None, base + ["train.max_tokens_per_micro_batch=0"])

@@ -149,6 +149,8 @@ def test_grpo_steps_run_and_report(tmp_path):
         assert math.isfinite(record["loss"]) and math.isfinite(record["reward"])
         assert 1 <= record["completion_tokens"] <= 12
         assert 0.0 <= record["accuracy"] <= 1.0
+        # One process, no budget: the step's 16 sequences in one packed row, nothing padded.
+        assert record["micro_batches"] == 1 and record["pad_fraction"] == 0.0
     assert os.path.exists(os.path.join(config.run_dir, "checkpoints", "step_00000002", "manifest.json"))
 
 
@@ -259,3 +261,40 @@ def test_dynamic_sampling_and_the_importance_weight(tmp_path):
     plain, weighted = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "tis")[0]
     assert abs(plain["loss"]) > 1e-6
     assert weighted["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+
+
+def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import trainer.grpo
+    from trainer.config import ConfigError
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the budget was checked")
+
+    monkeypatch.setattr(trainer.grpo, "Engine", no_model)
+    config = load_config(None, [
+        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
+        "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50",
+    ])
+    with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch=50 cannot hold the longest prompt \((\d+) "
+                                          r"tokens\) plus grpo.max_new_tokens=40"):
+        trainer.grpo.run_grpo(config)
+
+
+@pytest.mark.slow
+def test_a_token_budget_splits_the_step_into_micro_batches(tmp_path):
+    from trainer.grpo import run_grpo
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+    config = load_config(None, [
+        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
+        "train.max_steps=1", "checkpoint.export_hf=false", "train.max_tokens_per_micro_batch=100",
+    ])
+    run_grpo(config)
+    (record,) = read_metrics(config.run_dir)
+    # 16 sequences of about 40 tokens in rows of at most 100: at least 16 * 30 / 100 rows.
+    assert record["micro_batches"] >= 5 and record["pad_fraction"] == 0.0 and math.isfinite(record["loss"])

@@ -82,6 +82,9 @@ def test_short_run_lowers_the_loss_and_exports_a_loadable_model(toy, tmp_path):
     records = read_metrics(config.run_dir)
     losses = [r["loss"] for r in records]
     assert {r["epoch"] for r in records} == {0, 1, 2}
+    # Two micro-batches of two packs a step; the shorter pack of each is padded up to the longer.
+    assert all(r["micro_batches"] == 2 and 0.0 <= r["pad_fraction"] < 0.5 for r in records)
+    assert any(r["pad_fraction"] > 0 for r in records)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     exported = AutoModelForCausalLM.from_pretrained(os.path.join(config.run_dir, "hf_model"))
     assert exported.config.num_hidden_layers == 2
