@@ -19,16 +19,17 @@ GROUP_SIZE, PROMPTS_PER_RANK, MAX_NEW_TOKENS, LEARNING_RATE, BETA, TEMPERATURE =
 
 
 def fixed_rollouts(rank, vocab_size=30):
-    """Prompts, completions of several lengths (rank 1's longer, so it packs into more rows) and advantages."""
+    """Prompts, completions of several lengths (rank 1's prompts longer, so it packs into more rows) and advantages."""
     from trainer.rollout import Completion
 
     generator = torch.Generator().manual_seed(100 + rank)
     chosen, completions = [], []
     for prompt_index in range(PROMPTS_PER_RANK):
-        prompt = torch.randint(5, vocab_size, (3 + 2 * prompt_index + rank,), generator=generator).tolist()
+        prompt = torch.randint(5, vocab_size, (3 + 2 * prompt_index + 8 * rank,), generator=generator).tolist()
         chosen.append((prompt, "0"))
         for sample in range(GROUP_SIZE):
-            length = 2 + (5 * sample + 3 * prompt_index + 7 * rank) % (MAX_NEW_TOKENS - 2)
+            # Lengths 2..MAX_NEW_TOKENS; one completion per rank is cut at MAX_NEW_TOKENS (left out of the loss).
+            length = 2 + (5 * sample + 7 * prompt_index + 7 * rank) % (MAX_NEW_TOKENS - 1)
             tokens = torch.randint(5, vocab_size, (length,), generator=generator).tolist()
             completions.append(Completion(prompt_index, tokens, "", "length" if length == MAX_NEW_TOKENS else "stop"))
     advantages = torch.randn(len(completions), generator=generator)
@@ -42,7 +43,7 @@ def config_for(model, run_dir, aggregation, budget, num_iterations, beta=BETA):
         "stage=grpo", f"run_dir={run_dir}", f"model.path={model}", "data.train_files=[unused.jsonl]",
         f"grpo.loss_aggregation={aggregation}", f"grpo.beta={beta}", f"grpo.num_iterations={num_iterations}",
         f"grpo.group_size={GROUP_SIZE}", f"grpo.max_new_tokens={MAX_NEW_TOKENS}", "grpo.eps_high=0.28",
-        f"grpo.temperature={TEMPERATURE}", "optim.grad_clip=1e9", "optim.warmup_ratio=0",
+        f"grpo.temperature={TEMPERATURE}", "grpo.mask_truncated=true", "optim.grad_clip=1e9", "optim.warmup_ratio=0",
         f"train.max_tokens_per_micro_batch={'null' if budget is None else budget}",
     ])
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from helpers import max_relative_error
 from trainer.attention import (
-    DOCUMENT_MASKED, boundaries_from_positions, document_boundaries, grouped_document_attention, length_groups,
-    register_document_attention, varlen_document_attention, varlen_usable,
+    DOCUMENT_MASKED, boundaries_from_positions, document_attention, document_boundaries, grouped_document_attention,
+    length_groups, register_document_attention, varlen_document_attention, varlen_usable,
 )
 from trainer.config import ConfigError, load_config
 from trainer.model import CausalLMLoss
@@ -80,6 +80,46 @@ def test_boundaries_from_restarting_positions_and_row_starts():
     assert cumulative.tolist() == [0, 3, 5, 6, 10, 12] and longest == 4
     cumulative, longest = boundaries_from_positions(None, 2, 6, "cpu")
     assert cumulative.tolist() == [0, 6, 12] and longest == 6
+    # One row of positions shared by the whole batch.
+    cumulative, longest = boundaries_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0]]), 2, 6, "cpu")
+    assert cumulative.tolist() == [0, 3, 5, 6, 9, 11, 12] and longest == 3
+
+
+def as_module_inputs(tensor):
+    """[T, H, D] -> transformers' [1, H, T, D] layout."""
+    return tensor.detach().transpose(0, 1)[None]
+
+
+def test_under_autocast_fp32_queries_are_taken_in_its_low_precision(monkeypatch):
+    """Rotary embeddings hand fp32 q/k to the attention under autocast; it computes as SDPA would, in
+    bf16, so that on a GPU the varlen kernels (bf16/fp16 only) take them."""
+    import trainer.attention
+
+    seen = []
+    usable = trainer.attention.varlen_usable
+    monkeypatch.setattr(trainer.attention, "varlen_usable", lambda q, *a: seen.append(q.dtype) or usable(q, *a))
+    query, key, value = random_qkv(DOCUMENT_LENGTHS)
+    cumulative, longest = document_boundaries(DOCUMENT_LENGTHS)
+    module = torch.nn.Module()
+    inputs = [as_module_inputs(t) for t in (query, key, value)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = document_attention(module, *inputs, None, cu_seq_lens_q=cumulative, max_length_q=longest)
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    expected = reference_attention(query, key, value, DOCUMENT_LENGTHS)
+    assert max_relative_error(out[0], expected) < 2e-2
+
+
+def test_a_sliding_window_is_refused_only_where_a_document_is_longer():
+    query, key, value = random_qkv(DOCUMENT_LENGTHS)
+    cumulative, longest = document_boundaries(DOCUMENT_LENGTHS)
+    inputs = [as_module_inputs(t) for t in (query, key, value)]
+    module = torch.nn.Module()
+    out, _ = document_attention(module, *inputs, None, cu_seq_lens_q=cumulative, max_length_q=longest,
+                                sliding_window=longest)
+    assert max_relative_error(out[0], reference_attention(query, key, value, DOCUMENT_LENGTHS)) < 1e-5
+    with pytest.raises(ValueError, match="61-token document is longer than this model's 60-token sliding window"):
+        document_attention(module, *inputs, None, cu_seq_lens_q=cumulative, max_length_q=longest, sliding_window=60)
+    assert not varlen_usable(query, None, dropout=0.1)  # the flash varlen kernels have no dropout
 
 
 def tiny_model(architecture, seed=0):
@@ -180,6 +220,8 @@ def test_config_validates_the_attention_implementation():
         load_config(None, base + ["model.attn_implementation=document_mask"])
     with pytest.raises(ConfigError, match="packed documents attend to each other"):
         load_config(None, base + ["model.attn_implementation=sdpa"])
+    with pytest.raises(ConfigError, match="GRPO packs its rollouts"):
+        load_config(None, base + ["stage=grpo", "model.attn_implementation=eager", "data.pack=false"])
     assert load_config(None, base + ["model.attn_implementation=sdpa", "data.pack=false"]).data.pack is False
 
 

@@ -57,7 +57,8 @@ def formula_update(model, aggregation, rank=0):
             return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 
         logp, ref_logp = logprobs(policy), logprobs(reference)
-        counted = torch.arange(len(targets)) >= len(prompt) - 1
+        # Completion tokens only, and none of a completion cut at max_new_tokens (grpo.mask_truncated).
+        counted = (torch.arange(len(targets)) >= len(prompt) - 1) & (completion.finish_reason != "length")
         ratio = torch.exp(logp - logp.detach())
         clipped = ratio.clamp(1 - 0.2, 1 + 0.28)
         delta = ref_logp - logp
@@ -78,6 +79,8 @@ def formula_update(model, aggregation, rank=0):
 
 @pytest.mark.parametrize("aggregation", check.AGGREGATIONS)
 def test_one_packed_update_equals_the_formula_in_float64(model, tmp_path, aggregation):
+    chosen, completions, _ = check.fixed_rollouts(0)
+    assert sum(c.finish_reason == "length" for c in completions) == 1
     trainer = check.policy_update(model, tmp_path, aggregation, budget=40, num_iterations=1)
     assert trainer["rows"] >= 3
     assert_same_update(trainer, formula_update(model, aggregation), aggregation)
@@ -106,11 +109,18 @@ def test_micro_batched_equals_whole_batch_on_two_gloo_ranks(model, tmp_path):
 
 
 @pytest.mark.gpu
-def test_micro_batched_equals_whole_batch_on_cuda_in_bf16(model, tmp_path):
+def test_micro_batched_equals_whole_batch_on_cuda_in_bf16(model, tmp_path, monkeypatch):
     """On a GPU: varlen attention and bf16 compute over fp32 master weights, rows vs one row."""
+    import trainer.attention
+
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    calls = []
+    varlen = trainer.attention.varlen_document_attention
+    monkeypatch.setattr(trainer.attention, "varlen_document_attention",
+                        lambda *args: calls.append(1) or varlen(*args))
     micro = check.policy_update(model, tmp_path / "micro", "dapo", budget=40, num_iterations=2)
+    assert calls, "the varlen kernels never ran"
     whole = check.policy_update(model, tmp_path / "whole", "dapo", budget=None, num_iterations=2)
     assert micro["rows"] >= 3 and whole["rows"] == 1
     assert micro["loss"] == pytest.approx(whole["loss"], rel=2e-2, abs=1e-4)

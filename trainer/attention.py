@@ -42,7 +42,7 @@ def boundaries_from_positions(position_ids, batch, length, device):
     """
     if position_ids is None:
         return document_boundaries([length] * batch, device)
-    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+    starts = (position_ids.expand(batch, length).reshape(-1) == 0).nonzero().flatten().tolist()
     row_starts = set(range(0, batch * length, length))
     starts = sorted(set(starts) | row_starts)  # a row always begins a document
     lengths = [end - start for start, end in zip(starts, starts[1:] + [batch * length])]
@@ -72,8 +72,11 @@ def _repeat_heads(tensor, groups, dim):
     return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=dim)
 
 
-def varlen_usable(query, scaling):
+def varlen_usable(query, scaling, dropout=0.0):
+    """Whether the flash varlen kernels compute this call exactly (they have no dropout)."""
     if _VARLEN is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if dropout:
         return False
     has_scale = _VARLEN[3]
     return has_scale or scaling is None or math.isclose(scaling, query.shape[-1] ** -0.5)
@@ -175,26 +178,45 @@ def document_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise ValueError(
-            f"model.attn_implementation={DOCUMENT_MASKED} supports neither sliding windows nor softcapping; "
-            "choose flash_attention_2 or flex_attention for this model"
-        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"model.attn_implementation={DOCUMENT_MASKED} does not support softcapping; "
+                         "choose flash_attention_2 for this model")
     cumulative, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cumulative is None:
         cumulative, longest = boundaries_from_positions(kwargs.get("position_ids"), batch, length, query.device)
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:
+        raise ValueError(
+            f"a {longest}-token document is longer than this model's {window}-token sliding window, which "
+            f"model.attn_implementation={DOCUMENT_MASKED} does not apply; choose flash_attention_2 for this model"
+        )
+    query, key, value = _autocast_operands(query, key, value)
     tokens = batch * length
 
     def flat(tensor):
         return tensor.transpose(1, 2).reshape(tokens, tensor.shape[1], head_dim)
 
-    if varlen_usable(query, scaling):
+    dropout = dropout if module.training else 0.0
+    if varlen_usable(query, scaling, dropout):
         out = varlen_document_attention(flat(query), flat(key), flat(value), cumulative.to(query.device, torch.int32),
                                         int(longest), scaling)
     else:
-        out = grouped_document_attention(flat(query), flat(key), flat(value), cumulative.cpu(), scaling,
-                                         dropout if module.training else 0.0)
+        out = grouped_document_attention(flat(query), flat(key), flat(value), cumulative.cpu(), scaling, dropout)
     return out.reshape(batch, length, heads, head_dim), None
+
+
+def _autocast_operands(query, key, value):
+    """q, k, v in autocast's low precision where it is on, as SDPA under autocast would take them.
+
+    Rotary embeddings in fp32 lift bf16 projections back to fp32 under autocast, which would keep
+    a model with fp32 master weights off the varlen kernels.
+    """
+    device = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype in (torch.bfloat16, torch.float16):
+            return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
 
 
 def _document_mask(*args, attention_mask=None, **kwargs):

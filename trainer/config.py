@@ -269,10 +269,13 @@ def validate(config):
                 f"train.max_tokens_per_micro_batch packs each micro-batch as one row; set train.micro_batch_size=1 "
                 f"(got {config.train.micro_batch_size}) and use train.grad_accum for more rows per step"
             )
-    if config.stage == "sft" and config.data.pack and config.model.attn_implementation not in PACKING_ATTENTION:
+    packs = (config.stage == "sft" and config.data.pack) or config.stage == "grpo"  # GRPO always packs rollouts
+    if packs and config.model.attn_implementation not in PACKING_ATTENTION:
+        escape = ", or data.pack=false" if config.stage == "sft" else ""
         raise ConfigError(
             f"model.attn_implementation={config.model.attn_implementation} would let packed documents attend to "
-            f"each other (data.pack=true); use one of {', '.join(PACKING_ATTENTION)}, or data.pack=false"
+            f"each other ({'data.pack=true' if config.stage == 'sft' else 'GRPO packs its rollouts'}); use one of "
+            f"{', '.join(PACKING_ATTENTION)}{escape}"
         )
     if config.stage == "grpo":
         _validate_grpo(config.grpo)

@@ -94,8 +94,11 @@ class CausalLMLoss(nn.Module):
                            max_length_q=longest_document, max_length_k=longest_document)
         autocast = self.autocast_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=autocast):
+            # No KV cache in training: it is never read, and its presence stops transformers from
+            # separating packed documents by their position ids in its own attention paths.
             hidden = self.causal_lm.model(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **packing
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                **packing
             ).last_hidden_state
         weight = self.causal_lm.lm_head.weight
         if autocast:
