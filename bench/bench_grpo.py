@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 from .bench_sft import _reset_peak, prepare
-from .common import RESULTS_DIR, write_results
+from .common import RESULTS_DIR, run_module_for_json, write_results
 from .memory import _read_status_kib
 
 PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS, LEARNING_RATE = 4, 8, 64, 1e-5
@@ -102,13 +100,8 @@ def run_trl(model, data, steps, workdir):
 
 
 def measure(which, model, data, steps, workdir):
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.bench_grpo", "--run", which, model, data, str(steps), workdir],
-        capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{which} run failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_module_for_json(["bench.bench_grpo", "--run", which, model, data, str(steps), workdir],
+                               f"{which} run", env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 def main(argv=None):

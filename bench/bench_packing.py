@@ -21,15 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
 from .bench_sft import _reset_peak, prepare
-from .common import RESULTS_DIR, write_results
+from .common import RESULTS_DIR, run_module_for_json, write_results
 from .memory import _read_status_kib
 
 # The memory cases' budget holds 4 completions of 200 tokens (plus prompts): every case, 8
@@ -162,13 +160,8 @@ def memory_case(stage, size, model, workdir):
 
 
 def measure_memory(stage, size, model, workdir):
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.bench_packing", "--memory-case", stage, str(size), model, workdir],
-        capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"),
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{stage} {size} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_module_for_json(["bench.bench_packing", "--memory-case", stage, str(size), model, workdir],
+                               f"{stage} {size}", env={"MALLOC_MMAP_THRESHOLD_": "131072"})
 
 
 def main(argv=None):

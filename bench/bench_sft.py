@@ -12,12 +12,10 @@ wall time and the peak resident set above the resident set just before training.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-from .common import RESULTS_DIR, write_results
+from .common import RESULTS_DIR, run_module_for_json, write_results
 from .memory import _read_status_kib, release_freed_memory
 
 VOCAB_SIZE = 32768
@@ -107,13 +105,8 @@ def mean_example_tokens(model, data):
 
 
 def measure(which, model, data, steps, workdir):
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.bench_sft", "--run", which, model, data, str(steps), workdir],
-        capture_output=True, text=True,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{which} run failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_module_for_json(["bench.bench_sft", "--run", which, model, data, str(steps), workdir],
+                               f"{which} run")
 
 
 def main(argv=None):

@@ -2,10 +2,12 @@
 
 import csv
 import datetime
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -78,3 +80,15 @@ def format_cell(value):
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def run_module_for_json(arguments, what, env=None):
+    """`python -m ARGUMENTS` in a fresh process (memory figures need one); the JSON of its last line.
+
+    env: variables added to this process's environment.
+    """
+    completed = subprocess.run([sys.executable, "-m", *arguments], capture_output=True, text=True,
+                               env=dict(os.environ, **(env or {})))
+    if completed.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])

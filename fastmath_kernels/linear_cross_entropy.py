@@ -133,8 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if lse is not None:
                 lse[start:end] = chunk_lse
             if chunk_grads:
-                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight,
-                                            scratch=buffer if grad_buffer is not None else None)
+                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight, scratch=buffer)
         # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
         buffer = grad_buffer = logits = grad_logits = None
         if weight_by_slices:

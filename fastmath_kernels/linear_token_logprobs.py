@@ -176,14 +176,13 @@ class ChunkedLinear:
     def accumulate_grads(self, grad_logits, start, end, grad_hidden, grad_weight_fp32, scratch=None):
         """grad_hidden[start:end] = grad_logits @ weight; grad_weight_fp32 += grad_logits.T @ hidden.
 
-        scratch: the chunk's fp32 logits buffer, free once the logits gradient sits in its own
-        buffer; the hidden gradient's fp32 product then needs no allocation of its own.
+        scratch: the chunk's fp32 logits buffer. With mixed-precision matmuls the operand below
+        is in the weight's dtype, never that buffer, so the hidden gradient's fp32 product can be
+        written there instead of into an allocation of its own.
         """
         chunk = self.hidden[start:end]
         if self.mixed_precision_gpu:
             operand = grad_logits.to(self.weight.dtype)  # a no-op when written in that dtype already
-            if scratch is not None and scratch.data_ptr() == operand.data_ptr():
-                scratch = None
             if grad_hidden is not None:
                 grad_hidden[start:end].copy_(self._fp32_product(operand, self.weight, scratch))
             if grad_weight_fp32 is not None:
@@ -346,8 +345,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     None if grad_entropy is None else grad_entropy[start:end], ctx.temperature, ctx.backend,
                     workspace,
                 )
-                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight,
-                                            scratch=buffer if grad_buffer is not None else None)
+                projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight, scratch=buffer)
             # The chunk buffers go before the weight gradient is rounded: the peak holds one or the other.
             buffer = grad_buffer = logits = grad_logits = None
         if need_hidden:

@@ -131,17 +131,22 @@ def test_grpo_with_reference_model_and_several_updates_per_rollout(tmp_path):
     assert records[0]["kl"] > 0.0 and records[1]["kl"] > 0.0
 
 
+def toy_grpo_config(tmp_path, *overrides):
+    """A GRPO run on a tiny toy model: 4 prompts x 4 samples of at most 12 tokens per step."""
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
+    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
+    return load_config(None, [
+        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
+        "checkpoint.export_hf=false", *overrides,
+    ])
+
+
 @pytest.mark.slow
 def test_grpo_steps_run_and_report(tmp_path):
     from trainer.grpo import run_grpo
 
-    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
-    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
-    config = load_config(None, [
-        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
-        "train.max_steps=2", "optim.lr=1e-4", "checkpoint.export_hf=false",
-    ])
+    config = toy_grpo_config(tmp_path, "train.max_steps=2", "optim.lr=1e-4")
     run_grpo(config)
     records = read_metrics(config.run_dir)
     assert [r["step"] for r in records] == [1, 2]
@@ -267,17 +272,11 @@ def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads
     import trainer.grpo
     from trainer.config import ConfigError
 
-    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
-    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
-
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the budget was checked")
 
     monkeypatch.setattr(trainer.grpo, "Engine", no_model)
-    config = load_config(None, [
-        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50",
-    ])
+    config = toy_grpo_config(tmp_path, "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50")
     with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch=50 cannot hold the longest prompt \((\d+) "
                                           r"tokens\) plus grpo.max_new_tokens=40"):
         trainer.grpo.run_grpo(config)
@@ -287,13 +286,7 @@ def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads
 def test_a_token_budget_splits_the_step_into_micro_batches(tmp_path):
     from trainer.grpo import run_grpo
 
-    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
-    data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
-    config = load_config(None, [
-        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
-        "train.max_steps=1", "checkpoint.export_hf=false", "train.max_tokens_per_micro_batch=100",
-    ])
+    config = toy_grpo_config(tmp_path, "train.max_steps=1", "train.max_tokens_per_micro_batch=100")
     run_grpo(config)
     (record,) = read_metrics(config.run_dir)
     # 16 sequences of about 40 tokens in rows of at most 100: at least 16 * 30 / 100 rows.

@@ -215,20 +215,19 @@ def pack_step(chosen, completions, advantages, config, pad_token_id, device, wor
     rows = pack_rollouts(sequences, starts, config.train.max_tokens_per_micro_batch)
     # Under FSDP every rank runs as many forward and backward passes as the rank with the most rows.
     rows += [padding_row(pad_token_id) for _ in range(all_reduce_max(len(rows)) - len(rows))]
-    kept = kept_sequences(completions, grpo.mask_truncated)
+    rows = [row.to(device) for row in rows]
+    kept = kept_sequences(completions, grpo.mask_truncated).to(device)
     counted = [row.completion_targets * kept[row.token_sequence] for row in rows]
-    token_sequence = step_tokens(rows, "token_sequence")
     all_counted = torch.cat(counted)
-    global_tokens = all_reduce_sum(all_counted.sum().to(device))
-    weights = aggregation_weights(all_counted.to(device), token_sequence.to(device), len(sequences),
-                                  grpo.loss_aggregation, grpo.max_new_tokens, global_tokens, world_size)
+    weights = aggregation_weights(all_counted, step_tokens(rows, "token_sequence"), len(sequences),
+                                  grpo.loss_aggregation, grpo.max_new_tokens, all_reduce_sum(all_counted.sum()),
+                                  world_size)
     sizes = [row.tokens for row in rows]
     sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if grpo.tis_cap > 0 else None
     return PackedStep(
-        rows=[row.to(device) for row in rows], weights=list(weights.split(sizes)),
-        advantages=[advantages[row.token_sequence.to(device)] for row in rows],
-        counted=[c.to(device) for c in counted], sampling_logp=sampling,
-        pad_tokens=sum(row.pad_tokens for row in rows), computed_tokens=sum(sizes),
+        rows=rows, weights=list(weights.split(sizes)), advantages=[advantages[row.token_sequence] for row in rows],
+        counted=counted, sampling_logp=sampling, pad_tokens=sum(row.pad_tokens for row in rows),
+        computed_tokens=sum(sizes),
     )
 
 
