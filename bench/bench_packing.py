@@ -60,7 +60,8 @@ def fixed_rollouts(completions, lengths, vocab_size, seed=0):
 
 
 def packed_training(engine, prompts, rollouts, advantages, config):
-    from trainer.grpo import pack_step, update_policy
+    from trainer.grpo_batch import pack_step
+    from trainer.grpo_loss import update_policy
 
     packed = pack_step(prompts, rollouts, advantages, config, engine.tokenizer.pad_token_id, engine.device, 1)
     loss, _, _, _ = update_policy(engine, None, packed, config.grpo, low_memory=False)

@@ -69,7 +69,9 @@ def policy_update(model, run_dir, aggregation, budget, num_iterations, beta=BETA
     """One step on this rank's fixed rollouts: the last update's loss, each update's gradients,
     the rows run and their padding tokens."""
     from trainer.engine import Engine
-    from trainer.grpo import load_reference, pack_step, update_policy
+    from trainer.engine import load_sharded_model
+    from trainer.grpo_batch import pack_step
+    from trainer.grpo_loss import update_policy
     from trainer.parallel import init_distributed
 
     rank, world_size, device = init_distributed()
@@ -77,7 +79,7 @@ def policy_update(model, run_dir, aggregation, budget, num_iterations, beta=BETA
     engine = Engine(config)
     engine.optimizer = RecordingSGD(engine.parameters, lr=LEARNING_RATE)
     engine.set_schedule(1)
-    reference = load_reference(config, device) if beta > 0 else None
+    reference = load_sharded_model(config, device, trainable=False) if beta > 0 else None
     chosen, completions, advantages = fixed_rollouts(rank)
     packed = pack_step(chosen, completions, advantages.to(device), config, engine.tokenizer.pad_token_id, device,
                        world_size)

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.grpo import kept_sequences, rollout_sequences, zero_variance_groups
-from trainer.grpo_batch import BudgetError, aggregation_weights, first_fit_decreasing, pack_rollouts
+from trainer.grpo_batch import (
+    BudgetError, aggregation_weights, first_fit_decreasing, kept_sequences, pack_rollouts, rollout_sequences,
+)
+from trainer.grpo_rollouts import zero_variance_groups
 from trainer.metrics import read_metrics
 from trainer.rollout import Completion
 from trainer.toy.model_dir import build_model_dir
@@ -228,7 +230,8 @@ def test_check_finite_raises_on_a_non_finite_loss_or_gradient_norm():
 
 
 def test_sampling_logprobs_line_up_with_the_targets():
-    from trainer.grpo import sampling_logprobs, truncated_importance_weight
+    from trainer.grpo_batch import sampling_logprobs
+    from trainer.grpo_loss import truncated_importance_weight
 
     prompts = [([5, 6, 7], "1"), ([8], "2")]
     completions = [Completion(0, [1, 2], "", "stop", logprobs=[-0.5, -1.5]),
@@ -269,13 +272,14 @@ def test_dynamic_sampling_and_the_importance_weight(tmp_path):
 
 
 def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import trainer.engine
     import trainer.grpo
     from trainer.config import ConfigError
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the budget was checked")
 
-    monkeypatch.setattr(trainer.grpo, "Engine", no_model)
+    monkeypatch.setattr(trainer.engine, "Engine", no_model)
     config = toy_grpo_config(tmp_path, "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50")
     with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch=50 cannot hold the longest prompt \((\d+) "
                                           r"tokens\) plus grpo.max_new_tokens=40"):

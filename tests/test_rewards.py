@@ -4,13 +4,18 @@ import os
 
 import pytest
 
+from trainer import rewards
 from trainer.rewards import (
     RewardComputer,
     RewardSettings,
     accuracy_reward,
+    builtin_reward,
+    builtin_reward_names,
     cosine_length_reward,
+    default_reward_weights,
     format_reward,
     format_reward_no_think,
+    is_known_reward,
     kimi_length_rewards,
     last_boxed,
 )
@@ -161,3 +166,76 @@ def test_rewards_at_the_recipe_constants_on_edge_cases():
     assert parts["length"] == pytest.approx([lam[i] if correct[i] else min(0.0, lam[i]) for i in range(5)])
     expected = [parts["format"][i] + parts["cosine_length"][i] + parts["length"][i] for i in range(5)]
     assert totals == pytest.approx(expected)
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Rewards registered in a test go into a copy of the registry, dropped when the test ends."""
+    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+
+
+def test_a_reward_registered_with_the_decorator_is_used_through_the_weights(private_registry):
+    @builtin_reward("brevity")
+    def brevity(group):
+        return group.each_completion(lambda completion: -len(completion) / 100)
+
+    assert is_known_reward("brevity") and builtin_reward_names()[-1] == "brevity"
+    computer = RewardComputer(RewardSettings(weights={"format": 1.0, "brevity": 0.5}))
+    completions = [
+        "a" * 90 + r" \boxed{4} </think>",  # 109 characters, format 1
+        "x" * 250,                          # no answer: format 0
+        r"\boxed{5}</think>",               # 17 characters, wrong but well formatted
+        "",
+    ]
+    totals, parts = computer.group(completions, "4", [30, 70, 5, 0])
+    assert list(parts) == ["accuracy", "format", "brevity"]
+    assert parts["accuracy"] == [1.0, 0.0, 0.0, 0.0]
+    assert parts["brevity"] == pytest.approx([-1.09, -2.5, -0.17, 0.0])
+    assert totals == pytest.approx([1.0 - 0.545, -1.25, 1.0 - 0.085, 0.0])
+
+
+def test_a_registered_reward_gets_the_per_completion_failure_handling(private_registry):
+    @builtin_reward("integer_answer")
+    def integer_answer(group):
+        def is_integer(completion):
+            answer = last_boxed(completion)  # None makes int() raise TypeError
+            return 1.0 if str(int(answer)) == answer else float("nan")
+
+        return group.each_completion(is_integer)
+
+    computer = RewardComputer(RewardSettings(weights={"integer_answer": 2.0}))
+    completions = [r"\boxed{12}", r"\boxed{\frac{1}{2}}", r"\boxed{ 07 }", "none"]
+    totals, parts = computer.group(completions, "12", [1, 1, 1, 1])
+    assert parts["integer_answer"] == [1.0, 0.0, 0.0, 0.0]
+    assert totals == [2.0, 0.0, 0.0, 0.0]
+    assert computer.counts["integer_answer_failed_ValueError"] == 1
+    assert computer.counts["integer_answer_non_finite"] == 1  # "07" parses to 7, which prints differently
+    assert computer.counts["integer_answer_failed_TypeError"] == 1
+
+
+def test_a_reward_giving_the_wrong_number_of_values_is_refused(private_registry):
+    builtin_reward("one_value")(lambda group: [1.0])
+    computer = RewardComputer(RewardSettings(weights={"one_value": 1.0}))
+    with pytest.raises(ValueError, match="'one_value' gave 1 values for 2 completions"):
+        computer.group(["a", "b"], "1", [1, 1])
+
+
+def test_the_builtin_names_and_default_weights():
+    names = builtin_reward_names()
+    assert set(names) >= {"format", "format_no_think", "cosine_length", "length", "accuracy"}
+    assert "brevity" not in names and "integer_answer" not in names  # the tests' registrations are gone
+    assert list(default_reward_weights().items()) == [("format", 1.0), ("cosine_length", 1.0), ("length", 1.0)]
+    settings = RewardSettings()
+    assert settings.weights == default_reward_weights()
+    settings.weights["format"] = 0.0  # each settings owns its weights
+    assert RewardSettings().weights["format"] == 1.0 and default_reward_weights()["format"] == 1.0
+    assert is_known_reward("length") and not is_known_reward("lenght")
+
+
+def test_registering_a_name_twice_or_a_dotted_name_is_refused(private_registry):
+    with pytest.raises(ValueError, match="reward 'format' is already registered"):
+        builtin_reward("format")(lambda group: [0.0] * len(group.completions))
+    with pytest.raises(ValueError, match="import path"):
+        builtin_reward("my.reward")
+    computer = RewardComputer(RewardSettings(weights={"format": 1.0}))
+    assert computer.group([r"\boxed{1} </think>", "no"], "1", [1, 1])[0] == [1.0, 0.0]  # the original kept

@@ -89,6 +89,7 @@ class GRPOConfig:
     top_p: float = 0.9
     min_p: float = 0.05
     max_new_tokens: int = 16384
+    stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
     rollout_engine: str = "hf"  # or vllm (pip install -e .[vllm]; CUDA only)
     vllm_gpu_memory_utilization: float = 0.3
     weight_sync_bucket_mb: int = 512
@@ -102,9 +103,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # replace groups whose rewards are all equal (DAPO)
     max_sampling_rounds: int = 3  # rollout rounds per step at most, with dynamic sampling
     tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
-    reward_weights: dict = dataclasses.field(
-        default_factory=lambda: {"format": 1.0, "cosine_length": 1.0, "length": 1.0}
-    )
+    reward_weights: dict = dataclasses.field(default_factory=lambda: _default_reward_weights())
     cosine_max_len: int = 30000
     reward_timeout_s: int = 5
     unparseable_gold: str = "no_signal"  # or reward_one
@@ -286,7 +285,10 @@ def validate(config):
     return config
 
 
-BUILTIN_REWARDS = ("format", "format_no_think", "cosine_length", "length", "accuracy")
+def _default_reward_weights():
+    from .rewards import default_reward_weights  # rewards imports this module
+
+    return default_reward_weights()
 
 
 def _validate_grpo(grpo):
@@ -304,11 +306,14 @@ def _validate_grpo(grpo):
         raise ConfigError("grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
     if not grpo.reward_weights:
         raise ConfigError("grpo.reward_weights: no rewards, so every advantage would be 0")
+    from .rewards import builtin_reward_names, is_known_reward  # rewards imports this module
+
     for name, weight in grpo.reward_weights.items():
-        if name not in BUILTIN_REWARDS and "." not in name:
+        if not is_known_reward(name) and "." not in name and ":" not in name:
+            known = builtin_reward_names()
             raise ConfigError(
-                f"grpo.reward_weights: unknown reward {name!r}{_suggest(name, list(BUILTIN_REWARDS))}; "
-                f"built in: {', '.join(BUILTIN_REWARDS)}, or a dotted import path to your function"
+                f"grpo.reward_weights: unknown reward {name!r}{_suggest(name, list(known))}; "
+                f"built in: {', '.join(known)}, or an import path to your function (module:function)"
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"grpo.reward_weights.{name}: expected a number, got {weight!r}")

@@ -1,14 +1,23 @@
-"""The one training core both stages drive: model, FSDP, optimizer, schedule, step."""
+"""The one training core both stages drive: model, FSDP, optimizer, schedule, step, and the stage loop.
+
+A stage (SFT, GRPO) supplies its data, its step and its metrics; `run_stage` owns the frame
+around them: the checkpoint guard, loading, resume, the loop, checkpoints, metrics, plots and
+shutdown.
+"""
 
 import math
 import os
+import time
 
 import torch
 
-from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_no_earlier_checkpoints, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
 from .config import ConfigError
+from .metrics import MetricsLogger, plot_loss
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
-from .parallel import all_reduce_sum, apply_fsdp, init_distributed
+from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
 
 
 class TrainingError(RuntimeError):
@@ -39,6 +48,20 @@ def check_finite(loss, grad_norm, what="loss", hint="check the data"):
     return loss_value, norm_value
 
 
+def load_sharded_model(config, device, trainable):
+    """The configured causal LM inside the loss module, sharded under FSDP.
+
+    A frozen copy (trainable=False, for a reference policy) is loaded like the trained one where
+    one process runs it (fp32 under bf16 autocast), so that their log-probs start equal; under
+    FSDP both compute with bf16 weights, which bf16 storage gives directly.
+    """
+    causal_lm = load_causal_lm(config.model, device, trainable=trainable or not is_distributed())
+    if not trainable:
+        causal_lm.requires_grad_(False)
+        causal_lm.eval()
+    return apply_fsdp(CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss), device, config.parallel)
+
+
 class Engine:
     def __init__(self, config, tokenizer=None):
         """tokenizer: already loaded (stages load it first, to check their data before the model)."""
@@ -46,9 +69,7 @@ class Engine:
         self.rank, self.world_size, self.device = init_distributed()
         torch.manual_seed(config.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
-        causal_lm = load_causal_lm(config.model, self.device, trainable=True)
-        loss_module = CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss)
-        self.module = apply_fsdp(loss_module, self.device, config.parallel)
+        self.module = load_sharded_model(config, self.device, trainable=True)
         self.parameters = [p for p in self.module.parameters() if p.requires_grad]
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
@@ -86,19 +107,30 @@ class Engine:
         ], device=self.device)
         global_tokens, pad_tokens, computed_tokens = all_reduce_sum(counts).unbind()
         scale = self.world_size / global_tokens.clamp_min(1.0)
-        step_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            inputs = {key: value.to(self.device) if torch.is_tensor(value) else value
-                      for key, value in batch.items() if key != "pad_tokens"}
-            loss = self.module(**inputs) * scale
-            loss.backward()
-            step_loss += loss.detach()
+        inputs = [{key: value.to(self.device) if torch.is_tensor(value) else value
+                   for key, value in batch.items() if key != "pad_tokens"} for batch in micro_batches]
+        step_loss = self.accumulate_gradients(inputs, scale=scale)
         mean_loss = all_reduce_sum(step_loss) / self.world_size
         loss_value, grad_norm, lr = self.optimizer_step(mean_loss)
         self.scheduler.step()
         return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens.item()), "lr": lr,
                 "pad_fraction": pad_tokens.item() / max(computed_tokens.item(), 1.0),
                 "micro_batches": len(micro_batches)}
+
+    def accumulate_gradients(self, micro_batches, heads=None, scale=None):
+        """Forward and backward over each micro-batch (model inputs), gradients accumulating.
+
+        heads: one loss head per micro-batch (None: the module's cross-entropy); each loss is
+        multiplied by scale when given. Returns the sum of the losses, detached.
+        """
+        step_loss = torch.zeros((), device=self.device)
+        for index, inputs in enumerate(micro_batches):
+            loss = self.module(**inputs) if heads is None else self.module(**inputs, head=heads[index])
+            if scale is not None:
+                loss = loss * scale
+            loss.backward()
+            step_loss += loss.detach()
+        return step_loss
 
     def optimizer_step(self, loss, what="loss", hint="check the data"):
         """Clips the gradients and steps the optimizer; returns (loss, grad norm, lr) as numbers.
@@ -189,3 +221,51 @@ class Engine:
             export = export_hf(self.module, self.tokenizer, os.path.join(self.config.run_dir, "hf_model"), self.rank,
                                dtype=dtype)
             log(f"exported a Hugging Face model to {export}")
+
+
+def stage_total_steps(config, steps_per_epoch):
+    """train.epochs over the data, cut at train.max_steps when set."""
+    total_steps = steps_per_epoch * config.train.epochs
+    return min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
+
+
+def run_stage(config, stage):
+    """Runs a training stage from its first (or resumed) step to the end; returns config.run_dir.
+
+    stage supplies: prepare(tokenizer, world_size, log) -> steps per epoch, called before the
+    model loads so that bad data fails in seconds; start(engine, log) once the engine exists;
+    train_step(engine, step) -> {metric name: number}; closing_messages(); and plots, a list
+    of (metric, file name, title).
+    """
+    check_no_earlier_checkpoints(config)
+    rank, world_size, _ = init_distributed()
+    log = print if rank == 0 else (lambda *_: None)
+    tokenizer = load_tokenizer(config.model)
+    total_steps = stage_total_steps(config, stage.prepare(tokenizer, world_size, log))
+    engine = Engine(config, tokenizer)
+    engine.set_schedule(total_steps)
+    stage.start(engine, log)
+    start_step = engine.resume(log)
+    metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description=config.stage)
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            values = stage.train_step(engine, step)
+            values["step_s"] = time.perf_counter() - started
+            if "tokens" in values:
+                values["tokens_per_s"] = values["tokens"] / max(values["step_s"], 1e-9)
+            if (peak := engine.peak_memory_gb()) is not None:
+                values["peak_memory_GB"] = peak
+            metrics.log_step(step + 1, values)
+            engine.after_step(step + 1, total_steps)
+        engine.finish(start_step, total_steps, metrics.message)
+        for message in stage.closing_messages():
+            metrics.message(message)
+    finally:
+        metrics.close()
+    if rank == 0:
+        for key, filename, title in stage.plots:
+            if plot := plot_loss(config.run_dir, key=key, filename=filename, title=title):
+                print(f"{key} curve: {plot}")
+    shutdown()
+    return config.run_dir

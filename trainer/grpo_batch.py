@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from .attention import document_boundaries
+from .parallel import all_reduce_max, all_reduce_sum
 
 
 class BudgetError(ValueError):
@@ -119,3 +120,64 @@ def aggregation_weights(counted, token_sequence, num_sequences, method, max_new_
 def step_tokens(rows, name):
     """The concatenation of one per-token field over the step's rows."""
     return torch.cat([getattr(row, name) for row in rows])
+
+
+def kept_sequences(completions, mask_truncated):
+    """1.0 per completion whose tokens count in the loss; 0.0 for one cut by max_new_tokens when masked."""
+    return torch.tensor([0.0 if mask_truncated and c.finish_reason == "length" else 1.0 for c in completions])
+
+
+def rollout_sequences(chosen, completions):
+    """(prompt + completion token ids, index of the first completion token) of every completion."""
+    prompts = [chosen[c.prompt_index][0] for c in completions]
+    return [list(p) + list(c.token_ids) for p, c in zip(prompts, completions)], [len(p) for p in prompts]
+
+
+def sampling_logprobs(completions, sequence_starts, row):
+    """[T] the engine's log-probs of one row's completion tokens at their target positions, 0 elsewhere."""
+    table = torch.zeros(row.tokens)
+    offset = 0
+    for index in row.sequence_ids:
+        completion = completions[index]
+        if completion.logprobs is None:
+            raise ValueError("grpo.tis_cap > 0 needs sampling log-probs, which this rollout engine does not return")
+        start = offset + sequence_starts[index] - 1  # the position whose target is the first completion token
+        table[start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
+        offset += sequence_starts[index] + len(completion.token_ids)
+    return table
+
+
+@dataclasses.dataclass
+class PackedStep:
+    """This rank's rollouts of one step as packed rows, with every per-token quantity per row."""
+
+    rows: list  # MicroBatch, on the device
+    weights: list  # [T] per row: the aggregation's weight of each token
+    advantages: list  # [T] per row: the advantage of each token's sequence
+    counted: list  # [T] per row: 1.0 on tokens in the loss
+    sampling_logp: list  # [T] per row, or None without grpo.tis_cap
+    pad_tokens: int
+    computed_tokens: int
+
+
+def pack_step(chosen, completions, advantages, config, pad_token_id, device, world_size):
+    """Packs the rollouts and turns the loss aggregation into per-token weights over the whole step."""
+    grpo = config.grpo
+    sequences, starts = rollout_sequences(chosen, completions)
+    rows = pack_rollouts(sequences, starts, config.train.max_tokens_per_micro_batch)
+    # Under FSDP every rank runs as many forward and backward passes as the rank with the most rows.
+    rows += [padding_row(pad_token_id) for _ in range(all_reduce_max(len(rows)) - len(rows))]
+    rows = [row.to(device) for row in rows]
+    kept = kept_sequences(completions, grpo.mask_truncated).to(device)
+    counted = [row.completion_targets * kept[row.token_sequence] for row in rows]
+    all_counted = torch.cat(counted)
+    weights = aggregation_weights(all_counted, step_tokens(rows, "token_sequence"), len(sequences),
+                                  grpo.loss_aggregation, grpo.max_new_tokens, all_reduce_sum(all_counted.sum()),
+                                  world_size)
+    sizes = [row.tokens for row in rows]
+    sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if grpo.tis_cap > 0 else None
+    return PackedStep(
+        rows=rows, weights=list(weights.split(sizes)), advantages=[advantages[row.token_sequence] for row in rows],
+        counted=counted, sampling_logp=sampling, pad_tokens=sum(row.pad_tokens for row in rows),
+        computed_tokens=sum(sizes),
+    )

@@ -56,6 +56,14 @@ def all_reduce_max(value):
     return int(tensor.item())
 
 
+def all_reduce_named(values, device, op="sum"):
+    """{name: number} reduced over every rank in one collective (float32), as plain numbers."""
+    tensor = torch.tensor([float(value) for value in values.values()], dtype=torch.float32, device=device)
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(values, tensor.tolist()))
+
+
 def shutdown():
     if is_distributed():
         dist.barrier()  # every rank reaches teardown before the group goes away

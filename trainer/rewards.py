@@ -1,10 +1,13 @@
 """The recipe's rewards: format, cosine-scaled length, Kimi-1.5 length, and math-verify accuracy.
 
-A sample reward is a plain function (completion text, gold answer, token count) -> float; the
-Kimi length reward also sees the completion's group. A reward that raises or times out gives
-0 for that sample and is counted, never stopping the run. An unparseable gold answer gives NaN
-accuracy by default, which group_advantages turns into advantage 0: no learning signal from a
-problem whose answer cannot be checked (counted too).
+A built-in reward is one function decorated with @builtin_reward(name, default_weight=...): it
+receives a RewardGroup (one prompt's completions, gold answer, token counts and correctness) and
+returns one value per completion. A user's reward given as a dotted import path is a plain
+function (completion text, gold answer, token count) -> float, called under a time limit. A
+per-completion reward that raises, times out or returns a non-finite value gives 0 for that
+sample and is counted, never stopping the run. An unparseable gold answer gives NaN accuracy by
+default, which group_advantages turns into advantage 0: no learning signal from a problem whose
+answer cannot be checked (counted too).
 """
 
 import collections
@@ -142,12 +145,127 @@ def load_reward(path):
         raise ConfigError(f"grpo.reward_weights: reward {path!r} cannot be imported ({error})") from None
 
 
-BUILTIN = {"format", "format_no_think", "cosine_length", "length", "accuracy"}
+def _safe(counts, name, fn, *args, **kwargs):
+    """float(fn(*args)), or 0.0 counted under name when it raises, times out or is not finite."""
+    try:
+        value = float(fn(*args, **kwargs))
+        if math.isfinite(value):
+            return value
+        counts[f"{name}_non_finite"] += 1
+    except UnparseableGold:
+        raise
+    except RewardTimeout:
+        counts[f"{name}_timed_out"] += 1
+    except Exception as error:  # a reward that breaks gives 0 for this sample, counted
+        counts[f"{name}_failed_{type(error).__name__}"] += 1
+    return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardGroup:
+    """What a reward sees of one prompt's group of completions."""
+
+    name: str  # the reward being computed: its failures are counted under this name
+    completions: list
+    gold: object
+    num_tokens: list
+    accuracy: list  # 1.0, 0.0, or NaN when the gold answer cannot be checked
+    correct: list  # accuracy == 1.0
+    settings: "RewardSettings"
+    counts: collections.Counter
+
+    def each_completion(self, fn):
+        """[fn(completion) for each completion], a sample whose call fails or is not finite giving 0, counted."""
+        return [_safe(self.counts, self.name, fn, completion) for completion in self.completions]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    compute: object  # RewardGroup -> one value per completion
+    default_weight: object  # float, or None: used only when configured
+
+
+_REGISTRY = {}
+
+
+def builtin_reward(name, default_weight=None):
+    """Register the decorated fn(group: RewardGroup) -> values as the reward `name` of grpo.reward_weights.
+
+    A default_weight puts it in the default weights; without one it is computed only when configured.
+    """
+    if "." in name or ":" in name:
+        raise ValueError(f"reward name {name!r} holds '.' or ':', which grpo.reward_weights reads as an import path")
+
+    def register(compute):
+        if name in _REGISTRY:
+            holder = _REGISTRY[name].compute
+            raise ValueError(f"reward {name!r} is already registered (by {holder.__module__}.{holder.__qualname__})")
+        _REGISTRY[name] = _Registered(compute, default_weight)
+        return compute
+
+    return register
+
+
+def builtin_reward_names():
+    """Names of the built-in rewards, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def is_known_reward(name):
+    """Whether `name` is a built-in reward (anything else must be an import path)."""
+    return name in _REGISTRY
+
+
+def default_reward_weights():
+    """{name: weight} of the built-in rewards that have a default weight, in registration order (a new dict)."""
+    return {name: entry.default_weight for name, entry in _REGISTRY.items() if entry.default_weight is not None}
+
+
+@builtin_reward("format", default_weight=1.0)
+def _format_of_group(group):
+    return group.each_completion(format_reward)
+
+
+@builtin_reward("format_no_think")
+def _format_no_think_of_group(group):
+    return group.each_completion(format_reward_no_think)
+
+
+@builtin_reward("cosine_length", default_weight=1.0)
+def _cosine_length_of_group(group):
+    max_len = group.settings.cosine_max_len
+    return [
+        cosine_length_reward(completion, group.gold, max_len=max_len, correct=correct)
+        for completion, correct in zip(group.completions, group.correct)
+    ]
+
+
+@builtin_reward("length", default_weight=1.0)
+def _length_of_group(group):
+    return kimi_length_rewards(group.num_tokens, group.correct)
+
+
+@builtin_reward("accuracy")
+def _accuracy_of_group(group):
+    return group.accuracy  # computed for every group, weighted or not
+
+
+def _under_time_limit(fn):
+    """A user's fn(completion, gold, num_tokens) as a group reward, each call limited to settings.timeout_s."""
+
+    def compute(group):
+        limit = group.settings.timeout_s
+        return [
+            _safe(group.counts, group.name, _with_time_limit, fn, limit, completion, group.gold, tokens)
+            for completion, tokens in zip(group.completions, group.num_tokens)
+        ]
+
+    return compute
 
 
 @dataclasses.dataclass
 class RewardSettings:
-    weights: dict = dataclasses.field(default_factory=lambda: {"format": 1.0, "cosine_length": 1.0, "length": 1.0})
+    weights: dict = dataclasses.field(default_factory=default_reward_weights)
     cosine_max_len: int = 30000
     timeout_s: int = 5
     unparseable_gold: str = "no_signal"  # or "reward_one", the reference recipe's behaviour
@@ -158,33 +276,18 @@ class RewardComputer:
 
     def __init__(self, settings):
         self.settings = settings
-        self.custom = {name: load_reward(name) for name in settings.weights if name not in BUILTIN}
+        self.rewards = {
+            name: _REGISTRY[name].compute if name in _REGISTRY else _under_time_limit(load_reward(name))
+            for name in settings.weights
+        }
         self.counts = collections.Counter()
-
-    def _safe(self, name, fn, *args, **kwargs):
-        try:
-            value = float(fn(*args, **kwargs))
-            if math.isfinite(value):
-                return value
-            self.counts[f"{name}_non_finite"] += 1
-        except UnparseableGold:
-            raise
-        except RewardTimeout:
-            self.counts[f"{name}_timed_out"] += 1
-        except Exception as error:  # a reward that breaks gives 0 for this sample, counted
-            self.counts[f"{name}_failed_{type(error).__name__}"] += 1
-        return 0.0
-
-    def _custom(self, name, fn, *args):
-        """A user's reward under a wall-clock limit of timeout_s (main thread only, via SIGALRM)."""
-        return self._safe(name, _with_time_limit, fn, self.settings.timeout_s, *args)
 
     def correctness(self, completion, gold):
         """1.0, 0.0, or NaN for an unparseable gold answer under the no-signal policy."""
         if not self.gold_is_checkable(gold):
             self.counts["unparseable_gold"] += 1
             return float("nan") if self.settings.unparseable_gold == "no_signal" else 1.0
-        return self._safe("accuracy", accuracy_reward, completion, gold, timeout_s=self.settings.timeout_s)
+        return _safe(self.counts, "accuracy", accuracy_reward, completion, gold, timeout_s=self.settings.timeout_s)
 
     def gold_is_checkable(self, gold):
         """Whether math-verify can parse the gold answer: decided once per problem, whatever the samples say."""
@@ -198,28 +301,21 @@ class RewardComputer:
             return False
 
     def group(self, completions, gold, num_tokens):
-        """(total rewards, {reward name: values}) for the completions of one prompt."""
-        weights = self.settings.weights
+        """(total rewards, {reward name: values}) for the completions of one prompt; "accuracy" is always a part."""
         accuracy = [self.correctness(c, gold) for c in completions]
-        correct = [a == 1.0 for a in accuracy]
+        context = RewardGroup(
+            "", completions, gold, num_tokens, accuracy, [a == 1.0 for a in accuracy], self.settings, self.counts
+        )
         parts = {"accuracy": accuracy}
-        if "format" in weights:
-            parts["format"] = [self._safe("format", format_reward, c) for c in completions]
-        if "format_no_think" in weights:
-            parts["format_no_think"] = [self._safe("format_no_think", format_reward_no_think, c) for c in completions]
-        if "cosine_length" in weights:
-            parts["cosine_length"] = [
-                cosine_length_reward(c, gold, max_len=self.settings.cosine_max_len, correct=ok)
-                for c, ok in zip(completions, correct)
-            ]
-        if "length" in weights:
-            parts["length"] = kimi_length_rewards(num_tokens, correct)
-        for name, fn in self.custom.items():
-            parts[name] = [self._custom(name, fn, c, gold, n) for c, n in zip(completions, num_tokens)]
+        for name, compute in self.rewards.items():
+            values = list(compute(dataclasses.replace(context, name=name)))
+            if len(values) != len(completions):
+                raise ValueError(f"reward {name!r} gave {len(values)} values for {len(completions)} completions")
+            parts[name] = values
         totals = []
         for index, acc in enumerate(accuracy):
             if math.isnan(acc):
                 totals.append(float("nan"))  # no learning signal from an uncheckable problem
                 continue
-            totals.append(sum(weight * parts[name][index] for name, weight in weights.items()))
+            totals.append(sum(weight * parts[name][index] for name, weight in self.settings.weights.items()))
         return totals, parts

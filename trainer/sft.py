@@ -1,13 +1,7 @@
 """Stage 1: supervised fine-tuning on packed chat sequences, loss on completions only."""
 
-import time
-
-from .checkpoint import check_no_earlier_checkpoints
 from .data import DataError, build_documents, collate, epoch_order, load_records, pack_documents
-from .engine import Engine
-from .metrics import MetricsLogger, plot_loss
-from .model import load_tokenizer
-from .parallel import init_distributed, shutdown
+from .engine import run_stage
 
 
 class SFTData:
@@ -55,37 +49,29 @@ class SFTData:
         ]
 
 
-def run_sft(config):
-    # The data is read and checked before the model loads: bad data fails in seconds.
-    check_no_earlier_checkpoints(config)
-    rank, world_size, _ = init_distributed()
-    log = print if rank == 0 else (lambda *_: None)
-    tokenizer = load_tokenizer(config.model)
-    data = SFTData(config, tokenizer, world_size, log)
-    engine = Engine(config, tokenizer)
-    total_steps = data.steps_per_epoch * config.train.epochs
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
-    engine.set_schedule(total_steps)
+class SFTStage:
+    """Stage 1 for the engine's loop: each step trains on this rank's packs of that step."""
 
-    start_step = engine.resume(log)
-    metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description="sft")
-    try:
-        for step in range(start_step, total_steps):
-            started = time.perf_counter()
-            values = engine.train_step(data.micro_batches(step, rank))
-            values["epoch"] = step // data.steps_per_epoch
-            values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - started, 1e-9)
-            if (peak := engine.peak_memory_gb()) is not None:
-                values["peak_memory_GB"] = peak
-            metrics.log_step(step + 1, values)
-            engine.after_step(step + 1, total_steps)
-        engine.finish(start_step, total_steps, metrics.message)
-    finally:
-        metrics.close()
-    if rank == 0:
-        plot = plot_loss(config.run_dir, title="SFT loss")
-        if plot:
-            print(f"loss curve: {plot}")
-    shutdown()
-    return config.run_dir
+    plots = [("loss", "loss.png", "SFT loss")]
+
+    def __init__(self, config):
+        self.config, self.data = config, None
+
+    def prepare(self, tokenizer, world_size, log):
+        self.data = SFTData(self.config, tokenizer, world_size, log)
+        return self.data.steps_per_epoch
+
+    def start(self, engine, log):
+        pass
+
+    def train_step(self, engine, step):
+        values = engine.train_step(self.data.micro_batches(step, engine.rank))
+        values["epoch"] = step // self.data.steps_per_epoch
+        return values
+
+    def closing_messages(self):
+        return []
+
+
+def run_sft(config):
+    return run_stage(config, SFTStage(config))

@@ -1,0 +1,83 @@
+"""GRPO's update: log-prob and loss heads on packed rows, and the policy update over a step's rows."""
+
+import torch
+
+from fastmath_kernels import grpo_token_loss, linear_token_logprobs
+
+
+def truncated_importance_weight(trainer_logp, sampling_logp, mask, cap):
+    """min(exp(trainer - sampler), cap) on completion tokens, 1 elsewhere; a constant of the step."""
+    weight = torch.exp(trainer_logp.detach() - sampling_logp).clamp(max=cap)
+    return torch.where(mask > 0, weight, torch.ones_like(weight))
+
+
+def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
+    """[clipped tokens, KL sum, entropy sum, tokens] over the masked tokens of one update.
+
+    Every argument holds one value per token (advantages too). A token is clipped where the clip
+    changes its gradient: ratio below 1 - eps_low with a negative advantage, or above
+    1 + eps_high with a positive one. KL is the k3 estimate.
+    """
+    ratio = torch.exp(logp - old_logp)
+    clipped = ((ratio < 1 - grpo.eps_low) & (advantages < 0)) | ((ratio > 1 + grpo.eps_high) & (advantages > 0))
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = (torch.exp(delta) - delta - 1.0) * mask
+    else:
+        kl = torch.zeros_like(logp)
+    return torch.stack([(clipped * mask).sum(), kl.sum(), (entropy * mask).sum(), mask.sum()])
+
+
+def logprob_head(row, grpo, low_memory, with_entropy=False):
+    """The log-probs of one packed row's targets, computed inside the root module's forward."""
+    def head(hidden, weight):
+        return linear_token_logprobs(hidden[0], weight, row.targets, temperature=grpo.temperature,
+                                     with_entropy=with_entropy, low_memory=low_memory)
+
+    return head
+
+
+def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
+    """The weighted clipped loss of row `index`; adds its token statistics into `statistics`."""
+    row, advantages, counted = step.rows[index], step.advantages[index], step.counted[index]
+
+    def head(hidden, weight):
+        logp, entropy = logprob_head(row, grpo, low_memory, with_entropy=True)(hidden, weight)
+        old = logp.detach() if old_logp is None else old_logp
+        # One token per row of the kernel's [B, T] layout, so each carries its own advantage.
+        per_token = grpo_token_loss(logp[:, None], old[:, None], advantages,
+                                    ref_logp=None if ref_logp is None else ref_logp[:, None], beta=grpo.beta,
+                                    eps_low=grpo.eps_low, eps_high=grpo.eps_high)[:, 0]
+        if step.sampling_logp is not None:
+            # The engine sampled from its own copy; weight each token by the truncated ratio of
+            # the trainer's probability (at rollout) to the engine's.
+            per_token = per_token * truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.tis_cap)
+        with torch.no_grad():
+            statistics.add_(token_statistics(logp, old, ref_logp, entropy, advantages, counted, grpo))
+        return (per_token * step.weights[index]).sum()
+
+    return head
+
+
+def update_policy(engine, reference, step, grpo, low_memory):
+    """grpo.num_iterations optimizer steps, each over every packed row; returns (loss, grad norm, lr, statistics).
+
+    The reference and old-policy log-probs come first, row by row under no_grad. Each row is
+    forwarded and backwarded on its own (gradients accumulate), and its loss is already weighted
+    for the whole step, so the rows add up to the whole-batch loss. FSDP averages gradients over
+    ranks, so each rank's loss is its own aggregate.
+    """
+    rows = step.rows
+    with torch.no_grad():
+        ref = [reference(**row.inputs, head=logprob_head(row, grpo, low_memory)) if reference is not None else None
+               for row in rows]
+        # Several updates per rollout: the ratio is against the policy that sampled.
+        old = [engine.module(**row.inputs, head=logprob_head(row, grpo, low_memory))
+               if grpo.num_iterations > 1 else None for row in rows]
+    statistics = torch.zeros(4, device=engine.device)  # clipped tokens, KL sum, entropy sum, tokens
+    for _ in range(grpo.num_iterations):
+        heads = [loss_head(step, index, old[index], ref[index], grpo, low_memory, statistics)
+                 for index in range(len(rows))]
+        step_loss = engine.accumulate_gradients([row.inputs for row in rows], heads)
+        loss_value, grad_norm, lr = engine.optimizer_step(step_loss, what="GRPO loss", hint="check the rewards")
+    return loss_value, grad_norm, lr, statistics
