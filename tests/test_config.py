@@ -99,3 +99,61 @@ def test_the_sft_token_budget_must_hold_a_document_and_one_pack_per_micro_batch(
         load_config(None, base + ["train.max_tokens_per_micro_batch=4096", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="at least 1 or unset"):
         load_config(None, base + ["train.max_tokens_per_micro_batch=0"])
+
+
+SHIPPED_CONFIGS = {
+    "fast_math_r1_14b.yaml": {stage: [f"stage={stage}"] for stage in ("sft", "grpo", "eval")},
+    "toy.yaml": {stage: [f"stage={stage}", "model.path=m", "data.train_files=[t.jsonl]", "eval.data=e.jsonl"]
+                 for stage in ("sft", "grpo", "eval")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_one_parser_reads_each_shipped_config_and_its_resolved_values_round_trip(tmp_path, name):
+    from trainer.config import RunConfig, config_as_dict, save_config
+
+    for stage, overrides in SHIPPED_CONFIGS[name].items():
+        config = load_config(os.path.join(REPO, "configs", name), overrides)
+        assert config.stage == stage
+        saved = tmp_path / f"{stage}.yaml"
+        save_config(config, str(saved))
+        reloaded = load_config(str(saved))
+        assert reloaded == config and reloaded is not config
+        assert config_as_dict(reloaded) == config_as_dict(config)
+        assert config != RunConfig()  # the file's values were read, not the defaults
+
+
+def test_the_toy_recipe_is_a_stages_file_with_its_task_settings():
+    path = os.path.join(REPO, "configs", "toy.yaml")
+    base = ["model.path=m", "data.train_files=[t.jsonl]"]
+    sft = load_config(path, ["stage=sft", *base])
+    grpo = load_config(path, ["stage=grpo", *base])
+    assert (sft.recipe, sft.train.epochs, sft.optim.lr, sft.optim.beta2) == ("toy", 15, 3e-3, 0.999)
+    assert (grpo.train.max_steps, grpo.optim.lr, grpo.optim.beta2, grpo.grpo.beta) == (50, 1e-4, 0.95, 0.04)
+    assert (sft.toy.task.train_problems, sft.toy.model.hidden_size, sft.toy.epoch_ablation) == (3000, 128, [1, 3])
+    # A stages.<stage> override reaches one stage; a plain one reaches whichever stage runs.
+    assert load_config(path, ["stage=sft", *base, "stages.sft.train.epochs=2"]).train.epochs == 2
+    assert load_config(path, ["stage=grpo", *base, "stages.sft.train.epochs=2"]).train.epochs == 1
+    assert load_config(path, ["stage=grpo", *base, "train.seed=7"]).train.seed == 7
+
+
+def test_every_stage_of_a_stages_file_is_checked_and_enumerated_keys_suggest_the_closest(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("model: {path: /m}\ndata: {train_files: [a.jsonl]}\n"
+                    "stages:\n  sft: {}\n  grpo: {grpo: {group_sise: 8}}\n")
+    with pytest.raises(ConfigError, match=r"stages.grpo.grpo.group_sise.*did you mean 'group_size'"):
+        load_config(str(path), ["stage=sft"])
+    with pytest.raises(ConfigError, match=r"grpo.loss_aggregation: 'dapp' is not one of .*did you mean 'dapo'"):
+        load_config(None, ["model.path=m", "data.train_files=[a]", "grpo.loss_aggregation=dapp"])
+    with pytest.raises(ConfigError, match=r"recipe: 'tot' is not one of toy.*did you mean 'toy'"):
+        load_config(None, ["model.path=m", "data.train_files=[a]", "recipe=tot"])
+    with pytest.raises(ConfigError, match="has no stages section"):
+        load_config(_plain(tmp_path), ["stages.sft.train.epochs=2"])
+    with pytest.raises(ConfigError, match="toy.epoch_ablation"):
+        load_config(None, ["model.path=m", "data.train_files=[a]", "recipe=toy", "toy.epoch_ablation=[0]"])
+
+
+def _plain(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text("model: {path: /m}\ndata: {train_files: [a.jsonl]}\n")
+    return str(path)

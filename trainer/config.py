@@ -125,9 +125,34 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class ToyTaskConfig:
+    train_problems: int = 3000
+    eval_problems: int = 500  # held out: generated from a different seed
+    detour_probability: float = 0.6  # share of training traces that re-check some of their steps
+
+
+@dataclasses.dataclass
+class ToyModelConfig:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    """The embedded recipe's task and model (used with recipe: toy)."""
+
+    task: ToyTaskConfig = dataclasses.field(default_factory=ToyTaskConfig)
+    model: ToyModelConfig = dataclasses.field(default_factory=ToyModelConfig)
+    epoch_ablation: list = dataclasses.field(default_factory=lambda: [1, 3])  # SFT epoch counts compared
+
+
+@dataclasses.dataclass
 class RunConfig:
     stage: str = "sft"
     run_dir: str = "runs/sft"
+    recipe: Optional[str] = None  # "toy": the file describes the embedded recipe, whose stages run in turn
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -136,7 +161,10 @@ class RunConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    toy: ToyConfig = dataclasses.field(default_factory=ToyConfig)
 
+
+RECIPES = ("toy",)
 
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
@@ -222,6 +250,7 @@ def _set_dotted(values, dotted, raw):
 
 
 def validate(config):
+    """Checks every value of config (choices, ranges, how keys combine); returns it."""
     for key, allowed in CHOICES.items():
         value = config
         for part in key.split("."):
@@ -230,6 +259,30 @@ def validate(config):
             raise ConfigError(
                 f"{key}: {value!r} is not one of {', '.join(allowed)}{_suggest(str(value), list(allowed))}"
             )
+    _validate_ranges(config)
+    if not config.model.path:
+        raise ConfigError("model.path: no model directory given")
+    _validate_token_budget(config)
+    packs = (config.stage == "sft" and config.data.pack) or config.stage == "grpo"  # GRPO always packs rollouts
+    if packs and config.model.attn_implementation not in PACKING_ATTENTION:
+        escape = ", or data.pack=false" if config.stage == "sft" else ""
+        raise ConfigError(
+            f"model.attn_implementation={config.model.attn_implementation} would let packed documents attend to "
+            f"each other ({'data.pack=true' if config.stage == 'sft' else 'GRPO packs its rollouts'}); use one of "
+            f"{', '.join(PACKING_ATTENTION)}{escape}"
+        )
+    if config.recipe is not None:
+        _validate_recipe(config)
+    if config.stage == "grpo":
+        _validate_grpo(config.grpo)
+    if config.stage == "eval":
+        _validate_eval(config.eval)
+    elif not config.data.train_files:
+        raise ConfigError("data.train_files: no training data given")
+    return config
+
+
+def _validate_ranges(config):
     positive = {
         "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
@@ -252,8 +305,9 @@ def validate(config):
         raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {config.optim.warmup_ratio}")
     if config.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps}")
-    if not config.model.path:
-        raise ConfigError("model.path: no model directory given")
+
+
+def _validate_token_budget(config):
     budget = config.train.max_tokens_per_micro_batch
     if budget is not None and budget < 1:
         raise ConfigError(f"train.max_tokens_per_micro_batch must be at least 1 or unset, got {budget}")
@@ -268,21 +322,23 @@ def validate(config):
                 f"train.max_tokens_per_micro_batch packs each micro-batch as one row; set train.micro_batch_size=1 "
                 f"(got {config.train.micro_batch_size}) and use train.grad_accum for more rows per step"
             )
-    packs = (config.stage == "sft" and config.data.pack) or config.stage == "grpo"  # GRPO always packs rollouts
-    if packs and config.model.attn_implementation not in PACKING_ATTENTION:
-        escape = ", or data.pack=false" if config.stage == "sft" else ""
-        raise ConfigError(
-            f"model.attn_implementation={config.model.attn_implementation} would let packed documents attend to "
-            f"each other ({'data.pack=true' if config.stage == 'sft' else 'GRPO packs its rollouts'}); use one of "
-            f"{', '.join(PACKING_ATTENTION)}{escape}"
-        )
-    if config.stage == "grpo":
-        _validate_grpo(config.grpo)
-    if config.stage == "eval":
-        _validate_eval(config.eval)
-    elif not config.data.train_files:
-        raise ConfigError("data.train_files: no training data given")
-    return config
+
+
+def _validate_recipe(config):
+    if config.recipe not in RECIPES:
+        raise ConfigError(f"recipe: {config.recipe!r} is not one of {', '.join(RECIPES)}"
+                          f"{_suggest(str(config.recipe), list(RECIPES))}")
+    task, model = config.toy.task, config.toy.model
+    counts = {"toy.task.train_problems": task.train_problems, "toy.task.eval_problems": task.eval_problems,
+              **{f"toy.model.{f.name}": getattr(model, f.name) for f in dataclasses.fields(model)}}
+    for key, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not 0 <= task.detour_probability <= 1:
+        raise ConfigError(f"toy.task.detour_probability must be in [0, 1], got {task.detour_probability}")
+    ablation = config.toy.epoch_ablation
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in ablation):
+        raise ConfigError(f"toy.epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")
 
 
 def _default_reward_weights():
@@ -304,6 +360,8 @@ def _validate_grpo(grpo):
         raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
     if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
         raise ConfigError("grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
+    if not all(isinstance(stop, str) and stop for stop in grpo.stop_strings):
+        raise ConfigError(f"grpo.stop_strings: expected a list of non-empty strings, got {grpo.stop_strings!r}")
     if not grpo.reward_weights:
         raise ConfigError("grpo.reward_weights: no rewards, so every advantage would be 0")
     from .rewards import builtin_reward_names, is_known_reward  # rewards imports this module
@@ -353,19 +411,33 @@ def _merge(base, extra):
 
 
 def _select_stage(values, overrides, path):
-    """A file with a `stages` section: its shared keys merged with the chosen stage's."""
-    if not isinstance(values, dict) or "stages" not in values:
+    """A file with a `stages` section: its shared keys merged with the chosen stage's.
+
+    Every stage's keys are checked, not only the chosen one's, so a typo in any stage fails at
+    once. `stages.<stage>.key=value` overrides change a stage's value before the merge.
+    """
+    if "stages" not in values:
+        if any(o.split("=", 1)[0].strip().startswith("stages.") for o in overrides):
+            raise ConfigError(f"{path} has no stages section for the stages.* override")
         return values
     stages = values.pop("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: stages must map stage names to settings")
+    for override in overrides:
+        dotted, _, raw = override.partition("=")
+        if dotted.strip().startswith("stages."):
+            _set_dotted(stages, dotted.strip()[len("stages."):], yaml.safe_load(raw) if raw.strip() else "")
+    for name, settings in stages.items():
+        if name not in CHOICES["stage"]:
+            raise ConfigError(f"{path}: stages.{name}: not a stage; stages are {', '.join(CHOICES['stage'])}")
+        _apply(RunConfig(), _merge(values, settings or {}), prefix=f"stages.{name}.")
     chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "stage"]
     stage = chosen[-1] if chosen else values.get("stage")
     if stage is None:
         raise ConfigError(f"{path} defines stages {', '.join(stages)}: choose one with --stage")
     if stage not in stages:
         raise ConfigError(f"{path}: no stage {stage!r}; it defines {', '.join(stages)}")
-    return _merge(values, {**stages[stage], "stage": stage})
+    return _merge(values, {**(stages[stage] or {}), "stage": stage})
 
 
 def read_yaml(path, what):
@@ -374,13 +446,20 @@ def read_yaml(path, what):
         raise ConfigError(f"{what} not found: {path}")
     with open(path) as handle:
         try:
-            return yaml.safe_load(handle) or {}
+            values = yaml.safe_load(handle) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
 
 
 def load_config(path=None, overrides=(), base=None):
-    """RunConfig from an optional YAML file, then `section.key=value` overrides, validated."""
+    """RunConfig from an optional YAML file, then `section.key=value` overrides, validated.
+
+    With a `stages` file, `stages.<stage>.key=value` overrides reach one stage's settings and
+    `key=value` overrides apply whichever stage runs.
+    """
     config = base if base is not None else RunConfig()
     if path is not None:
         values = _select_stage(read_yaml(path, "config file"), overrides, path)
@@ -390,6 +469,21 @@ def load_config(path=None, overrides=(), base=None):
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form section.key=value")
         dotted, raw = override.split("=", 1)
+        if dotted.strip().startswith("stages."):
+            if path is None:
+                raise ConfigError(f"override {override!r}: stages.* needs a config file with a stages section")
+            continue
         _set_dotted(override_values, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
     _apply(config, override_values)
     return validate(config)
+
+
+def config_as_dict(config):
+    """The resolved configuration as plain YAML-ready values; load_config of its dump gives it back."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path):
+    """Writes the resolved configuration (every key, defaults included) as YAML."""
+    with open(path, "w") as handle:
+        yaml.safe_dump(config_as_dict(config), handle, sort_keys=False)

@@ -14,7 +14,7 @@ import torch
 from .checkpoint import (
     check_no_earlier_checkpoints, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
-from .config import ConfigError
+from .config import ConfigError, save_config
 from .metrics import MetricsLogger, plot_loss
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
@@ -244,6 +244,9 @@ def run_stage(config, stage):
     total_steps = stage_total_steps(config, stage.prepare(tokenizer, world_size, log))
     engine = Engine(config, tokenizer)
     engine.set_schedule(total_steps)
+    if rank == 0:
+        os.makedirs(config.run_dir, exist_ok=True)
+        save_config(config, os.path.join(config.run_dir, "config.yaml"))  # every resolved value of this run
     stage.start(engine, log)
     start_step = engine.resume(log)
     metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description=config.stage)

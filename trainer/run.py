@@ -44,7 +44,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         no_arguments = args.config is None and not args.overrides and args.stage is None
-        if no_arguments or args.epoch_ablation or (args.config and args.stage is None and is_toy_config(args.config)):
+        if no_arguments or args.epoch_ablation or (args.config and is_toy_config(args.config)):
+            if args.stage:
+                raise ConfigError(f"{args.config}: the toy recipe runs all its stages in turn; leave out --stage")
             run_toy(args)
             return
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])

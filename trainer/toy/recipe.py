@@ -8,84 +8,69 @@
 3. Write report.json, report.md and the plots to run_dir.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import time
 
-import yaml
-
-from ..config import ConfigError, EvalConfig, _apply, _validate_eval, load_config, read_yaml
+from ..config import ConfigError, load_config, read_yaml
 from ..metrics import pyplot, save_figure
 from .model_dir import build_model_dir
 from .task import WORDS, write_problems
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
-SECTIONS = {
-    "task": {"train_problems": int, "eval_problems": int, "detour_probability": float},
-    "model": {"hidden_size": int, "layers": int, "heads": int, "kv_heads": int},
-}
-TOP_LEVEL = {"recipe", "run_dir", "seed", "task", "model", "sft", "grpo", "eval", "epoch_ablation"}
+PLACEHOLDER = "(made by the recipe)"
 
 
 def is_toy_config(path):
     try:
-        with open(path) as handle:
-            values = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError):
+        return read_yaml(path, "config file").get("recipe") == "toy"
+    except ConfigError:
         return False
-    return isinstance(values, dict) and values.get("recipe") == "toy"
 
 
-def load_toy_config(path=None, overrides=()):
-    """The toy recipe's settings from YAML plus `key=value` overrides, checked before any work."""
-    path = path or DEFAULT_CONFIG
-    toy = read_yaml(path, "toy recipe config")
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} is not of the form key=value")
-        dotted, raw = override.split("=", 1)
-        section, _, rest = dotted.strip().partition(".")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if rest:
-            # sft.* and grpo.* keep the rest as one RunConfig key ("train.epochs"); others nest one level.
-            toy.setdefault(section, {})[rest] = value
-        else:
-            toy[section] = value
-    unknown = set(toy) - TOP_LEVEL
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL)}")
-    for section, fields in SECTIONS.items():
-        values = toy.get(section) or {}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"{section}.{key}: unknown key; known: {sorted(fields)}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or (fields[key] is int and not isinstance(value, int)):
-                raise ConfigError(f"{section}.{key}: expected {fields[key].__name__}, got {value!r}")
-    settings = EvalConfig(data="(generated)")
-    _apply(settings, toy.get("eval") or {}, prefix="eval.")
-    _validate_eval(settings)
-    toy["eval_settings"] = settings
-    ablation = toy.get("epoch_ablation") or []
-    if not isinstance(ablation, list) or not all(isinstance(e, int) and e >= 1 for e in ablation):
-        raise ConfigError(f"epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")
-    return toy
+@dataclasses.dataclass
+class Recipe:
+    """The recipe's shared settings (its eval stage's config) and a RunConfig per training stage."""
+
+    config_path: str
+    overrides: list
+    shared: object  # RunConfig of the eval stage: run_dir, seed, toy and eval settings
+    stages: dict  # {"sft": RunConfig, "grpo": RunConfig}
+
+    @property
+    def run_dir(self):
+        return self.shared.run_dir
+
+    def paths(self):
+        return {"train_file": os.path.join(self.run_dir, "train.jsonl"),
+                "eval_file": os.path.join(self.run_dir, "eval.jsonl"),
+                "base_model": os.path.join(self.run_dir, "base_model")}
+
+    def stage_config(self, stage, run_dir, model_path, extra=()):
+        """The stage's config from the file, the user's overrides, then the recipe's paths."""
+        # recipe=null: the stage's saved config.yaml reruns that stage alone, not the whole recipe.
+        overrides = [*self.overrides, f"stage={stage}", f"run_dir={run_dir}", f"model.path={model_path}",
+                     f"data.train_files=[{self.paths()['train_file']}]", "recipe=null", *extra]
+        try:
+            return load_config(self.config_path, overrides)
+        except ConfigError as error:
+            raise ConfigError(f"{stage}: {error}") from None
 
 
-def _as_override(key, value):
-    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
-
-
-def stage_config(toy, stage, model_path, train_file, run_dir, extra=()):
-    overrides = [f"run_dir={run_dir}", f"model.path={model_path}", f"data.train_files={train_file}",
-                 f"train.seed={toy.get('seed', 0)}"]
-    if stage == "grpo":
-        overrides.insert(0, "stage=grpo")
-    overrides += [_as_override(k, v) for k, v in (toy.get(stage) or {}).items()] + list(extra)
-    try:
-        return load_config(None, overrides)
-    except ConfigError as error:
-        raise ConfigError(f"{stage}: {error}") from None
+def load_recipe(path=None, overrides=()):
+    """The recipe's settings and both stages' configs, all checked before any work."""
+    path, overrides = path or DEFAULT_CONFIG, list(overrides)
+    shared = load_config(path, [*overrides, "stage=eval", f"model.path={PLACEHOLDER}", f"eval.data={PLACEHOLDER}"])
+    if shared.recipe != "toy":
+        raise ConfigError(f"{path}: not a toy recipe (recipe: toy); run its stages with --stage")
+    recipe = Recipe(path, overrides, shared, {})
+    run_dir = shared.run_dir
+    recipe.stages["sft"] = recipe.stage_config("sft", os.path.join(run_dir, "sft"), recipe.paths()["base_model"])
+    recipe.stages["grpo"] = recipe.stage_config("grpo", os.path.join(run_dir, "grpo"),
+                                                os.path.join(run_dir, "sft", "hf_model"))
+    return recipe
 
 
 def evaluate_dir(model_dir, problems, settings, seed):
@@ -107,21 +92,18 @@ def evaluate_dir(model_dir, problems, settings, seed):
                     batch_prompts=settings.batch_prompts, stop_at_think_end=settings.stop_at_think_end, seed=seed)
 
 
-def _prepare(toy):
+def _prepare(recipe):
+    """Writes the task's problems and the base model; returns the held-out problems."""
     import torch
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    run_dir = toy.get("run_dir", "runs/toy")
-    os.makedirs(run_dir, exist_ok=True)
-    task, model = toy.get("task") or {}, toy.get("model") or {}
-    seed = toy.get("seed", 0)
-    detours = task.get("detour_probability", 0.6)
-    train_file = write_problems(os.path.join(run_dir, "train.jsonl"), task.get("train_problems", 3000), seed, detours)
-    eval_file = write_problems(os.path.join(run_dir, "eval.jsonl"), task.get("eval_problems", 500), seed + 1, detours)
-    base_model = build_model_dir(os.path.join(run_dir, "base_model"), WORDS, seed=seed, **model)
-    with open(eval_file) as handle:
-        held_out = [json.loads(line) for line in handle]
-    return run_dir, train_file, base_model, held_out
+    os.makedirs(recipe.run_dir, exist_ok=True)
+    task, seed, paths = recipe.shared.toy.task, recipe.shared.train.seed, recipe.paths()
+    write_problems(paths["train_file"], task.train_problems, seed, task.detour_probability)
+    write_problems(paths["eval_file"], task.eval_problems, seed + 1, task.detour_probability)
+    build_model_dir(paths["base_model"], WORDS, seed=seed, **dataclasses.asdict(recipe.shared.toy.model))
+    with open(paths["eval_file"]) as handle:
+        return [json.loads(line) for line in handle]
 
 
 def _start_stage_afresh(config, recipe_dir):
@@ -141,42 +123,36 @@ def _summary_line(name, result):
 
 
 def run_toy_recipe(config_path=None, overrides=()):
-    from ..evaluate import format_table, plot_accuracy_vs_budget
     from ..grpo import run_grpo
     from ..sft import run_sft
 
     started = time.perf_counter()
-    toy = load_toy_config(config_path, overrides)
-    settings, seed = toy["eval_settings"], toy.get("seed", 0)
-    run_dir = toy.get("run_dir", "runs/toy")
-    # Both stages' settings are checked before any work starts.
-    sft_config = stage_config(toy, "sft", os.path.join(run_dir, "base_model"), os.path.join(run_dir, "train.jsonl"),
-                              os.path.join(run_dir, "sft"))
-    grpo_config = stage_config(toy, "grpo", os.path.join(run_dir, "sft", "hf_model"),
-                               os.path.join(run_dir, "train.jsonl"), os.path.join(run_dir, "grpo"))
-    run_dir, train_file, base_model, held_out = _prepare(toy)
+    recipe = load_recipe(config_path, overrides)  # every stage's settings checked before any work
+    settings, seed, run_dir = recipe.shared.eval, recipe.shared.train.seed, recipe.run_dir
+    held_out = _prepare(recipe)
     sampling = f"sampled at T={settings.temperature}, top-p {settings.top_p}, k={settings.samples}"
     results, seconds = {}, {}
 
     print(f"== base model ({len(held_out)} held-out problems, {sampling})", flush=True)
-    results["base"] = evaluate_dir(base_model, held_out, settings, seed)
+    results["base"] = evaluate_dir(recipe.paths()["base_model"], held_out, settings, seed)
     print(_summary_line("base", results["base"]), flush=True)
+    sft, grpo = recipe.stages["sft"], recipe.stages["grpo"]
+    stages = [("SFT", f"stage 1: SFT, {sft.train.epochs} epochs", sft, run_sft),
+              ("SFT+GRPO", f"stage 2: GRPO, {grpo.train.max_steps} steps", grpo, run_grpo)]
+    for name, title, config, run in stages:
+        print(f"== {title}", flush=True)
+        stage_start = time.perf_counter()
+        _start_stage_afresh(config, run_dir)
+        run(config)
+        seconds[config.stage] = time.perf_counter() - stage_start
+        results[name] = evaluate_dir(os.path.join(config.run_dir, "hf_model"), held_out, settings, seed)
+        print(_summary_line(name, results[name]), flush=True)
+    return _write_report(results, run_dir, len(held_out), sampling, seconds, started)
 
-    print(f"== stage 1: SFT, {sft_config.train.epochs} epochs", flush=True)
-    stage_start = time.perf_counter()
-    _start_stage_afresh(sft_config, run_dir)
-    run_sft(sft_config)
-    seconds["sft"] = time.perf_counter() - stage_start
-    results["SFT"] = evaluate_dir(os.path.join(run_dir, "sft", "hf_model"), held_out, settings, seed)
-    print(_summary_line("SFT", results["SFT"]), flush=True)
 
-    print(f"== stage 2: GRPO, {grpo_config.train.max_steps} steps", flush=True)
-    stage_start = time.perf_counter()
-    _start_stage_afresh(grpo_config, run_dir)
-    run_grpo(grpo_config)
-    seconds["grpo"] = time.perf_counter() - stage_start
-    results["SFT+GRPO"] = evaluate_dir(os.path.join(run_dir, "grpo", "hf_model"), held_out, settings, seed)
-    print(_summary_line("SFT+GRPO", results["SFT+GRPO"]), flush=True)
+def _write_report(results, run_dir, num_problems, sampling, seconds, started):
+    """report.json, report.md and the plots in run_dir; prints the main table."""
+    from ..evaluate import format_table, plot_accuracy_vs_budget
 
     plots = {
         "sft_loss.png": os.path.join(run_dir, "sft", "loss.png"),
@@ -200,7 +176,7 @@ def run_toy_recipe(config_path=None, overrides=()):
         json.dump(report, handle, indent=2)
     with open(os.path.join(run_dir, "report.md"), "w") as handle:
         handle.write(
-            f"# Toy recipe report\n\n{len(held_out)} held-out problems, {sampling}.\n\n{main_table}\n\n"
+            f"# Toy recipe report\n\n{num_problems} held-out problems, {sampling}.\n\n{main_table}\n\n"
             f"GRPO length ratio {report['length_ratio']:.2f}x, accuracy change "
             f"{report['accuracy_change_points']:+.1f} points; wall time {report['wall_s']:.0f} s.\n\n"
             f"## By token budget\n\n{format_table(results)}\n\n"
@@ -222,17 +198,17 @@ def _main_table(results):
 
 
 def run_epoch_ablation(config_path=None, overrides=()):
-    """SFT for each epoch count in epoch_ablation and for the configured count, each evaluated.
+    """SFT for each epoch count in toy.epoch_ablation and for the configured count, each evaluated.
 
     The configured count reuses the main recipe's SFT model in run_dir when there is one.
     """
     from ..sft import run_sft
 
-    toy = load_toy_config(config_path, overrides)
-    settings, seed = toy["eval_settings"], toy.get("seed", 0)
-    configured = (toy.get("sft") or {}).get("train.epochs", 1)
-    epoch_counts = sorted(set(toy.get("epoch_ablation") or []) | {configured})
-    run_dir, train_file, base_model, held_out = _prepare(toy)
+    recipe = load_recipe(config_path, overrides)
+    settings, seed, run_dir = recipe.shared.eval, recipe.shared.train.seed, recipe.run_dir
+    configured = recipe.stages["sft"].train.epochs
+    epoch_counts = sorted(set(recipe.shared.toy.epoch_ablation) | {configured})
+    held_out = _prepare(recipe)
     rows = []
     for epochs in epoch_counts:
         stage_dir = os.path.join(run_dir, f"sft_{epochs}_epochs")
@@ -241,7 +217,7 @@ def run_epoch_ablation(config_path=None, overrides=()):
             print(f"== SFT for {epochs} epoch(s): the main recipe's model in {main_run}", flush=True)
             stage_dir = os.path.join(run_dir, "sft")
         else:
-            config = stage_config(toy, "sft", base_model, train_file, stage_dir, [f"train.epochs={epochs}"])
+            config = recipe.stage_config("sft", stage_dir, recipe.paths()["base_model"], [f"train.epochs={epochs}"])
             print(f"== SFT for {epochs} epoch(s)", flush=True)
             _start_stage_afresh(config, run_dir)
             run_sft(config)
