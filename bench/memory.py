@@ -7,10 +7,6 @@ peak reset first through /proc/self/clear_refs (Linux), so imports and set-up do
 
 import ctypes
 import gc
-import json
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -47,14 +43,3 @@ def measure_extra_bytes(fn, device):
     before = _read_status_kib("VmRSS")
     fn()
     return 1024 * max(0, _read_status_kib("VmHWM") - before)
-
-
-def measure_in_subprocess(module, case_arguments):
-    """Runs `python -m <module> --measure-memory <json>` and returns the bytes it reports."""
-    completed = subprocess.run(
-        [sys.executable, "-m", module, "--measure-memory", json.dumps(case_arguments)],
-        capture_output=True, text=True, env=os.environ.copy(),
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"memory measurement failed for {case_arguments}:\n{completed.stderr[-2000:]}")
-    return int(completed.stdout.strip().splitlines()[-1])

@@ -12,6 +12,8 @@ from typing import Optional
 
 import yaml
 
+from .rollout import ROLLOUT_ENGINES
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line naming the key."""
@@ -168,7 +170,7 @@ RECIPES = ("toy",)
 
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
-    "grpo.rollout_engine": ("hf", "vllm"),
+    "grpo.rollout_engine": ROLLOUT_ENGINES,
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.unparseable_gold": ("no_signal", "reward_one"),

@@ -105,17 +105,17 @@ class Engine:
             float(sum(batch.get("pad_tokens", 0) for batch in micro_batches)),
             float(sum(batch["input_ids"].numel() for batch in micro_batches)),
         ], device=self.device)
-        global_tokens, pad_tokens, computed_tokens = all_reduce_sum(counts).unbind()
-        scale = self.world_size / global_tokens.clamp_min(1.0)
+        counts = all_reduce_sum(counts)
+        scale = self.world_size / counts[0].clamp_min(1.0)
         inputs = [{key: value.to(self.device) if torch.is_tensor(value) else value
                    for key, value in batch.items() if key != "pad_tokens"} for batch in micro_batches]
         step_loss = self.accumulate_gradients(inputs, scale=scale)
         mean_loss = all_reduce_sum(step_loss) / self.world_size
         loss_value, grad_norm, lr = self.optimizer_step(mean_loss)
         self.scheduler.step()
-        return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens.item()), "lr": lr,
-                "pad_fraction": pad_tokens.item() / max(computed_tokens.item(), 1.0),
-                "micro_batches": len(micro_batches)}
+        global_tokens, pad_tokens, computed_tokens = counts.tolist()  # one host sync for the three
+        return {"loss": loss_value, "grad_norm": grad_norm, "tokens": int(global_tokens), "lr": lr,
+                "pad_fraction": pad_tokens / max(computed_tokens, 1.0), "micro_batches": len(micro_batches)}
 
     def accumulate_gradients(self, micro_batches, heads=None, scale=None):
         """Forward and backward over each micro-batch (model inputs), gradients accumulating.

@@ -56,9 +56,7 @@ class GRPOStage:
         if grpo.beta > 0:
             self.reference = load_sharded_model(config, engine.device, trainable=False)
             log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
-        self.rollout = make_engine(grpo.rollout_engine, root_module=engine.module, tokenizer=engine.tokenizer,
-                                   device=engine.device, model_path=config.model.path, seed=config.train.seed,
-                                   gpu_memory_utilization=grpo.vllm_gpu_memory_utilization)
+        self.rollout = make_engine(engine, config)
         self.sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                          min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens,
                                          stop=list(grpo.stop_strings) or None)

@@ -27,18 +27,29 @@ class Completion:
     logprobs: list = None  # sampling log-probs of token_ids, under the sampling temperature
 
 
-def make_engine(name, **kwargs):
-    if name == "hf":
-        from .hf import HFRolloutEngine
+def _hf_engine(trainer, config):
+    from .hf import HFRolloutEngine
 
-        return HFRolloutEngine(kwargs["root_module"], kwargs["tokenizer"], kwargs["device"])
-    if name == "vllm":
-        from .vllm import VLLMRolloutEngine
+    return HFRolloutEngine(trainer.module, trainer.tokenizer, trainer.device)
 
-        return VLLMRolloutEngine(kwargs["model_path"], kwargs["tokenizer"],
-                                 gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.3),
-                                 seed=kwargs.get("seed", 0))
-    raise ValueError(f"grpo.rollout_engine: unknown engine {name!r}; available: hf, vllm")
+
+def _vllm_engine(trainer, config):
+    from .vllm import VLLMRolloutEngine
+
+    return VLLMRolloutEngine(config.model.path, trainer.tokenizer,
+                             gpu_memory_utilization=config.grpo.vllm_gpu_memory_utilization, seed=config.train.seed)
+
+
+# grpo.rollout_engine name -> builder(trainer engine, run config); adding an engine is one entry.
+ROLLOUT_ENGINES = {"hf": _hf_engine, "vllm": _vllm_engine}
+
+
+def make_engine(trainer, config):
+    """The rollout engine grpo.rollout_engine names, sampling from the trainer's policy."""
+    name = config.grpo.rollout_engine
+    if name not in ROLLOUT_ENGINES:
+        raise ValueError(f"grpo.rollout_engine: unknown engine {name!r}; available: {', '.join(ROLLOUT_ENGINES)}")
+    return ROLLOUT_ENGINES[name](trainer, config)
 
 
 def sync_weights(root_module, engine, bucket_bytes):
