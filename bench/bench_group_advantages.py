@@ -43,7 +43,8 @@ def run(device, out_dir):
         rewards = torch.rand(prompts * group_size, device=device)
         timings = {}
         for name, fn in implementations(device).items():
-            timings[name] = time_call(lambda: fn(rewards, group_size), device, calls_per_repeat=20)
+            timings[name] = time_call(lambda fn=fn, rewards=rewards, size=group_size: fn(rewards, size), device,
+                                      calls_per_repeat=20)
         for name, timing in timings.items():
             rows.append({
                 "prompts": prompts, "group_size": group_size, "implementation": name, **timing,

@@ -89,7 +89,8 @@ def _liger_chunked():
 
 def _naive_compiled():
     compiled_loss = torch.compile(
-        lambda h, w, t, m, o, a: _clipped(naive_linear_logprobs(h.flatten(0, 1), w, t.flatten()).view(t.shape), o, a, m),
+        lambda h, w, t, m, o, a: _clipped(
+            naive_linear_logprobs(h.flatten(0, 1), w, t.flatten()).view(t.shape), o, a, m),
         dynamic=True,
     )
 

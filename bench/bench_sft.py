@@ -100,7 +100,8 @@ def mean_example_tokens(model, data):
     for line in open(data):
         row = json.loads(line)
         chat = [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": row["solution"]}]
-        lengths.append(len(tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]))
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return sum(lengths) / len(lengths)
 
 

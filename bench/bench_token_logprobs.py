@@ -71,11 +71,11 @@ def run(device, out_dir, repeats=None):
             for name, fn in implementations(device).items():
                 if pass_name == "forward":
                     with torch.no_grad():
-                        timings[name] = time_ms(lambda: fn(logits, targets), device, repeats)
+                        timings[name] = time_ms(lambda fn=fn, x=logits, t=targets: fn(x, t), device, repeats)
                 else:
                     leaf = logits.detach().requires_grad_()
 
-                    def step(fn=fn, leaf=leaf):
+                    def step(fn=fn, leaf=leaf, targets=targets, upstream=upstream):
                         leaf.grad = None
                         (fn(leaf, targets) * upstream).sum().backward()
 
@@ -89,7 +89,8 @@ def run(device, out_dir, repeats=None):
                     "median_ms": median, "min_ms": min(samples), "max_ms": max(samples),
                     "speedup_vs_naive": naive_median / median,
                     "bandwidth_GBps": achieved / 1e9 if pass_name == "forward" else "",
-                    "bandwidth_fraction": achieved / copy_bandwidth if copy_bandwidth and pass_name == "forward" else "",
+                    "bandwidth_fraction": (achieved / copy_bandwidth
+                                           if copy_bandwidth and pass_name == "forward" else ""),
                 })
         logits = None  # freed before the next case allocates its own
     print(write_results("token_logprobs", rows, COLUMNS, device, out_dir))

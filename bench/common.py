@@ -48,7 +48,8 @@ def git_commit():
 def device_description(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    processor = platform.processor() or platform.machine()
+    return f"{processor} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def header_line(device):

@@ -39,13 +39,15 @@ def naive_linear_logprobs(hidden, weight, targets):
 # Per-token log-probs of hidden @ weight.T from each peer: (hidden [N, H], weight [V, H], targets [N]) -> [N].
 
 def _liger_chunked_logprobs():
-    function = import_peer("liger_kernel.chunked_loss.fused_linear_ppo", "liger-kernel")._ChunkedSelectiveLogProbFunction
+    module = import_peer("liger_kernel.chunked_loss.fused_linear_ppo", "liger-kernel")
+    function = module._ChunkedSelectiveLogProbFunction
     return lambda hidden, weight, targets: function.apply(hidden, weight, targets, None, 1.0, VOCAB_CHUNK)
 
 
 def _trl_chunked_logprobs():
     function = import_peer("trl.kernels", "trl").ChunkedLogProbFunction
-    return lambda hidden, weight, targets: function.apply(hidden, weight, None, targets, 1.0, VOCAB_CHUNK, None, 1.0, ())[0]
+    return lambda hidden, weight, targets: function.apply(
+        hidden, weight, None, targets, 1.0, VOCAB_CHUNK, None, 1.0, ())[0]
 
 
 def _trl_selective_log_softmax():

@@ -24,7 +24,8 @@ def plot_results(name, rows, device, out_dir):
         group_rows = [r for r in measured if r["group"] == group]
         fixed = {k: group_rows[0][k] for k in ("N", "H", "V", "dtype") if k != key}
         for implementation in dict.fromkeys(r["implementation"] for r in group_rows):
-            points = sorted((r[key], r["median_ms"], r["peak_extra_MB"]) for r in group_rows if r["implementation"] == implementation)
+            points = sorted((r[key], r["median_ms"], r["peak_extra_MB"])
+                            for r in group_rows if r["implementation"] == implementation)
             style = dict(marker="o", linewidth=2.5 if implementation.startswith("fastmath") else 1.2)
             row_axes[0].plot([p[0] for p in points], [p[1] for p in points], label=implementation, **style)
             row_axes[1].plot([p[0] for p in points], [p[2] for p in points], label=implementation, **style)

@@ -83,7 +83,8 @@ def study(device, shape):
     add("-", "fastmath low_memory (vocab slices)", low_memory)
     for chunks in CHUNK_COUNTS:
         chunk_size = -(-num_tokens // chunks)
-        ours = weight_grad(lambda h, w: linear_cross_entropy(h, w, targets, chunk_size=chunk_size), hidden, weight)
+        ours = weight_grad(lambda h, w, size=chunk_size: linear_cross_entropy(h, w, targets, chunk_size=size),
+                           hidden, weight)
         add(chunks, "fastmath (fp32 buffer)", ours)
         add(chunks, "bf16 accumulation (fp32 products, bf16 sum)", bf16_accumulated_weight_grad(
             hidden, weight, targets, chunk_size))

@@ -68,8 +68,7 @@ class RecordingSGD(torch.optim.SGD):
 def policy_update(model, run_dir, aggregation, budget, num_iterations, beta=BETA):
     """One step on this rank's fixed rollouts: the last update's loss, each update's gradients,
     the rows run and their padding tokens."""
-    from trainer.engine import Engine
-    from trainer.engine import load_sharded_model
+    from trainer.engine import Engine, load_sharded_model
     from trainer.grpo_batch import pack_step
     from trainer.grpo_loss import update_policy
     from trainer.parallel import init_distributed

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from helpers import max_relative_error
+
 from trainer.attention import (
-    DOCUMENT_MASKED, boundaries_from_positions, document_attention, document_boundaries, grouped_document_attention,
-    length_groups, register_document_attention, varlen_document_attention, varlen_usable,
+    DOCUMENT_MASKED,
+    boundaries_from_positions,
+    document_attention,
+    document_boundaries,
+    grouped_document_attention,
+    length_groups,
+    register_document_attention,
+    varlen_document_attention,
+    varlen_usable,
 )
 from trainer.config import ConfigError, load_config
 from trainer.model import CausalLMLoss

@@ -6,7 +6,12 @@ import torch
 
 from trainer.config import load_config
 from trainer.grpo_batch import (
-    BudgetError, aggregation_weights, first_fit_decreasing, kept_sequences, pack_rollouts, rollout_sequences,
+    BudgetError,
+    aggregation_weights,
+    first_fit_decreasing,
+    kept_sequences,
+    pack_rollouts,
+    rollout_sequences,
 )
 from trainer.grpo_rollouts import zero_variance_groups
 from trainer.metrics import read_metrics
@@ -80,7 +85,7 @@ def _direct_aggregations(loss, mask, max_new_tokens, ranks):
     size = len(sequences) // ranks
     for rank in range(ranks):
         mine = sequences[rank * size : (rank + 1) * size]
-        sums = [(l * m).sum().item() for l, m in mine]
+        sums = [(losses * m).sum().item() for losses, m in mine]
         counts = [m.sum().item() for _, m in mine]
         per_rank["grpo"].append(sum(s / max(c, 1) for s, c in zip(sums, counts)) / len(mine))
         per_rank["bnpo"].append(sum(sums) / max(sum(counts), 1))
@@ -101,7 +106,8 @@ def test_aggregations_match_their_formulas_in_float64(ranks):
     for method in ("grpo", "bnpo", "dr_grpo", "dapo"):
         size = 6 // ranks
         rank_losses = [
-            aggregate(loss[r * size : (r + 1) * size], mask[r * size : (r + 1) * size], method, 16, global_tokens, ranks)
+            aggregate(loss[r * size : (r + 1) * size], mask[r * size : (r + 1) * size], method, 16, global_tokens,
+                      ranks)
             for r in range(ranks)
         ]
         assert (sum(rank_losses) / ranks).item() == pytest.approx(expected[method], rel=1e-5, abs=1e-6), method

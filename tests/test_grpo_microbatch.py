@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
+import grpo_step_check as check
 import pytest
 import torch
-
-import grpo_step_check as check
 from helpers import max_relative_error
+
 from trainer.toy.model_dir import build_model_dir
 from trainer.toy.task import WORDS
 
@@ -52,7 +52,7 @@ def formula_update(model, aggregation, rank=0):
         ids = torch.tensor([prompt + completion.token_ids])
         targets = ids[0, 1:]
 
-        def logprobs(network):
+        def logprobs(network, ids=ids, targets=targets):
             logits = network(input_ids=ids).logits[0, :-1] / check.TEMPERATURE
             return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 

@@ -116,7 +116,8 @@ def test_corrupted_checkpoint_is_reported_and_the_previous_one_used(toy, tmp_pat
     for step in (8, 10):
         shutil.rmtree(damaged / "checkpoints" / f"step_{step:08d}")
     newest = damaged / "checkpoints" / "step_00000006"
-    largest = max((p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    files = [p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    largest = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(largest.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)  # same size: only the checksum can tell
     largest.write_bytes(bytes(data))

@@ -78,7 +78,8 @@ def model_with_remote_code(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "model" / "evil.py").write_text(REMOTE_CODE.format(marker=str(marker)))
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    config.update(model_type="fastmath_unknown", auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
+    config.update(model_type="fastmath_unknown",
+                  auto_map={"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"})
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     return path, marker
 

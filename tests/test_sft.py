@@ -197,7 +197,8 @@ def test_incomplete_checkpoint_is_skipped(toy, tmp_path):
     from trainer.checkpoint import latest_checkpoint
     from trainer.sft import run_sft
 
-    config = sft_config(toy, str(tmp_path / "run"), "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3")
+    config = sft_config(toy, str(tmp_path / "run"), "train.max_steps=4", "checkpoint.every_steps=2",
+                        "checkpoint.keep=3")
     run_sft(config)
     root = os.path.join(config.run_dir, "checkpoints")
     newest = os.path.join(root, "step_00000004")
@@ -319,7 +320,8 @@ def test_activation_checkpointing_gives_the_same_losses(toy, tmp_path):
     from trainer.sft import run_sft
 
     plain = sft_config(toy, str(tmp_path / "plain"), "train.max_steps=3")
-    checkpointed = sft_config(toy, str(tmp_path / "ckpt"), "train.max_steps=3", "parallel.activation_checkpointing=true")
+    checkpointed = sft_config(toy, str(tmp_path / "ckpt"), "train.max_steps=3",
+                              "parallel.activation_checkpointing=true")
     run_sft(plain)
     run_sft(checkpointed)
     expected = [r["loss"] for r in read_metrics(plain.run_dir)]

@@ -154,7 +154,7 @@ def grouped_document_attention(query, key, value, cumulative, scaling, dropout=0
     groups = query.shape[1] // key.shape[1]
     pieces = []
     for index, valid in plan.groups:
-        def gather(tensor):
+        def gather(tensor, index=index):
             return tensor[index].transpose(1, 2)  # [documents, heads, longest, D]
 
         out = F.scaled_dot_product_attention(

@@ -295,7 +295,8 @@ def _validate_ranges(config):
     if config.grpo.beta < 0:
         raise ConfigError(f"grpo.beta must be >= 0, got {config.grpo.beta}")
     if config.grpo.group_size < 2:
-        raise ConfigError(f"grpo.group_size must be at least 2 (advantages compare samples), got {config.grpo.group_size}")
+        raise ConfigError(
+            f"grpo.group_size must be at least 2 (advantages compare samples), got {config.grpo.group_size}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -357,11 +358,13 @@ def _validate_grpo(grpo):
     if not 0 <= grpo.min_p < 1:
         raise ConfigError(f"grpo.min_p must be in [0, 1), got {grpo.min_p}")
     if not 0 < grpo.eps_low < 1 or grpo.eps_high <= 0:
-        raise ConfigError(f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
+        raise ConfigError(
+            f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
     if grpo.tis_cap < 0:
         raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
     if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
-        raise ConfigError("grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
+        raise ConfigError(
+            "grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
     if not all(isinstance(stop, str) and stop for stop in grpo.stop_strings):
         raise ConfigError(f"grpo.stop_strings: expected a list of non-empty strings, got {grpo.stop_strings!r}")
     if not grpo.reward_weights:
@@ -408,7 +411,8 @@ def _validate_eval(settings):
 def _merge(base, extra):
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if nested else value
     return merged
 
 

@@ -12,7 +12,11 @@ import time
 import torch
 
 from .checkpoint import (
-    check_no_earlier_checkpoints, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint,
+    check_no_earlier_checkpoints,
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger, plot_loss

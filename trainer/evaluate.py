@@ -218,7 +218,8 @@ def run_eval(config):
                                     progress=True, device=device, seed=config.train.seed)
     rows, unscored = score_at_budgets(per_prompt, [a for _, a in problems], tokenizer, budgets,
                                       stop_at_think_end=settings.stop_at_think_end, timeout_s=settings.reward_timeout_s)
-    result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature, settings.top_p, rows)
+    result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature, settings.top_p,
+                        rows)
     parts = os.path.normpath(config.model.path).split(os.sep)
     name = "/".join(parts[-2:]) if parts[-1] == "hf_model" and len(parts) > 1 else parts[-1]
     table = format_table({name: result})

@@ -16,8 +16,14 @@ from .data import DataError
 from .engine import load_sharded_model, run_stage
 from .grpo_batch import pack_step
 from .grpo_loss import update_policy
-from .grpo_rollouts import check_token_budget, load_prompts, sample_groups, step_advantages, step_prompts
-from .grpo_rollouts import zero_variance_groups
+from .grpo_rollouts import (
+    check_token_budget,
+    load_prompts,
+    sample_groups,
+    step_advantages,
+    step_prompts,
+    zero_variance_groups,
+)
 from .parallel import all_reduce_named
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, make_engine, sync_weights
