@@ -157,3 +157,12 @@ def _plain(tmp_path):
     path = tmp_path / "plain.yaml"
     path.write_text("model: {path: /m}\ndata: {train_files: [a.jsonl]}\n")
     return str(path)
+
+
+def test_stop_strings_are_a_grpo_setting_checked_like_any_other():
+    base = ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]"]
+    assert load_config(None, [*base, 'grpo.stop_strings=["</answer>", "\\n\\n\\n"]']).grpo.stop_strings == [
+        "</answer>", "\n\n\n"]
+    assert load_config(None, base).grpo.stop_strings == []
+    with pytest.raises(ConfigError, match="grpo.stop_strings: expected a list of non-empty strings"):
+        load_config(None, [*base, "grpo.stop_strings=['']"])
