@@ -180,7 +180,13 @@ def test_a_reward_registered_with_the_decorator_is_used_through_the_weights(priv
         return group.each_completion(lambda completion: -len(completion) / 100)
 
     assert is_known_reward("brevity") and builtin_reward_names()[-1] == "brevity"
-    computer = RewardComputer(RewardSettings(weights={"format": 1.0, "brevity": 0.5}))
+    from trainer.config import ConfigError, load_config
+
+    grpo = ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]"]
+    config = load_config(None, [*grpo, "grpo.reward_weights={format: 1.0, brevity: 0.5}"])
+    with pytest.raises(ConfigError, match="unknown reward 'brevety'.*did you mean 'brevity'"):
+        load_config(None, [*grpo, "grpo.reward_weights={brevety: 0.5}"])
+    computer = RewardComputer(RewardSettings(weights=config.grpo.reward_weights))
     completions = [
         "a" * 90 + r" \boxed{4} </think>",  # 109 characters, format 1
         "x" * 250,                          # no answer: format 0
