@@ -39,6 +39,8 @@ class DataConfig:
     max_seq_len: int = 2048
     overlong: str = "truncate"  # or "drop": what happens to an example longer than max_seq_len
     pack: bool = True
+    loss_on: str = "completion"  # or "all": every token of each document carries the loss
+    split: str = "train"  # the split read from a Hugging Face Hub dataset name
 
 
 @dataclasses.dataclass
@@ -110,6 +112,11 @@ class GRPOConfig:
     reward_timeout_s: int = 5
     unparseable_gold: str = "no_signal"  # or reward_one
     answer_field: str = "answer"
+    advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
+    length_reward_unit: str = "tokens"  # or chars: what the Kimi length reward measures
+    length_reward_scope: str = "group"  # or rank_batch: its min and max over every completion a rank scores
+    answer_extraction: str = "last_boxed"  # or first_match: math-verify parses the completion, boxed first
+    max_prompt_tokens: Optional[int] = None  # longer prompts keep their last this many tokens (counted)
 
 
 @dataclasses.dataclass
@@ -176,6 +183,10 @@ CHOICES = {
     "grpo.unparseable_gold": ("no_signal", "reward_one"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
+    "data.loss_on": ("completion", "all"),
+    "grpo.length_reward_unit": ("tokens", "chars"),
+    "grpo.length_reward_scope": ("group", "rank_batch"),
+    "grpo.answer_extraction": ("last_boxed", "first_match"),
     "checkpoint.resume": ("none", "auto"),
     "model.attn_implementation": ("document_masked", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
 }
@@ -360,6 +371,10 @@ def _validate_grpo(grpo):
     if not 0 < grpo.eps_low < 1 or grpo.eps_high <= 0:
         raise ConfigError(
             f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
+    if grpo.advantage_eps < 0:
+        raise ConfigError(f"grpo.advantage_eps must be >= 0, got {grpo.advantage_eps}")
+    if grpo.max_prompt_tokens is not None and grpo.max_prompt_tokens < 1:
+        raise ConfigError(f"grpo.max_prompt_tokens must be at least 1 or unset, got {grpo.max_prompt_tokens}")
     if grpo.tis_cap < 0:
         raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
     if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:

@@ -134,7 +134,7 @@ def step_advantages(reward_values, grpo, device, rank, world_size):
     """Advantages of this rank's rewards; scale "batch" divides by the std of every rank's rewards."""
     rewards = torch.tensor(reward_values, dtype=torch.float32, device=device)
     if grpo.scale_rewards != "batch" or world_size == 1:
-        return group_advantages(rewards, grpo.group_size, scale=grpo.scale_rewards)
+        return group_advantages(rewards, grpo.group_size, scale=grpo.scale_rewards, eps=grpo.advantage_eps)
     # Every rank holds the same number of groups (sample_groups fills its batch back up).
-    everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch")
+    everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch", eps=grpo.advantage_eps)
     return everyone[rank * rewards.numel() : (rank + 1) * rewards.numel()]
