@@ -80,6 +80,14 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class TrackingConfig:
+    tensorboard: bool = True  # run_dir/tensorboard
+    wandb: bool = False  # Weights & Biases (pip install wandb); WANDB_MODE=offline writes locally
+    wandb_project: str = "fastmath"
+    wandb_run_name: Optional[str] = None  # default: the run_dir's name
+
+
+@dataclasses.dataclass
 class ParallelConfig:
     activation_checkpointing: bool = False
     cpu_offload: bool = False
@@ -168,6 +176,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     toy: ToyConfig = dataclasses.field(default_factory=ToyConfig)
