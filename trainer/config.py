@@ -6,6 +6,7 @@ closest known one suggested, and a value of the wrong type names its key.
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import typing
 from typing import Optional
@@ -293,6 +294,8 @@ def validate(config):
             f"each other ({'data.pack=true' if config.stage == 'sft' else 'GRPO packs its rollouts'}); use one of "
             f"{', '.join(PACKING_ATTENTION)}{escape}"
         )
+    if config.tracking.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracking.wandb=true needs the wandb package (pip install wandb)")
     if config.recipe is not None:
         _validate_recipe(config)
     if config.stage == "grpo":

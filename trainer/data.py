@@ -1,7 +1,7 @@
-"""SFT data: local jsonl/json/parquet files through `datasets`, chat-formatted, packed.
+"""SFT data: local jsonl/json/parquet files or Hub datasets through `datasets`, chat-formatted, packed.
 
 Each example becomes one document: the prompt (system + user turns) and the completion
-(the assistant turn). Only completion tokens carry a loss. Documents are packed into
+(the assistant turn). Only completion tokens carry a loss (data.loss_on=all: every token). Documents are packed into
 sequences of at most max_seq_len tokens; position ids restart per document and the
 document-masked attention (trainer/attention.py) keeps every token inside its own document.
 """
@@ -65,17 +65,23 @@ def _check_jsonl(path):
     return line_numbers
 
 
-def load_records(files):
-    """Rows of every file, each with (file, line or row number) for error messages.
+def load_records(files, split="train", what="data.train_files"):
+    """Rows of every file or Hub dataset name, each with (file, line or row number) for error messages.
 
     A jsonl row carries its line in the file (blank lines are skipped); other formats their row.
+    A Hugging Face Hub dataset name (owner/name, not a local path) gives the rows of `split`.
     """
     import datasets
 
+    from .hub import is_hub_name, load_hub_dataset
+
     records = []
     for path in files:
+        if is_hub_name(path):
+            records.extend(load_hub_dataset(path, split, what))
+            continue
         if not os.path.isfile(path):
-            raise DataError(f"{path}: data file not found")
+            raise DataError(f"{path}: data file not found (nor an owner/name dataset on the Hugging Face Hub)")
         extension = os.path.splitext(path)[1].lower()
         line_numbers = None
         if extension in (".jsonl", ".json"):
@@ -173,6 +179,8 @@ def build_documents(records, tokenizer, data_config, system_prompt):
     for path, number, row in records:
         where = f"{path}:{number}"
         document = tokenize_chat(tokenizer, to_messages(row, data_config, system_prompt, where), stats)
+        if data_config.loss_on == "all":  # the prompt's tokens are trained on too
+            document = Document(document.input_ids, [True] * len(document.input_ids))
         stats.examples += 1
         if len(document.input_ids) > data_config.max_seq_len:
             if data_config.overlong == "drop":

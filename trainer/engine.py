@@ -18,7 +18,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, save_config
+from .config import ConfigError, config_as_dict, save_config
 from .metrics import MetricsLogger, plot_loss
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
@@ -253,7 +253,8 @@ def run_stage(config, stage):
         save_config(config, os.path.join(config.run_dir, "config.yaml"))  # every resolved value of this run
     stage.start(engine, log)
     start_step = engine.resume(log)
-    metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description=config.stage)
+    metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description=config.stage,
+                            tracking=config.tracking, run_config=config_as_dict(config))
     try:
         for step in range(start_step, total_steps):
             started = time.perf_counter()

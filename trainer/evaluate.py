@@ -198,7 +198,7 @@ def run_eval(config):
     import json
     import os
 
-    from .grpo import load_prompts
+    from .grpo_rollouts import load_prompts
     from .model import load_causal_lm, load_tokenizer
 
     settings = config.eval

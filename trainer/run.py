@@ -12,6 +12,7 @@ import sys
 from .config import ConfigError, load_config
 from .data import DataError
 from .engine import TrainingError
+from .hub import local_model_dir
 
 
 def parse_args(argv=None):
@@ -52,6 +53,7 @@ def main(argv=None):
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         overrides += [f"stage={args.stage}"] if args.stage else []
         config = load_config(args.config, overrides)
+        config.model.path = local_model_dir(config.model.path)  # a Hub name becomes its cached snapshot
         if config.stage == "eval":
             from .evaluate import run_eval
 

@@ -9,7 +9,7 @@ class SFTData:
 
     def __init__(self, config, tokenizer, world_size, log):
         data = config.data
-        records = load_records(data.train_files)
+        records = load_records(data.train_files, split=data.split)
         documents, stats = build_documents(records, tokenizer, data, config.model.system_prompt)
         # With a token budget each micro-batch is one pack of at most that many tokens.
         capacity = config.train.max_tokens_per_micro_batch or data.max_seq_len
