@@ -87,7 +87,51 @@ def test_the_paper_config_is_valid_for_each_stage():
     assert (grpo.optim.lr, grpo.grpo.beta, grpo.grpo.group_size, grpo.grpo.max_new_tokens) == (4e-6, 0.04, 8, 16384)
     assert (grpo.grpo.top_p, grpo.grpo.min_p, grpo.grpo.cosine_max_len) == (0.9, 0.05, 30000)
     evaluation = load_config(path, ["stage=eval"])
-    assert evaluation.eval.budgets == [8192, 12288, 16384, 24576, 32768]
+    assert evaluation.eval.budgets == [8000, 12000, 16000, 24000, 32000]
+
+
+# The published scripts' values (../shared/REFERENCE_RECIPE.md), written out here independently of the config.
+REFERENCE_SFT = {
+    "model.path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
+    "model.system_prompt": "Please reason step by step, and put your final answer within \\boxed{{}}.",
+    "data.train_files": ["RabotniKuma/Fast-Math-R1-SFT"], "data.split": "train",
+    "data.problem_field": "problem", "data.solution_field": "generation", "data.loss_on": "all",
+    "data.pack": True, "data.max_seq_len": 24000,
+    "train.micro_batch_size": 1, "train.grad_accum": 8, "train.seed": 2025,
+    "optim.lr": 1e-5, "optim.warmup_ratio": 0.0, "optim.beta2": 0.999,
+    "parallel.activation_checkpointing": True,
+}
+REFERENCE_GRPO = {
+    "model.system_prompt": "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
+                           "You should think step-by-step. Return final answer within \\boxed{{}}.",
+    "data.train_files": ["RabotniKuma/Fast-Math-R1-GRPO"], "grpo.answer_field": "answer",
+    "grpo.prompts_per_step": 2, "grpo.group_size": 8, "grpo.max_prompt_tokens": 512, "grpo.max_new_tokens": 16384,
+    "train.max_steps": 40, "checkpoint.every_steps": 5, "optim.lr": 4e-6, "optim.warmup_ratio": 0.0,
+    "grpo.beta": 0.04, "grpo.eps_low": 0.2, "grpo.eps_high": 0.2, "grpo.num_iterations": 1,
+    "grpo.temperature": 1.0, "grpo.top_p": 0.9, "grpo.min_p": 0.05, "grpo.advantage_eps": 1e-4,
+    "grpo.scale_rewards": "group", "grpo.reward_weights": {"format": 1.0, "cosine_length": 1.0, "length": 1.0},
+    "grpo.cosine_max_len": 30000, "grpo.length_reward_unit": "chars", "grpo.length_reward_scope": "rank_batch",
+    "grpo.answer_extraction": "first_match", "grpo.unparseable_gold": "reward_one", "train.seed": 2025,
+}
+
+
+@pytest.mark.parametrize("stage, reference", [("sft", REFERENCE_SFT), ("grpo", REFERENCE_GRPO)])
+def test_the_paper_config_holds_the_reference_scripts_values(stage, reference):
+    config = load_config(os.path.join(REPO, "configs", "fast_math_r1_14b.yaml"), [f"stage={stage}"])
+    for key, expected in reference.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == expected, key
+    if stage == "sft":  # the reference's plain template: role tag, newline, content, EOS; then the assistant tag
+        chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        assert _render(config.model.chat_template, chat) == "<|system|>\ns</s><|user|>\nu</s><|assistant|>"
+
+
+def _render(template, messages):
+    import jinja2
+
+    return jinja2.Template(template).render(messages=messages, eos_token="</s>", add_generation_prompt=True)
 
 
 def test_the_sft_token_budget_must_hold_a_document_and_one_pack_per_micro_batch():
