@@ -105,6 +105,7 @@ class GRPOConfig:
     stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
     rollout_engine: str = "hf"  # or vllm (pip install -e .[vllm]; CUDA only)
     vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1  # > 1: each engine spans this many GPUs of a node
     weight_sync_bucket_mb: int = 512
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
     loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
@@ -140,6 +141,8 @@ class EvalConfig:
     batch_prompts: int = 32  # prompts sampled together (each with k samples)
     max_problems: Optional[int] = None  # the first N problems only
     reward_timeout_s: int = 5
+    engine: str = "hf"  # or vllm (CUDA): each rank samples its share of the problems
+    split: str = "test"  # the split read from a Hugging Face Hub dataset name
 
 
 @dataclasses.dataclass
@@ -188,6 +191,7 @@ RECIPES = ("toy",)
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
     "grpo.rollout_engine": ROLLOUT_ENGINES,
+    "eval.engine": ("hf", "vllm"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.unparseable_gold": ("no_signal", "reward_one"),
