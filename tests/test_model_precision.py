@@ -1,5 +1,7 @@
 """Weight precision of trained models: fp32 master weights, low-precision compute."""
 
+import os
+
 import pytest
 import torch
 
@@ -117,7 +119,7 @@ def test_export_writes_the_requested_dtype_and_says_so_in_its_config(toy_model, 
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.checkpoint import export_hf
+    from trainer.export import export_hf
 
     tokenizer = AutoTokenizer.from_pretrained(toy_model.name_or_path)
     directory = export_hf(CausalLMLoss(toy_model), tokenizer, str(tmp_path / "hf_model"), rank=0, dtype=torch.bfloat16)
@@ -129,3 +131,50 @@ def test_export_writes_the_requested_dtype_and_says_so_in_its_config(toy_model, 
     for name, parameter in exported.named_parameters():
         assert torch.equal(parameter, trained[name].detach().to(torch.bfloat16)), name
     assert all(p.dtype == torch.float32 for p in toy_model.parameters())  # the live weights stay fp32
+
+
+def test_a_sharded_export_reloads_with_the_bf16_rounded_weights_and_an_index(toy_model, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.export import export_hf
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model.name_or_path)
+    largest = max(p.numel() for p in toy_model.parameters()) * 2
+    directory = export_hf(CausalLMLoss(toy_model), tokenizer, str(tmp_path / "hf_model"), rank=0,
+                          dtype=torch.bfloat16, max_shard_bytes=largest)
+    with open(f"{directory}/model.safetensors.index.json") as handle:
+        index = json.load(handle)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not os.path.exists(f"{directory}.tmp")
+    for shard in shards:
+        with safe_open(f"{directory}/{shard}", framework="pt") as handle:
+            stored = sum(handle.get_tensor(key).numel() * 2 for key in handle.keys())
+        assert stored <= largest  # no shard above the limit
+    exported = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
+    trained = dict(toy_model.named_parameters())
+    assert set(dict(exported.named_parameters())) == set(trained)
+    for name, parameter in exported.named_parameters():
+        assert torch.equal(parameter, trained[name].detach().to(torch.bfloat16)), name
+    # Tied embeddings are written once, as Hugging Face writes them.
+    tied = toy_model.config.tie_word_embeddings
+    assert ("lm_head.weight" in index["weight_map"]) != tied
+
+
+@pytest.mark.distributed
+def test_two_fsdp_ranks_export_the_whole_model_in_shards(tmp_path):
+    import subprocess
+    import sys
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=48, layers=2, kv_heads=1)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         os.path.join(repo, "tests", "export_check.py"), model, str(tmp_path / "exported")],
+        capture_output=True, text=True, cwd=repo, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "export matches" in completed.stdout
+    assert len(list((tmp_path / "exported").glob("model-*-of-*.safetensors"))) >= 3

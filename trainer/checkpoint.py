@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -219,38 +218,3 @@ def load_checkpoint(path, model, optimizer, scheduler, rank):
     scheduler.load_state_dict(saved["scheduler"])
     _restore_rng(saved["rng"])
     return saved["trainer"]
-
-
-def _set_config_dtype(path, dtype):
-    """The saved config names the weights' dtype, not the fp32 of the live master weights."""
-    with open(path) as handle:
-        config = json.load(handle)
-    for key in ("dtype", "torch_dtype"):
-        if key in config or key == "dtype":
-            config[key] = str(dtype).removeprefix("torch.")
-    with open(path, "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-
-
-def export_hf(root_module, tokenizer, directory, rank, dtype=None):
-    """Collective: writes a Hugging Face directory (safetensors, config, tokenizer), atomically.
-
-    dtype: the floating-point weights' dtype on disk (default: as trained), e.g. bf16 for a
-    model trained as fp32 master weights with bf16 compute.
-    """
-    full_state = get_model_state_dict(root_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        prefix = "causal_lm."
-        weights = {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
-        if dtype is not None:
-            weights = {key: value.to(dtype) if value.is_floating_point() else value for key, value in weights.items()}
-        temporary = directory.rstrip("/") + ".tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        root_module.causal_lm.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
-        if dtype is not None:
-            _set_config_dtype(os.path.join(temporary, "config.json"), dtype)
-        tokenizer.save_pretrained(temporary)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.rename(temporary, directory)
-    barrier()
-    return directory

@@ -11,14 +11,9 @@ import time
 
 import torch
 
-from .checkpoint import (
-    check_no_earlier_checkpoints,
-    export_hf,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import check_no_earlier_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, config_as_dict, save_config
+from .export import export_hf
 from .metrics import MetricsLogger, plot_loss
 from .model import CausalLMLoss, load_causal_lm, load_tokenizer
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
