@@ -245,3 +245,25 @@ def test_registering_a_name_twice_or_a_dotted_name_is_refused(private_registry):
         builtin_reward("my.reward")
     computer = RewardComputer(RewardSettings(weights={"format": 1.0}))
     assert computer.group([r"\boxed{1} </think>", "no"], "1", [1, 1])[0] == [1.0, 0.0]  # the original kept
+
+
+def test_kimi_length_rewards_with_bounds_from_a_wider_batch():
+    # min 5 and max 105 come from other groups of the batch: lam = 0.5 - (len - 5) / 100.
+    assert kimi_length_rewards([25, 55], [True, False], bounds=(5, 105)) == pytest.approx([0.3, 0.0])
+    assert kimi_length_rewards([25, 85], [True, False], bounds=(5, 105)) == pytest.approx([0.3, -0.3])
+    assert kimi_length_rewards([9, 9], [True, True], bounds=(9, 9)) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("field,value", [("length_unit", "words"), ("length_scope", "batch"),
+                                         ("answer_extraction", "first_box"), ("unparseable_gold", "zero")])
+def test_reward_settings_refuse_unknown_choices(field, value):
+    with pytest.raises(ValueError, match=f"RewardSettings.{field} must be one of"):
+        RewardSettings(**{field: value})
+
+
+def test_character_lengths_and_a_rank_batch_scope_through_the_computer():
+    settings = RewardSettings(weights={"length": 1.0}, length_unit="chars", length_scope="rank_batch")
+    groups = [([r"\boxed{1}", "x" * 109], "1", [50, 1]), (["y" * 59], "2", [7])]
+    (_, first), (_, second) = RewardComputer(settings).score_batch(groups)
+    # Characters 9, 109, 59 over the whole batch: min 9, max 109; token counts play no part.
+    assert first["length"] + second["length"] == pytest.approx([0.5, -0.5, 0.0])

@@ -18,6 +18,7 @@ from .grpo_batch import pack_step
 from .grpo_loss import update_policy
 from .grpo_rollouts import (
     check_token_budget,
+    keep_last_tokens,
     load_prompts,
     sample_groups,
     step_advantages,
@@ -42,7 +43,10 @@ class GRPOStage:
 
     def prepare(self, tokenizer, world_size, log):
         grpo = self.grpo
-        self.prompts = load_prompts(self.config, tokenizer)
+        self.prompts, truncated = keep_last_tokens(load_prompts(self.config, tokenizer), grpo.max_prompt_tokens)
+        if grpo.max_prompt_tokens is not None:
+            log(f"grpo: {truncated} of {len(self.prompts)} prompts were longer than grpo.max_prompt_tokens="
+                f"{grpo.max_prompt_tokens} and keep only their last {grpo.max_prompt_tokens} tokens")
         check_token_budget(self.prompts, self.config)
         self.world_size = world_size
         self.steps_per_epoch = len(self.prompts) // (grpo.prompts_per_step * world_size)
@@ -51,7 +55,8 @@ class GRPOStage:
                             f"(grpo.prompts_per_step {grpo.prompts_per_step} x {world_size} ranks)")
         self.rewards = RewardComputer(RewardSettings(
             weights=grpo.reward_weights, cosine_max_len=grpo.cosine_max_len, timeout_s=grpo.reward_timeout_s,
-            unparseable_gold=grpo.unparseable_gold,
+            unparseable_gold=grpo.unparseable_gold, length_unit=grpo.length_reward_unit,
+            length_scope=grpo.length_reward_scope, answer_extraction=grpo.answer_extraction,
         ))
         log(f"grpo: {len(self.prompts)} prompts, {self.steps_per_epoch} steps per epoch, "
             f"{grpo.group_size} samples per prompt")

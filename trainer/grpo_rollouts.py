@@ -32,6 +32,18 @@ def load_prompts(config, tokenizer, files=None, answer_field=None):
     return prompts
 
 
+def keep_last_tokens(prompts, max_tokens):
+    """(prompts, how many were cut): a prompt over max_tokens keeps its last max_tokens tokens.
+
+    Left truncation, as the reference recipe does: the end of the prompt, where the chat template
+    opens the assistant turn, is what generation continues from. None keeps every prompt whole.
+    """
+    if max_tokens is None:
+        return prompts, 0
+    kept = [(ids[-max_tokens:], gold) for ids, gold in prompts]
+    return kept, sum(len(ids) > max_tokens for ids, _ in prompts)
+
+
 def check_token_budget(prompts, config):
     """Before the model loads: every prompt plus grpo.max_new_tokens must fit one micro-batch."""
     budget = config.train.max_tokens_per_micro_batch
@@ -74,14 +86,17 @@ class RolloutBatch:
 
 
 def scored_groups(indices, step, sampling_round, prompts, rollout, sampling, rewards, config):
-    """Yields a ScoredGroup per prompt in `indices`, in order, from one rollout of them all."""
+    """Yields a ScoredGroup per prompt in `indices`, in order, from one rollout of them all, scored as one batch."""
     chosen = [prompts[i] for i in indices]
     # Keyed by (seed, step, round, prompt): the same completions on 1 or N ranks, and after a resume.
     row_keys = sequence_keys(config.train.seed, step + (sampling_round << 32), indices, config.grpo.group_size)
     completions = rollout.generate([ids for ids, _ in chosen], sampling, row_keys=row_keys)
-    for position, prompt in enumerate(chosen):
-        group = [c for c in completions if c.prompt_index == position]
-        totals, parts = rewards.group([c.text for c in group], prompt[1], [len(c.token_ids) for c in group])
+    groups = [[c for c in completions if c.prompt_index == position] for position in range(len(chosen))]
+    # Scored together: with grpo.length_reward_scope=rank_batch the length reward spans this whole round.
+    scored = rewards.score_batch([
+        ([c.text for c in group], gold, [len(c.token_ids) for c in group]) for (_, gold), group in zip(chosen, groups)
+    ])
+    for prompt, group, (totals, parts) in zip(chosen, groups, scored):
         yield ScoredGroup(prompt, group, totals, parts)
 
 

@@ -8,34 +8,24 @@ per-completion reward that raises, times out or returns a non-finite value gives
 sample and is counted, never stopping the run. An unparseable gold answer gives NaN accuracy by
 default, which group_advantages turns into advantage 0: no learning signal from a problem whose
 answer cannot be checked (counted too).
+
+Correctness comes from answers.py: the last boxed answer, or the reference recipe's first_match
+reading. The Kimi length reward measures tokens or characters, its min and max taken over one
+group or over every group a rank scores together (score_batch, length_scope "rank_batch").
 """
 
 import collections
 import dataclasses
-import functools
 import importlib
 import math
-import re
 import signal
 import threading
 
+from .answers import ANSWER_EXTRACTIONS, CORRECT, UnparseableGold, gold_is_parseable, judge, last_boxed
+from .answers import verify_answer as verify_answer  # part of this module's interface (evaluation uses it)
 from .config import ConfigError
 
-_BOXED = re.compile(r"\\boxed\s*\{")
 THINK_END = "</think>"
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text (braces balanced), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, index = 1, start
-        while index < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[index], 0)
-            index += 1
-        if depth == 0:
-            return text[start : index - 1].strip()
-    return None
 
 
 def format_reward(completion, gold=None, num_tokens=None):
@@ -47,10 +37,6 @@ def format_reward(completion, gold=None, num_tokens=None):
 def format_reward_no_think(completion, gold=None, num_tokens=None):
     """For models without think tags: 1 if the completion holds a \\boxed{...} answer."""
     return float(last_boxed(completion) is not None)
-
-
-class UnparseableGold(ValueError):
-    pass
 
 
 class RewardTimeout(Exception):
@@ -78,34 +64,12 @@ def _with_time_limit(fn, seconds, *args):
         signal.signal(signal.SIGALRM, previous)
 
 
-@functools.lru_cache(maxsize=65536)
-def _verify(answer, gold, timeout_s):
-    """True/False from math-verify; UnparseableGold when the gold answer yields nothing."""
-    from math_verify import parse, verify
-
-    parsed_gold = parse(f"${gold}$", parsing_timeout=timeout_s)
-    if not parsed_gold:
-        parsed_gold = parse(gold, parsing_timeout=timeout_s)
-    if not parsed_gold:
-        raise UnparseableGold(gold)
-    parsed_answer = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout_s)
-    return bool(parsed_answer) and verify(parsed_gold, parsed_answer, timeout_seconds=timeout_s)
-
-
-def verify_answer(answer, gold, timeout_s=5):
-    """Whether an extracted answer equals the gold one by math-verify; UnparseableGold if gold cannot be parsed."""
-    return _verify(answer, str(gold), timeout_s)
-
-
-def accuracy_reward(completion, gold, num_tokens=None, timeout_s=5):
-    """1.0 if the last boxed answer equals the gold answer by math-verify, else 0.0.
+def accuracy_reward(completion, gold, num_tokens=None, timeout_s=5, extraction="last_boxed"):
+    """1.0 if the completion's answer equals the gold answer by math-verify, else 0.0.
 
     Raises UnparseableGold when the gold answer cannot be parsed.
     """
-    answer = last_boxed(completion)
-    if answer is None:
-        return 0.0
-    return float(_verify(answer, str(gold), timeout_s))
+    return float(judge(completion, gold, extraction, timeout_s) == CORRECT)
 
 
 def cosine_scaled(progress, low, high):
@@ -121,12 +85,13 @@ def cosine_length_reward(completion, gold, num_tokens=None, max_len=30000, corre
     return cosine_scaled(progress, 0.1, 1.0) if correct else cosine_scaled(progress, -0.1, -1.0)
 
 
-def kimi_length_rewards(lengths, correct):
-    """Kimi 1.5 length reward for one group: lam = 0.5 - (len - min) / (max - min).
+def kimi_length_rewards(lengths, correct, bounds=None):
+    """Kimi 1.5 length reward: lam = 0.5 - (len - min) / (max - min).
 
-    Correct answers get lam, wrong ones min(0, lam); a group of equal lengths gets 0.
+    Correct answers get lam, wrong ones min(0, lam); equal min and max give 0. bounds is (min, max),
+    by default over `lengths`; a wider scope (every completion a rank scores in a round) passes its own.
     """
-    shortest, longest = min(lengths), max(lengths)
+    shortest, longest = bounds if bounds is not None else (min(lengths), max(lengths))
     if longest == shortest:
         return [0.0] * len(lengths)
     rewards = []
@@ -173,10 +138,18 @@ class RewardGroup:
     correct: list  # accuracy == 1.0
     settings: "RewardSettings"
     counts: collections.Counter
+    # (min, max) of the lengths the Kimi length reward compares against; None: this group's own.
+    length_bounds: tuple = None
 
     def each_completion(self, fn):
         """[fn(completion) for each completion], a sample whose call fails or is not finite giving 0, counted."""
         return [_safe(self.counts, self.name, fn, completion) for completion in self.completions]
+
+    def measured_lengths(self):
+        """Each completion's length in settings.length_unit: its tokens or its characters."""
+        if self.settings.length_unit == "chars":
+            return [len(completion) for completion in self.completions]
+        return list(self.num_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +215,7 @@ def _cosine_length_of_group(group):
 
 @builtin_reward("length", default_weight=1.0)
 def _length_of_group(group):
-    return kimi_length_rewards(group.num_tokens, group.correct)
+    return kimi_length_rewards(group.measured_lengths(), group.correct, group.length_bounds)
 
 
 @builtin_reward("accuracy")
@@ -263,12 +236,29 @@ def _under_time_limit(fn):
     return compute
 
 
+_SETTING_CHOICES = {
+    "unparseable_gold": ("no_signal", "reward_one"),
+    "length_unit": ("tokens", "chars"),
+    "length_scope": ("group", "rank_batch"),
+    "answer_extraction": ANSWER_EXTRACTIONS,
+}
+
+
 @dataclasses.dataclass
 class RewardSettings:
     weights: dict = dataclasses.field(default_factory=default_reward_weights)
     cosine_max_len: int = 30000
     timeout_s: int = 5
     unparseable_gold: str = "no_signal"  # or "reward_one", the reference recipe's behaviour
+    length_unit: str = "tokens"  # what the Kimi length reward measures; the recipe: "chars"
+    length_scope: str = "group"  # its min and max over one group, or over a "rank_batch" (the recipe)
+    answer_extraction: str = "last_boxed"  # or "first_match", the recipe's (see answers.py)
+
+    def __post_init__(self):
+        for name, allowed in _SETTING_CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"RewardSettings.{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 class RewardComputer:
@@ -287,33 +277,50 @@ class RewardComputer:
         if not self.gold_is_checkable(gold):
             self.counts["unparseable_gold"] += 1
             return float("nan") if self.settings.unparseable_gold == "no_signal" else 1.0
-        return _safe(self.counts, "accuracy", accuracy_reward, completion, gold, timeout_s=self.settings.timeout_s)
+        settings = self.settings
+        return _safe(self.counts, "accuracy", accuracy_reward, completion, gold, timeout_s=settings.timeout_s,
+                     extraction=settings.answer_extraction)
 
     def gold_is_checkable(self, gold):
         """Whether math-verify can parse the gold answer: decided once per problem, whatever the samples say."""
         try:
-            verify_answer("0", gold, self.settings.timeout_s)
-            return True
-        except UnparseableGold:
-            return False
+            return gold_is_parseable(gold, self.settings.answer_extraction, self.settings.timeout_s)
         except Exception as error:  # math-verify failing on the gold answer itself: counted, unscored
             self.counts[f"gold_check_failed_{type(error).__name__}"] += 1
             return False
 
     def group(self, completions, gold, num_tokens):
         """(total rewards, {reward name: values}) for the completions of one prompt; "accuracy" is always a part."""
+        return self.score_batch([(completions, gold, num_tokens)])[0]
+
+    def score_batch(self, groups):
+        """[(totals, parts)] for each (completions, gold, num_tokens) of groups scored together.
+
+        With length_scope "rank_batch" the Kimi length reward takes its min and max over every
+        completion of every group here, across prompts; with "group", over each group's own.
+        """
+        contexts = [self._context(*group) for group in groups]
+        lengths = [length for context in contexts for length in context.measured_lengths()]
+        if self.settings.length_scope == "rank_batch" and lengths:
+            bounds = (min(lengths), max(lengths))
+            contexts = [dataclasses.replace(context, length_bounds=bounds) for context in contexts]
+        return [self._score(context) for context in contexts]
+
+    def _context(self, completions, gold, num_tokens):
         accuracy = [self.correctness(c, gold) for c in completions]
-        context = RewardGroup(
-            "", completions, gold, num_tokens, accuracy, [a == 1.0 for a in accuracy], self.settings, self.counts
-        )
-        parts = {"accuracy": accuracy}
+        return RewardGroup("", list(completions), gold, list(num_tokens), accuracy, [a == 1.0 for a in accuracy],
+                           self.settings, self.counts)
+
+    def _score(self, context):
+        parts = {"accuracy": context.accuracy}
         for name, compute in self.rewards.items():
             values = list(compute(dataclasses.replace(context, name=name)))
-            if len(values) != len(completions):
-                raise ValueError(f"reward {name!r} gave {len(values)} values for {len(completions)} completions")
+            expected = len(context.completions)
+            if len(values) != expected:
+                raise ValueError(f"reward {name!r} gave {len(values)} values for {expected} completions")
             parts[name] = values
         totals = []
-        for index, acc in enumerate(accuracy):
+        for index, acc in enumerate(context.accuracy):
             if math.isnan(acc):
                 totals.append(float("nan"))  # no learning signal from an uncheckable problem
                 continue
