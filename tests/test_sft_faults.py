@@ -72,10 +72,10 @@ KILL_DURING_SAVE = textwrap.dedent("""
     from trainer.sft import run_sft
 
     original = checkpoint._write_manifest
-    def die_on_second_save(directory):
+    def die_on_second_save(directory, files):
         if directory.endswith("step_00000004.tmp"):
             os.kill(os.getpid(), signal.SIGKILL)  # shards are on disk, the manifest is not
-        original(directory)
+        original(directory, files)
     checkpoint._write_manifest = die_on_second_save
     run_sft(load_config(None, sys.argv[1:]))
 """)
@@ -114,3 +114,23 @@ def test_two_fsdp_ranks_match_one_process(toy, tmp_path):
     assert abs(one[0] - two[0]) < 1e-5, (one[0], two[0])
     # Later steps differ only by float summation order inside the sharded optimizer step.
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def test_each_rank_checksums_its_share_and_the_manifest_covers_every_file(tmp_path):
+    from trainer.checkpoint import _checksums, _crc32, _write_manifest, is_complete
+
+    sizes = [5000, 10, 70000, 300, 300, 1]
+    for index, size in enumerate(sizes):
+        (tmp_path / f"part_{index}.bin").write_bytes(os.urandom(size))
+    shares = [_checksums(str(tmp_path), rank, 3) for rank in range(3)]
+    assert sorted(name for share in shares for name in share) == sorted(f"part_{i}.bin" for i in range(6))
+    assert all(len(share) == 2 for share in shares)  # dealt out evenly
+    # Largest first, round-robin: 70000 and 300 bytes, 5000 and 10, 300 and 1.
+    assert [sorted(share) for share in shares] == [["part_2.bin", "part_4.bin"], ["part_0.bin", "part_1.bin"],
+                                                   ["part_3.bin", "part_5.bin"]]
+    merged = {name: entry for share in shares for name, entry in share.items()}
+    assert merged["part_2.bin"] == {"size": 70000, "crc32": _crc32(str(tmp_path / "part_2.bin"))}
+    _write_manifest(str(tmp_path), merged)
+    assert is_complete(str(tmp_path))
+    (tmp_path / "part_3.bin").write_bytes(os.urandom(300))  # same size, other bytes
+    assert not is_complete(str(tmp_path))

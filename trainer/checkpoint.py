@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .config import ConfigError
 from .data import DataError
-from .parallel import barrier
+from .parallel import all_gather_objects, barrier, world_size
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -78,14 +78,23 @@ def _crc32(path):
     return checksum
 
 
-def _write_manifest(directory):
-    files = {}
+def _checksums(directory, rank, world_size):
+    """{relative path: size and CRC-32} of this rank's share of the directory's files.
+
+    Files are dealt out round-robin by name, largest first, so every rank reads about as much
+    and no rank waits in a barrier while one reads the whole checkpoint.
+    """
+    paths = []
     for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, directory)] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
+        paths.extend(os.path.join(root, name) for name in names)
+    paths.sort(key=lambda path: (-os.path.getsize(path), path))
+    return {os.path.relpath(path, directory): {"size": os.path.getsize(path), "crc32": _crc32(path)}
+            for path in paths[rank::world_size]}
+
+
+def _write_manifest(directory, files):
     with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as handle:
-        json.dump({"files": files}, handle)
+        json.dump({"files": dict(sorted(files.items()))}, handle)
     os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
 
 
@@ -157,8 +166,11 @@ def save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, r
         os.path.join(temporary, f"trainer_state_rank{rank}.pt"),
     )
     barrier()
+    files = {}
+    for share in all_gather_objects(_checksums(temporary, rank, world_size())):
+        files.update(share)
     if rank == 0:
-        _write_manifest(temporary)
+        _write_manifest(temporary, files)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(temporary, final)
         _prune(root, keep)

@@ -237,7 +237,7 @@ def run_stage(config, stage):
     of (metric, file name, title).
     """
     check_no_earlier_checkpoints(config)
-    rank, world_size, _ = init_distributed()
+    rank, world_size, _ = init_distributed(config.parallel.timeout_minutes)
     log = print if rank == 0 else (lambda *_: None)
     tokenizer = load_tokenizer(config.model)
     total_steps = stage_total_steps(config, stage.prepare(tokenizer, world_size, log))

@@ -7,8 +7,12 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed():
-    """(rank, world_size, device); a process group only when launched by torchrun with several ranks."""
+def init_distributed(timeout_minutes=30):
+    """(rank, world_size, device); a process group only when launched by torchrun with several ranks.
+
+    timeout_minutes bounds every collective, barriers included: long enough for the slowest
+    rank to finish writing and checksumming its share of a checkpoint (parallel.timeout_minutes).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -19,12 +23,25 @@ def init_distributed():
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
 
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_objects(value):
+    """Every rank's picklable value, in rank order."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier():
