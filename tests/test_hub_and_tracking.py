@@ -167,3 +167,21 @@ def wandb_history(path):
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def test_an_eval_benchmark_loads_by_hub_name_with_its_split(tmp_path, offline_cache):
+    from trainer.grpo_rollouts import load_prompts
+
+    problems = write_problems(str(tmp_path / "bench.jsonl"), 5, seed=9)
+    cache_repo(str(offline_cache), "dataset", "fastmath-test/bench", {"test.jsonl": problems})
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    config = load_config(None, ["stage=eval", f"model.path={model}", "eval.data=fastmath-test/bench"])
+    from trainer.model import load_tokenizer
+
+    prompts = load_prompts(config, load_tokenizer(config.model), files=[config.eval.data],
+                           answer_field=config.eval.answer_field, split=config.eval.split, what="eval.data")
+    with open(problems) as handle:
+        assert [gold for _, gold in prompts] == [str(json.loads(line)["answer"]) for line in handle]
+    with pytest.raises(DataError, match=r"eval.data: fastmath-test/bench: .*split"):
+        load_prompts(config, load_tokenizer(config.model), files=["fastmath-test/bench"], split="validation",
+                     what="eval.data")

@@ -205,7 +205,8 @@ def run_eval(config):
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    problems = load_prompts(config, tokenizer, files=[settings.data], answer_field=settings.answer_field)
+    problems = load_prompts(config, tokenizer, files=[settings.data], answer_field=settings.answer_field,
+                            split=settings.split, what="eval.data")
     if settings.max_problems:
         problems = problems[: settings.max_problems]
     causal_lm = load_causal_lm(config.model, device).eval()

@@ -13,14 +13,14 @@ from .parallel import all_gather_concat
 from .rollout.keyed_sampling import sequence_keys
 
 
-def load_prompts(config, tokenizer, files=None, answer_field=None):
+def load_prompts(config, tokenizer, files=None, answer_field=None, split=None, what="data.train_files"):
     """(prompt token ids, gold answer) per row; the prompt is the chat up to the assistant turn.
 
-    files and answer_field default to the GRPO training data's.
+    files, answer_field and split (of a Hub dataset) default to the GRPO training data's.
     """
     answer_field = answer_field or config.grpo.answer_field
     prompts = []
-    for path, number, row in load_records(files or config.data.train_files):
+    for path, number, row in load_records(files or config.data.train_files, split or config.data.split, what):
         where = f"{path}:{number}"
         if answer_field not in row or row[answer_field] is None:
             raise DataError(f"{where}: missing field {answer_field!r} (the gold answer)")
