@@ -33,3 +33,28 @@ def test_a_stage_set_to_resume_keeps_its_checkpoints(tmp_path):
     inside = with_checkpoint(str(recipe_dir / "grpo"))
     _start_stage_afresh(stage(inside, "checkpoint.resume=auto"), str(recipe_dir))
     assert os.path.isdir(os.path.join(inside, "checkpoints", "step_00000002"))
+
+
+def test_the_task_samples_several_traces_per_problem_with_detours_and_slips(tmp_path):
+    import json
+    import re
+
+    from trainer.toy.task import write_traces
+
+    def boxed(row):
+        return re.search(r"\\boxed\{ (\d+) \}", row["generation"]).group(1)
+
+    def rows(detours, wrong):
+        path = write_traces(str(tmp_path / "traces.jsonl"), 40, seed=3, detour_probability=detours,
+                            traces_per_problem=3, wrong_probability=wrong)
+        with open(path) as handle:
+            return [json.loads(line) for line in handle]
+
+    clean = rows(0.0, 0.0)
+    assert len(clean) == 120 and len({r["problem"] for r in clean}) <= 40
+    assert all(boxed(r) == r["answer"] and "wait" not in r["generation"] for r in clean)
+    slipped = rows(0.0, 1.0)
+    wrong = sum(boxed(r) != r["answer"] for r in slipped)
+    assert wrong >= 110  # a slip of 1-3 is carried to the answer (a clamp at 0 can land back on it)
+    detoured = rows(1.0, 0.0)
+    assert all("wait , check" in r["generation"] and boxed(r) == r["answer"] for r in detoured)

@@ -153,6 +153,8 @@ class ToyTaskConfig:
     train_problems: int = 3000
     eval_problems: int = 500  # held out: generated from a different seed
     detour_probability: float = 0.6  # share of training traces that re-check some of their steps
+    traces_per_problem: int = 1  # sampled traces per training problem; curation keeps the shortest correct
+    wrong_trace_probability: float = 0.0  # share of traces that slip on one step (a wrong answer)
 
 
 @dataclasses.dataclass
@@ -363,12 +365,14 @@ def _validate_recipe(config):
                           f"{_suggest(str(config.recipe), list(RECIPES))}")
     task, model = config.toy.task, config.toy.model
     counts = {"toy.task.train_problems": task.train_problems, "toy.task.eval_problems": task.eval_problems,
+              "toy.task.traces_per_problem": task.traces_per_problem,
               **{f"toy.model.{f.name}": getattr(model, f.name) for f in dataclasses.fields(model)}}
     for key, value in counts.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if not 0 <= task.detour_probability <= 1:
-        raise ConfigError(f"toy.task.detour_probability must be in [0, 1], got {task.detour_probability}")
+    for key in ("detour_probability", "wrong_trace_probability"):
+        if not 0 <= getattr(task, key) <= 1:
+            raise ConfigError(f"toy.task.{key} must be in [0, 1], got {getattr(task, key)}")
     ablation = config.toy.epoch_ablation
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in ablation):
         raise ConfigError(f"toy.epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")

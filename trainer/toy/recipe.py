@@ -17,7 +17,7 @@ import time
 from ..config import ConfigError, load_config, read_yaml
 from ..metrics import pyplot, save_figure
 from .model_dir import build_model_dir
-from .task import WORDS, write_problems
+from .task import WORDS, write_problems, write_traces
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
 PLACEHOLDER = "(made by the recipe)"
@@ -44,7 +44,8 @@ class Recipe:
         return self.shared.run_dir
 
     def paths(self):
-        return {"train_file": os.path.join(self.run_dir, "train.jsonl"),
+        return {"traces_file": os.path.join(self.run_dir, "traces.jsonl"),
+                "train_file": os.path.join(self.run_dir, "train.jsonl"),
                 "eval_file": os.path.join(self.run_dir, "eval.jsonl"),
                 "base_model": os.path.join(self.run_dir, "base_model")}
 
@@ -93,17 +94,26 @@ def evaluate_dir(model_dir, problems, settings, seed):
 
 
 def _prepare(recipe):
-    """Writes the task's problems and the base model; returns the held-out problems."""
+    """Writes the task's traces, curates them into the SFT data, writes the held-out problems and
+    the base model; returns (held-out problems, curation counts)."""
     import torch
+    from transformers import AutoTokenizer
+
+    from ..curate import CurationOptions, curate
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     os.makedirs(recipe.run_dir, exist_ok=True)
     task, seed, paths = recipe.shared.toy.task, recipe.shared.train.seed, recipe.paths()
-    write_problems(paths["train_file"], task.train_problems, seed, task.detour_probability)
-    write_problems(paths["eval_file"], task.eval_problems, seed + 1, task.detour_probability)
+    write_traces(paths["traces_file"], task.train_problems, seed, task.detour_probability, task.traces_per_problem,
+                 task.wrong_trace_probability)
+    write_problems(paths["eval_file"], task.eval_problems, seed + 1)  # their solutions are never read
     build_model_dir(paths["base_model"], WORDS, seed=seed, **dataclasses.asdict(recipe.shared.toy.model))
+    # The paper's stage-1 data construction: the shortest correct trace of each problem.
+    _, counts = curate([paths["traces_file"]], AutoTokenizer.from_pretrained(paths["base_model"]),
+                       paths["train_file"], CurationOptions(problem_field="problem", trace_field="generation"))
+    print(f"curation of {paths['traces_file']}:\n{counts.table()}", flush=True)
     with open(paths["eval_file"]) as handle:
-        return [json.loads(line) for line in handle]
+        return [json.loads(line) for line in handle], counts
 
 
 def _start_stage_afresh(config, recipe_dir):
@@ -129,7 +139,7 @@ def run_toy_recipe(config_path=None, overrides=()):
     started = time.perf_counter()
     recipe = load_recipe(config_path, overrides)  # every stage's settings checked before any work
     settings, seed, run_dir = recipe.shared.eval, recipe.shared.train.seed, recipe.run_dir
-    held_out = _prepare(recipe)
+    held_out, curation = _prepare(recipe)
     sampling = f"sampled at T={settings.temperature}, top-p {settings.top_p}, k={settings.samples}"
     results, seconds = {}, {}
 
@@ -147,10 +157,10 @@ def run_toy_recipe(config_path=None, overrides=()):
         seconds[config.stage] = time.perf_counter() - stage_start
         results[name] = evaluate_dir(os.path.join(config.run_dir, "hf_model"), held_out, settings, seed)
         print(_summary_line(name, results[name]), flush=True)
-    return _write_report(results, run_dir, len(held_out), sampling, seconds, started)
+    return _write_report(results, run_dir, len(held_out), sampling, seconds, started, curation)
 
 
-def _write_report(results, run_dir, num_problems, sampling, seconds, started):
+def _write_report(results, run_dir, num_problems, sampling, seconds, started, curation):
     """report.json, report.md and the plots in run_dir; prints the main table."""
     from ..evaluate import format_table, plot_accuracy_vs_budget
 
@@ -170,6 +180,7 @@ def _write_report(results, run_dir, num_problems, sampling, seconds, started):
         "length_ratio": grpo.mean_tokens / sft.mean_tokens,
         "accuracy_change_points": 100 * (grpo.pass_at_1 - sft.pass_at_1),
         "sampling": sampling, "stage_seconds": seconds, "wall_s": time.perf_counter() - started,
+        "curation": dataclasses.asdict(curation),
     }
     main_table = _main_table(results)
     with open(os.path.join(run_dir, "report.json"), "w") as handle:
@@ -180,6 +191,7 @@ def _write_report(results, run_dir, num_problems, sampling, seconds, started):
             f"GRPO length ratio {report['length_ratio']:.2f}x, accuracy change "
             f"{report['accuracy_change_points']:+.1f} points; wall time {report['wall_s']:.0f} s.\n\n"
             f"## By token budget\n\n{format_table(results)}\n\n"
+            f"## SFT data curation (shortest correct trace per problem)\n\n```\n{curation.table()}\n```\n\n"
             "Plots: sft_loss.png, grpo_reward.png, grpo_length.png, accuracy_vs_budget.png\n"
         )
     print(f"\n{main_table}\n\nGRPO length ratio {report['length_ratio']:.2f}x, accuracy change "
@@ -208,7 +220,7 @@ def run_epoch_ablation(config_path=None, overrides=()):
     settings, seed, run_dir = recipe.shared.eval, recipe.shared.train.seed, recipe.run_dir
     configured = recipe.stages["sft"].train.epochs
     epoch_counts = sorted(set(recipe.shared.toy.epoch_ablation) | {configured})
-    held_out = _prepare(recipe)
+    held_out, _ = _prepare(recipe)
     rows = []
     for epochs in epoch_counts:
         stage_dir = os.path.join(run_dir, f"sft_{epochs}_epochs")

@@ -39,8 +39,8 @@ def _operation(rng, value):
     return ("doubles them" if factor == 2 else "triples them"), "x", factor, value * factor
 
 
-def make_problem(rng, detour_probability=0.0):
-    """One problem; with detour_probability the solution re-checks 1-3 of its steps ("wait , ...")."""
+def _story(rng):
+    """(problem text, [(value, symbol, operand)] steps, answer) of one problem."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     pronoun = "she" if name in ("ann", "eve") else "he"
     value = rng.randint(1, 40)
@@ -49,16 +49,60 @@ def make_problem(rng, detour_probability=0.0):
     for _ in range(rng.randint(2, 3)):
         text, symbol, operand, result = _operation(rng, value)
         sentences.append(f"{pronoun} {text} .")
-        steps.append(f"{value} {symbol} {operand} = {result} .")
+        steps.append((value, symbol, operand))
         value = result
     sentences.append(f"how many {item} does {pronoun} have ?")
+    return " ".join(sentences), steps, value
+
+
+def _apply(value, symbol, operand):
+    return value + operand if symbol == "+" else value - operand if symbol == "-" else value * operand
+
+
+def _trace(rng, steps, detour_probability, slip_at=None):
+    """A solution: each step worked out (a slip of +-1..3 at step slip_at, carried on), maybe re-checked."""
+    value, lines = steps[0][0], []
+    for index, (_, symbol, operand) in enumerate(steps):
+        result = _apply(value, symbol, operand)
+        if index == slip_at:
+            result += rng.choice([-3, -2, -1, 1, 2, 3])
+        result = max(0, result)  # a slip carried on stays a count (never so on a right trace)
+        lines.append(f"{value} {symbol} {operand} = {result} .")
+        value = result
     detours = []
     if rng.random() < detour_probability:
-        for step in rng.sample(steps, k=rng.randint(1, len(steps))):
+        for step in rng.sample(lines, k=rng.randint(1, len(lines))):
             detours.append(f"wait , check {step} yes . so {value} .")
     # The answer comes before </think>, the form the format reward asks for.
-    solution = " ".join(steps + detours) + f" \\boxed{{ {value} }} </think>"
-    return {"problem": " ".join(sentences), "solution": solution, "answer": str(value)}
+    return " ".join(lines + detours) + f" \\boxed{{ {value} }} </think>"
+
+
+def make_problem(rng, detour_probability=0.0):
+    """One problem; with detour_probability the solution re-checks 1-3 of its steps ("wait , ...")."""
+    problem, steps, answer = _story(rng)
+    return {"problem": problem, "solution": _trace(rng, steps, detour_probability), "answer": str(answer)}
+
+
+def make_traced_problem(rng, traces, detour_probability, wrong_probability):
+    """One problem with several sampled traces, as rows {problem, generation, answer}: each trace
+    re-checks steps with detour_probability and slips on one step (a wrong answer) with wrong_probability."""
+    problem, steps, answer = _story(rng)
+    rows = []
+    for _ in range(traces):
+        slip_at = rng.randrange(len(steps)) if rng.random() < wrong_probability else None
+        rows.append({"problem": problem, "generation": _trace(rng, steps, detour_probability, slip_at),
+                     "answer": str(answer)})
+    return rows
+
+
+def write_traces(path, count, seed, detour_probability, traces_per_problem, wrong_probability):
+    """count problems with traces_per_problem traces each, as rows of problem, generation, answer."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            for row in make_traced_problem(rng, traces_per_problem, detour_probability, wrong_probability):
+                handle.write(json.dumps(row) + "\n")
+    return path
 
 
 def write_problems(path, count, seed, detour_probability=0.0):
