@@ -142,3 +142,56 @@ def test_eval_command_rejects_a_bad_budget_before_loading_anything(tmp_path):
     )
     assert completed.returncode == 2
     assert "eval.budgets" in completed.stderr
+
+
+def test_the_kv_cache_budget_plans_more_calls_that_cover_every_sample():
+    from trainer.evaluate import plan_generate_calls
+
+    lengths = [10, 30, 20, 5]
+    assert plan_generate_calls(lengths, 4, 90, batch_prompts=32) == [([0, 1, 2, 3], 0, 4)]
+    assert plan_generate_calls(lengths, 4, 90, batch_prompts=3) == [([0, 1, 2], 0, 4), ([3], 0, 4)]
+    # 4 rows x (30 + 90) = 480 tokens for prompt 1 alone: with 1000, prompts 0 and 1 fill one call.
+    calls = plan_generate_calls(lengths, 4, 90, batch_prompts=32, max_batch_tokens=1000)
+    assert calls == [([0, 1], 0, 4), ([2, 3], 0, 4)]
+    # Below one prompt's samples: that prompt's samples are split (2 rows of 120 tokens per call).
+    calls = plan_generate_calls(lengths, 4, 90, batch_prompts=32, max_batch_tokens=250)
+    assert calls == [([0], 0, 2), ([0], 2, 4), ([1], 0, 2), ([1], 2, 4), ([2], 0, 2), ([2], 2, 4), ([3], 0, 2),
+                     ([3], 2, 4)]
+    for budget in (100, 250, 480, 1000, 10**6):
+        calls = plan_generate_calls(lengths, 4, 90, batch_prompts=3, max_batch_tokens=budget)
+        covered = sorted((p, s) for positions, first, end in calls for p in positions for s in range(first, end))
+        assert covered == [(p, s) for p in range(4) for s in range(4)]  # every sample once
+        for positions, first, end in calls:
+            assert len(positions) <= 3
+            assert len(positions) * (end - first) * (max(lengths[p] for p in positions) + 90) <= max(budget, 120)
+
+
+def eval_command(model, data, out, *extra, launcher=()):
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "trainer.run", "--stage", "eval", f"model.path={model}", f"eval.data={data}",
+         "eval.samples=3", "eval.budgets=4,16", "eval.batch_prompts=4", f"run_dir={out}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_and_a_small_kv_budget_give_the_one_process_report(tmp_path):
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    data = write_problems(str(tmp_path / "bench.jsonl"), 7, seed=11)
+    reports = {}
+    runs = {
+        "one": (), "small_budget": ("eval.max_batch_tokens=60",),
+        "two_ranks": ("launcher",),
+    }
+    for name, extra in runs.items():
+        launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573") \
+            if extra == ("launcher",) else ()
+        completed = eval_command(model, data, tmp_path / name, *(() if launcher else extra), launcher=launcher)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    one = reports["one"]
+    assert one["problems"] == 7 and one["generate_calls"] == 2  # 7 problems, 4 per call
+    for name in ("small_budget", "two_ranks"):
+        assert reports[name]["rows"] == one["rows"], name
+    assert reports["small_budget"]["generate_calls"] > one["generate_calls"]

@@ -142,6 +142,8 @@ class EvalConfig:
     top_p: float = 0.95
     stop_at_think_end: bool = False  # extract the answer only from the text before </think>
     batch_prompts: int = 32  # prompts sampled together (each with k samples)
+    # KV-cache tokens per generate call at most (rows x (prompt + largest budget)); None: no bound
+    max_batch_tokens: Optional[int] = None
     max_problems: Optional[int] = None  # the first N problems only
     reward_timeout_s: int = 5
     engine: str = "hf"  # or vllm (CUDA): each rank samples its share of the problems
@@ -438,6 +440,8 @@ def _validate_eval(settings):
     for key in ("samples", "batch_prompts"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"eval.{key} must be at least 1, got {getattr(settings, key)}")
+    if settings.max_batch_tokens is not None and settings.max_batch_tokens < 1:
+        raise ConfigError(f"eval.max_batch_tokens must be at least 1 or unset, got {settings.max_batch_tokens}")
     if settings.max_problems is not None and settings.max_problems < 1:
         raise ConfigError(f"eval.max_problems must be at least 1 or unset, got {settings.max_problems}")
     if settings.temperature <= 0:

@@ -61,23 +61,56 @@ class _PlainRoot(torch.nn.Module):
         self.causal_lm = causal_lm
 
 
-def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None, seed=0):
+def plan_generate_calls(prompt_lengths, samples, max_new_tokens, batch_prompts, max_batch_tokens=None):
+    """[(prompt positions, first sample, end sample)]: the generate calls that sample every prompt.
+
+    A call holds at most batch_prompts prompts and, with max_batch_tokens, at most that many
+    tokens of KV cache (rows x (longest prompt + max_new_tokens)); a prompt whose samples alone
+    exceed it is sampled in several calls of fewer samples each.
+    """
+    calls, current = [], []
+
+    def cache_tokens(positions, rows_per_prompt):
+        return len(positions) * rows_per_prompt * (max(prompt_lengths[p] for p in positions) + max_new_tokens)
+
+    for position in range(len(prompt_lengths)):
+        candidate = current + [position]
+        fits = max_batch_tokens is None or cache_tokens(candidate, samples) <= max_batch_tokens
+        if current and (len(candidate) > batch_prompts or not fits):
+            calls.append((current, 0, samples))
+            current, candidate = [], [position]
+        if max_batch_tokens is not None and cache_tokens(candidate, samples) > max_batch_tokens:
+            per_call = max(1, max_batch_tokens // cache_tokens(candidate, 1))
+            calls.extend(([position], first, min(first + per_call, samples)) for first in range(0, samples, per_call))
+            continue
+        current = candidate
+    if current:
+        calls.append((current, 0, samples))
+    return calls
+
+
+def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None, seed=0,
+                       prompt_keys=None, max_batch_tokens=None):
     """settings.n completions for every prompt: a list (per prompt) of lists of Completion.
 
-    Sampling is keyed by (seed, problem index, sample index), so results do not depend on
-    batch_prompts.
+    Sampling is keyed by (seed, prompt key, sample index), so results depend neither on how the
+    prompts are batched (batch_prompts, max_batch_tokens) nor on which rank samples them.
+    prompt_keys: one per prompt, default its position (a share of a benchmark passes its indices).
     """
     from tqdm import tqdm
 
     device = device or next(causal_lm.parameters()).device
     engine = HFRolloutEngine(_PlainRoot(causal_lm), tokenizer, device)
+    prompt_keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     per_prompt = [[] for _ in prompts]
-    starts = range(0, len(prompts), batch_prompts)
-    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, dynamic_ncols=True):
-        batch = prompts[start : start + batch_prompts]
-        row_keys = sequence_keys(seed, 0, range(start, start + len(batch)), settings.n)
-        for completion in engine.generate(batch, settings, row_keys=row_keys):
-            per_prompt[start + completion.prompt_index].append(completion)
+    calls = plan_generate_calls([len(p) for p in prompts], settings.n, settings.max_new_tokens, batch_prompts,
+                                max_batch_tokens)
+    for positions, first, end in tqdm(calls, desc="sampling", unit="call", disable=not progress, dynamic_ncols=True):
+        keys = sequence_keys(seed, 0, [prompt_keys[p] for p in positions], settings.n).view(len(positions), -1)
+        call_settings = dataclasses.replace(settings, n=end - first)
+        batch = [prompts[p] for p in positions]
+        for completion in engine.generate(batch, call_settings, row_keys=keys[:, first:end].reshape(-1)):
+            per_prompt[positions[completion.prompt_index]].append(completion)
     return per_prompt
 
 
@@ -193,45 +226,87 @@ def plot_accuracy_vs_budget(results, path, title="accuracy against token budget"
     return save_figure(figure, axis, path, "token budget", "pass@1 (%)", title)
 
 
-def run_eval(config):
-    """The eval stage: model.path sampled on eval.data; table, JSON and plot written to run_dir."""
-    import json
-    import os
+def sample_benchmark(config, problems, tokenizer, device, rank, world_size):
+    """Every problem's completions on rank 0 (None elsewhere); each rank samples problems rank, rank + N, ...
 
-    from .grpo_rollouts import load_prompts
-    from .model import load_causal_lm, load_tokenizer
+    Completions are keyed by the problem's index in the benchmark, so N ranks sample what one
+    process would.
+    """
+    from .model import load_causal_lm
+    from .parallel import all_gather_objects
 
     settings = config.eval
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    causal_lm = load_causal_lm(config.model, device).eval()
+    sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=max(settings.budgets))
+    share = list(range(rank, len(problems), world_size))
+    prompts = [problems[index][0] for index in share]
+    calls = plan_generate_calls([len(p) for p in prompts], settings.samples, sampling.max_new_tokens,
+                                settings.batch_prompts, settings.max_batch_tokens)
+    completions = sample_completions(causal_lm, tokenizer, prompts, sampling, settings.batch_prompts,
+                                     progress=rank == 0, device=device, seed=config.train.seed, prompt_keys=share,
+                                     max_batch_tokens=settings.max_batch_tokens)
+    gathered = all_gather_objects((dict(zip(share, completions)), len(calls)))
+    if rank != 0:
+        return None, None
+    merged = {index: value for part, _ in gathered for index, value in part.items()}
+    return [merged[index] for index in range(len(problems))], sum(count for _, count in gathered)
+
+
+def run_eval(config):
+    """The eval stage: model.path sampled on eval.data; table, JSON and plot written to run_dir.
+
+    Under torchrun each rank loads the model and samples its share of the problems; rank 0
+    scores them all and writes the report.
+    """
+    from .grpo_rollouts import load_prompts
+    from .model import load_tokenizer
+    from .parallel import init_distributed, shutdown
+
+    settings = config.eval
+    rank, world_size, device = init_distributed(config.parallel.timeout_minutes)
     torch.manual_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     problems = load_prompts(config, tokenizer, files=[settings.data], answer_field=settings.answer_field,
                             split=settings.split, what="eval.data")
     if settings.max_problems:
         problems = problems[: settings.max_problems]
-    causal_lm = load_causal_lm(config.model, device).eval()
-    print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
-          f"temperature {settings.temperature}, top-p {settings.top_p}, budgets {sorted(settings.budgets)}", flush=True)
-    budgets = sorted(set(settings.budgets))
-    sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                                max_new_tokens=budgets[-1])
-    per_prompt = sample_completions(causal_lm, tokenizer, [p for p, _ in problems], sampling, settings.batch_prompts,
-                                    progress=True, device=device, seed=config.train.seed)
-    rows, unscored = score_at_budgets(per_prompt, [a for _, a in problems], tokenizer, budgets,
-                                      stop_at_think_end=settings.stop_at_think_end, timeout_s=settings.reward_timeout_s)
-    result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature, settings.top_p,
-                        rows)
+    if rank == 0:
+        print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
+              f"temperature {settings.temperature}, top-p {settings.top_p}, budgets {sorted(settings.budgets)}, "
+              f"{world_size} rank(s)", flush=True)
+    per_prompt, calls = sample_benchmark(config, problems, tokenizer, device, rank, world_size)
+    result = None
+    if rank == 0:
+        budgets = sorted(set(settings.budgets))
+        rows, unscored = score_at_budgets(per_prompt, [a for _, a in problems], tokenizer, budgets,
+                                          stop_at_think_end=settings.stop_at_think_end,
+                                          timeout_s=settings.reward_timeout_s)
+        result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature,
+                            settings.top_p, rows)
+        write_eval_report(config, result, calls)
+    shutdown()
+    return result
+
+
+def write_eval_report(config, result, generate_calls):
+    import json
+    import os
+
+    settings = config.eval
     parts = os.path.normpath(config.model.path).split(os.sep)
     name = "/".join(parts[-2:]) if parts[-1] == "hf_model" and len(parts) > 1 else parts[-1]
     table = format_table({name: result})
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "eval.json"), "w") as handle:
-        json.dump({"model": config.model.path, "data": settings.data, **result.as_dict()}, handle, indent=2)
+        json.dump({"model": config.model.path, "data": settings.data, **result.as_dict(),
+                   "generate_calls": generate_calls}, handle, indent=2)
     with open(os.path.join(config.run_dir, "eval.md"), "w") as handle:
         handle.write(f"# {name} on {os.path.basename(settings.data)}\n\n{table}\n")
     plot = plot_accuracy_vs_budget({name: result}, os.path.join(config.run_dir, "accuracy_vs_budget.png"))
-    if unscored:
-        print(f"{unscored} problems left out: their gold answer cannot be parsed by math-verify", flush=True)
+    if result.unscored_problems:
+        print(f"{result.unscored_problems} problems left out: their gold answer cannot be parsed by math-verify",
+              flush=True)
     print(table, flush=True)
-    print(f"written: {config.run_dir}/eval.json, eval.md{', accuracy_vs_budget.png' if plot else ''}", flush=True)
-    return result
+    print(f"written: {config.run_dir}/eval.json, eval.md{', accuracy_vs_budget.png' if plot else ''} "
+          f"({generate_calls} generate calls)", flush=True)

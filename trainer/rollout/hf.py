@@ -53,7 +53,7 @@ class HFRolloutEngine:
         attention_mask = torch.tensor(
             [[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device
         )
-        distributed = is_distributed()
+        distributed = is_distributed() and hasattr(self.root, "unshard")  # an FSDP-sharded policy
         if distributed:
             self.root.unshard()  # the root's own parameters (embeddings, head) are needed outside its forward
         was_training = causal_lm.training
