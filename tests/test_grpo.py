@@ -269,9 +269,11 @@ def test_dynamic_sampling_and_the_importance_weight(tmp_path):
     (record,) = read_metrics(tmp_path / "dynamic")
     assert record["sampling_rounds"] == 3 and record["zero_variance_groups"] == 1.0
     assert record["loss"] == 0.0  # the batch was filled back with zero-advantage groups
-    # With the HF engine the sampler is the policy itself: the truncated weights are 1 and the loss is unchanged.
+    # With the HF engine and no top-p or min-p filter the sampler is the policy itself: the truncated weights
+    # are 1 and the loss is unchanged.
+    unfiltered = ["grpo.top_p=1.0", "grpo.min_p=0.0"]
     for name, cap in (("plain", "0"), ("tis", "2.0")):
-        run_grpo(load_config(None, common + [f"run_dir={tmp_path / name}", f"grpo.tis_cap={cap}"]))
+        run_grpo(load_config(None, common + unfiltered + [f"run_dir={tmp_path / name}", f"grpo.tis_cap={cap}"]))
     plain, weighted = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "tis")[0]
     assert abs(plain["loss"]) > 1e-6
     assert weighted["loss"] == pytest.approx(plain["loss"], rel=1e-4)

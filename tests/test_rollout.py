@@ -1,6 +1,8 @@
-"""Rollout engines: stop strings, weight sync in buckets, and the vLLM engine (GPU, optional)."""
+"""Rollout engines: stop strings and weight sync in buckets (the vLLM engine: test_vllm_contract.py)."""
 
-import importlib.util
+import contextlib
+import os
+import tempfile
 
 import pytest
 import torch
@@ -18,9 +20,16 @@ class RecordingEngine:
     holds_weights = True
 
     def __init__(self):
-        self.buckets = []
+        self.buckets, self.syncs, self.receiving = [], 0, False
+
+    @contextlib.contextmanager
+    def receiving_weights(self):
+        self.syncs, self.receiving = self.syncs + 1, True
+        yield self
+        self.receiving = False
 
     def load_weights(self, named_tensors):
+        assert self.receiving, "load_weights outside receiving_weights"
         self.buckets.append([(name, tensor.clone()) for name, tensor in named_tensors])
 
 
@@ -41,7 +50,7 @@ def test_weights_are_sent_whole_in_buckets_of_the_given_size(tmp_path):
     assert received.keys() == expected.keys()
     assert all(torch.equal(received[name], expected[name]) for name in expected)
     assert sent == sum(t.numel() * t.element_size() for t in expected.values())
-    assert len(engine.buckets) > 1
+    assert len(engine.buckets) > 1 and engine.syncs == 1  # one receiving_weights around every bucket
     for bucket in engine.buckets[:-1]:  # each bucket closes as soon as it reaches the size
         sizes = [t.numel() * t.element_size() for _, t in bucket]
         assert sum(sizes) >= bucket_bytes and sum(sizes[:-1]) < bucket_bytes
@@ -86,22 +95,41 @@ def test_stop_strings_end_completions(tmp_path):
             assert after.token_ids == before.token_ids
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install -e .[vllm])")
-def test_vllm_engine_generates_and_takes_new_weights(tmp_path):
-    from trainer.rollout.vllm import VLLMRolloutEngine
+def gather_on_two_ranks(rank, init_file, out_dir):
+    """One gloo rank: FSDP2-shard a model whose first dimensions do not split evenly, then sync it."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path, tokenizer, model = load(tmp_path)
-    engine = VLLMRolloutEngine(path, tokenizer, gpu_memory_utilization=0.2, dtype="float32")
-    prompt = tokenizer("tom has 3 apples .", add_special_tokens=False)["input_ids"]
-    settings = SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
-    completions = engine.generate([prompt, prompt], settings)
-    assert [c.prompt_index for c in completions] == [0] * 4 + [1] * 4
-    assert all(1 <= len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids) for c in completions)
-    # Zeroed weights make every logit equal: sampling becomes uniform, so the log-probs say -log V.
-    sync_weights(CausalLMLoss(model.apply(lambda m: [p.data.zero_() for p in m.parameters(recurse=False)])),
-                 engine, 1 << 20)
-    completions = engine.generate([prompt], settings)
-    vocab = len(tokenizer)
-    for c in completions:
-        assert all(abs(lp + torch.log(torch.tensor(float(vocab))).item()) < 1e-3 for lp in c.logprobs)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=12, intermediate_size=21, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    root = CausalLMLoss(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(root)
+    engine = RecordingEngine()
+    engine.weight_dtype = torch.bfloat16
+    sent = sync_weights(root, engine, 256)
+    received = dict(pair for bucket in engine.buckets for pair in bucket)
+    torch.save({"expected": expected, "received": received, "sent": sent, "syncs": engine.syncs},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sharded_weights_are_gathered_whole_in_the_engine_dtype_on_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(gather_on_two_ranks, args=(init_file, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        expected, received = result["expected"], result["received"]
+        assert received.keys() == expected.keys() and result["syncs"] == 1
+        for name, tensor in expected.items():
+            assert received[name].dtype == torch.bfloat16 and torch.equal(received[name], tensor), name
+        assert result["sent"] == sum(t.numel() * 2 for t in expected.values())

@@ -275,7 +275,12 @@ def run_eval(config):
         print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
               f"temperature {settings.temperature}, top-p {settings.top_p}, budgets {sorted(settings.budgets)}, "
               f"{world_size} rank(s)", flush=True)
-    per_prompt, calls = sample_benchmark(config, problems, tokenizer, device, rank, world_size)
+    if settings.engine == "vllm":
+        from .rollout.vllm import sample_benchmark_with_vllm
+
+        per_prompt, calls = sample_benchmark_with_vllm(config, problems, tokenizer, rank, world_size)
+    else:
+        per_prompt, calls = sample_benchmark(config, problems, tokenizer, device, rank, world_size)
     result = None
     if rank == 0:
         budgets = sorted(set(settings.budgets))

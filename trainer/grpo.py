@@ -27,7 +27,14 @@ from .grpo_rollouts import (
 )
 from .parallel import all_reduce_named
 from .rewards import RewardComputer, RewardSettings
-from .rollout import SamplingSettings, make_engine, sync_weights
+from .rollout import (
+    SamplingSettings,
+    check_rollout_startup,
+    ensure_engine_weights,
+    make_engine,
+    rollout_phase,
+    sync_weights,
+)
 
 
 class GRPOStage:
@@ -48,6 +55,7 @@ class GRPOStage:
             log(f"grpo: {truncated} of {len(self.prompts)} prompts were longer than grpo.max_prompt_tokens="
                 f"{grpo.max_prompt_tokens} and keep only their last {grpo.max_prompt_tokens} tokens")
         check_token_budget(self.prompts, self.config)
+        check_rollout_startup(self.config, world_size)  # vllm there and 0.33, its memory share fits: before loading
         self.world_size = world_size
         self.steps_per_epoch = len(self.prompts) // (grpo.prompts_per_step * world_size)
         if self.steps_per_epoch == 0:
@@ -74,10 +82,14 @@ class GRPOStage:
 
     def train_step(self, engine, step):
         grpo, config, rank = self.grpo, self.config, engine.rank
+        bucket_bytes = grpo.weight_sync_bucket_mb * 2**20
         started = time.perf_counter()
+        # A run's first step, fresh or resumed: an engine with its own weights holds no policy yet.
+        first_sync_bytes = ensure_engine_weights(engine.module, self.rollout, bucket_bytes)
         indices = step_prompts(len(self.prompts), step, self.steps_per_epoch, grpo.prompts_per_step, rank,
                                self.world_size, config.train.seed)
-        batch = sample_groups(indices, step, self.prompts, self.rollout, self.sampling, self.rewards, config, rank)
+        with rollout_phase(self.rollout):  # awake across the sampling rounds, asleep for training
+            batch = sample_groups(indices, step, self.prompts, self.rollout, self.sampling, self.rewards, config, rank)
         timings = {"rollout_s": time.perf_counter() - started}
         advantages = step_advantages(batch.rewards, grpo, engine.device, rank, self.world_size)
         packed = pack_step(batch.chosen, batch.completions, advantages, config, engine.tokenizer.pad_token_id,
@@ -87,7 +99,7 @@ class GRPOStage:
         engine.scheduler.step()
         timings["train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
-        synced_bytes = sync_weights(engine.module, self.rollout, grpo.weight_sync_bucket_mb * 2**20)
+        synced_bytes = first_sync_bytes + sync_weights(engine.module, self.rollout, bucket_bytes)
         timings.update(sync_s=time.perf_counter() - sync_started, synced_MB=synced_bytes / 2**20)
         values = step_metrics(batch, packed, update, grpo, engine.device, self.world_size)
         values.update(timings, reward_failures=sum(self.rewards.counts.values()))

@@ -69,10 +69,11 @@ class KeyedSampler:
     def __init__(self, row_keys, prompt_length, temperature, top_p=1.0, min_p=0.0):
         self.row_keys, self.prompt_length = row_keys, prompt_length
         self.temperature, self.top_p, self.min_p = temperature, top_p, min_p
-        self.logprobs = []  # per step: [rows] log-prob of the sampled token under softmax(logits / T)
+        self.logprobs = []  # per step: [rows] log-prob of the sampled token under the filtered softmax(logits / T)
 
     def sampled_logprobs(self):
-        """[rows, steps] sampling log-probs, before top-p and min-p, as the trainer computes them."""
+        """[rows, steps] log-probs of the sampled tokens under the distribution sampled: temperature, then
+        top-p and min-p, renormalised (the trainer's own log-probs are before the filters)."""
         if not self.logprobs:
             return torch.zeros(len(self.row_keys), 0)
         return torch.stack(self.logprobs, dim=1).cpu()
@@ -90,7 +91,8 @@ class KeyedSampler:
 
     def __call__(self, input_ids, scores):
         chosen = self.sample(scores, input_ids.shape[1] - self.prompt_length)
-        tempered = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.logprobs.append(tempered.gather(-1, chosen[:, None]).squeeze(-1))
+        # The distribution the token was drawn from (after top-p and min-p), as vLLM's processed_logprobs.
+        sampling = torch.log_softmax(filter_logits(scores.double() / self.temperature, self.top_p, self.min_p), dim=-1)
+        self.logprobs.append(sampling.gather(-1, chosen[:, None]).squeeze(-1).float())
         only_chosen = torch.full_like(scores, float("-inf"))
         return only_chosen.scatter_(-1, chosen[:, None], 0.0)
