@@ -59,7 +59,7 @@ def _from_logprobs(logprob_fn):
 
 def _scaled_default_chunk(factor, backend=None):
     def loss(hidden, weight, targets):
-        from fastmath_kernels.linear_token_logprobs import default_chunk_size
+        from fastmath_kernels.chunked_linear import default_chunk_size
 
         chunk_size = factor * default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
         return fk.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, backend=backend)

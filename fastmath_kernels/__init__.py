@@ -1,11 +1,13 @@
 """Fused kernels for training math-reasoning models with SFT and GRPO.
 
-Every op takes backend=None|"cuda"|"triton"|"torch"; see _dispatch for how the choice is made.
+Every op takes backend=None|"cuda"|"triton"|"torch" (or a name added with
+_registry.register_backend); see _dispatch for how the choice is made.
 The compiled extension is optional: without it, HAS_CUDA_EXT is False and the Triton and
 torch backends still work.
 """
 
-from ._dispatch import BACKENDS, HAS_CUDA_EXT, HAS_TRITON, available_backends
+from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends
+from ._registry import backend_names
 from .group_advantages import group_advantages
 from .grpo_token_loss import grpo_token_loss
 from .linear_cross_entropy import linear_cross_entropy
@@ -23,3 +25,10 @@ __all__ = [
     "linear_token_logprobs",
     "token_logprobs",
 ]
+
+
+def __getattr__(name):
+    # BACKENDS is read from the registry at each access, so later registrations are listed.
+    if name == "BACKENDS":
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,10 @@
-"""Argument checks shared by the ops. Each raises ValueError naming the argument, before any launch."""
+"""Argument checks shared by the ops. Each raises ValueError naming the argument, before any launch.
+
+The one exception, target ids on a GPU, is explained in check_targets.
+"""
 
 import math
+import os
 
 import torch
 
@@ -14,11 +18,19 @@ def check_tensor(value, name, *, floating=False):
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
+# "1": target ids on a GPU are range-checked on the host too, a synchronous ValueError per call.
+TARGET_CHECK_ENV = "FASTMATH_CHECK_TARGETS"
+
+
 def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
     """targets: int64 of expected_shape, each in [0, vocab_size) or equal to ignore_index.
 
-    The range check reads the tensor on the host: one sync, paid so that a bad index is a
-    clear error instead of an illegal memory access inside a kernel.
+    The range depends on the data, so it is checked on every call, never once per shape. On
+    CPU tensors the host reads the bounds (no device to wait for) and a bad id is a ValueError.
+    On other devices that read would stall the stream each step, so the check is queued as a
+    torch._assert_async instead: no host sync, and a bad id fails at the next sync as a
+    device-side assertion rather than as an out-of-bounds read inside a kernel.
+    FASTMATH_CHECK_TARGETS=1 brings back the host check and its ValueError there too.
     """
     check_tensor(targets, "targets")
     if targets.dtype != torch.int64:
@@ -27,16 +39,26 @@ def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(expected_shape)}")
     if targets.numel() == 0:
         return
+    allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    if targets.is_cpu or os.environ.get(TARGET_CHECK_ENV) == "1":
+        _check_targets_on_host(targets, vocab_size, ignore_index, allowed)
+        return
+    in_range = (targets >= 0) & (targets < vocab_size)
+    if ignore_index is not None:
+        in_range |= targets == ignore_index
+    torch._assert_async(in_range.all(), f"targets holds a token id outside {allowed}")
+
+
+def _check_targets_on_host(targets, vocab_size, ignore_index, allowed):
     if ignore_index is None:
         low, high = torch.aminmax(targets)
     else:
         ignored = targets == ignore_index
         low = torch.where(ignored, 0, targets).min()
         high = torch.where(ignored, 0, targets).max()
-    low, high = torch.stack([low, high]).tolist()  # one host sync for both bounds
+    low, high = torch.stack([low, high]).tolist()  # one read for both bounds
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"targets holds token id {bad}, outside {allowed}")
 
 

@@ -1,4 +1,5 @@
-"""Backend choice for every op: "cuda" (csrc/ extension), "triton", or "torch" (reference).
+"""Backend choice for every op: "cuda" (csrc/ extension), "triton", "torch" (reference), or any
+backend registered later (_registry.register_backend).
 
 Auto choice (backend=None): CUDA tensors go to the op's fastest available GPU backend, CPU
 tensors to "torch". FASTMATH_BACKEND replaces the auto choice wherever the named backend can
@@ -12,8 +13,20 @@ import os
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch")
+from ._registry import (
+    backend_names,
+    cannot_run_on,
+    declare_backend,
+    is_registered,
+    op_backend_names,
+    registration,
+    runs_anywhere,
+)
+
 BACKEND_ENV = "FASTMATH_BACKEND"
+# Runs on every device: the automatic choice off the GPU, and the last resort for a dtype.
+REFERENCE_BACKEND = "torch"
+DEFAULT_GPU_PREFERENCE = ("cuda", "triton")
 
 try:
     from . import _C  # noqa: F401  (loading registers torch.ops.fastmath.*)
@@ -43,68 +56,98 @@ def triton_interpreter_enabled():
     return setting == "1"
 
 
+def cuda_cannot_run_on(device):
+    if not HAS_CUDA_EXT:
+        return (
+            f"backend='cuda' needs the compiled extension fastmath_kernels._C, which did "
+            f"not load ({CUDA_EXT_IMPORT_ERROR}); reinstall with a CUDA build of torch and nvcc"
+        )
+    if device.type != "cuda":
+        return f"backend='cuda' needs CUDA tensors, got a tensor on {device}"
+    return None
+
+
+def triton_cannot_run_on(device):
+    if not HAS_TRITON:
+        return "backend='triton' needs the triton package, which is not installed"
+    if device.type != "cuda" and not triton_interpreter_enabled():
+        return (
+            f"backend='triton' got a tensor on {device}; Triton runs CPU tensors "
+            "only through its interpreter (TRITON_INTERPRET=1)"
+        )
+    return None
+
+
+declare_backend("cuda", cuda_cannot_run_on)
+declare_backend("triton", triton_cannot_run_on)
+declare_backend(REFERENCE_BACKEND, runs_anywhere)
+
+
+def __getattr__(name):
+    # BACKENDS is read from the registry at each access, so later registrations are listed.
+    if name == "BACKENDS":
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def available_backends():
-    """Backends that can run on this machine, fastest first."""
-    backends = []
-    gpu = torch.cuda.is_available()
-    if HAS_CUDA_EXT and gpu:
-        backends.append("cuda")
-    if HAS_TRITON and (gpu or triton_interpreter_enabled()):
-        backends.append("triton")
-    backends.append("torch")
-    return backends
+    """Backends that can run on this machine, fastest first (later registrations last)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+    return [name for name in backend_names() if any(cannot_run_on(name, device) is None for device in devices)]
 
 
-def _check_backend_name(name, source):
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def _check_backend_name(name, source, op):
+    accepted = name in backend_names() if op is None else is_registered(op, name)
+    if accepted:
+        return
+    if name not in backend_names():
+        raise ValueError(f"{source}: unknown backend {name!r}; choose one of {', '.join(backend_names())}")
+    raise ValueError(f"{source}: {op} has no {name!r} backend; choose one of {', '.join(op_backend_names(op))}")
 
 
-def _runs_on(backend, tensor):
-    if backend == "cuda":
-        return HAS_CUDA_EXT and tensor.is_cuda
-    if backend == "triton":
-        return HAS_TRITON and (tensor.is_cuda or triton_interpreter_enabled())
-    return True
+def _runs_on(name, tensor, op):
+    return (op is None or is_registered(op, name)) and cannot_run_on(name, tensor.device) is None
 
 
-def _automatic_choice(tensor, gpu_preference):
+def _automatic_choice(tensor, gpu_preference, op):
     if tensor.is_cuda:
         for candidate in gpu_preference:
-            if candidate in available_backends():
+            if _runs_on(candidate, tensor, op):
                 return candidate
-    return "torch"
+    return REFERENCE_BACKEND
 
 
-def resolve_backend(backend, tensor, gpu_preference=("cuda", "triton")):
+def _taking_dtype(name, tensor, gpu_preference, op):
+    """name, or where its kernels do not take tensor's dtype, the automatic choice among those that do."""
+    if op is None or registration(op, name).takes(tensor.dtype):
+        return name
+    candidates = (*gpu_preference, REFERENCE_BACKEND) if tensor.is_cuda else (REFERENCE_BACKEND,)
+    for candidate in candidates:
+        if _runs_on(candidate, tensor, op) and registration(op, candidate).takes(tensor.dtype):
+            return candidate
+    raise ValueError(f"{op}: no backend takes {tensor.dtype} tensors on {tensor.device}")
+
+
+def resolve_backend(backend, tensor, gpu_preference=DEFAULT_GPU_PREFERENCE, op=None):
     """The backend that will run an op on `tensor`; raises ValueError if it cannot run there.
 
-    gpu_preference is the op's own order of GPU backends, fastest measured first.
+    gpu_preference is the op's own order of GPU backends, fastest measured first. op: the name
+    the op registers its backends under; given, only those backends are accepted, and one whose
+    kernels do not take tensor's dtype hands over to the automatic choice among those that do.
     """
     if backend is None:
         # FASTMATH_BACKEND is a preference for the whole process: it applies where that
         # backend can run on the tensor's device; elsewhere the automatic choice stands.
         preferred = os.environ.get(BACKEND_ENV)
         if preferred:
-            _check_backend_name(preferred, BACKEND_ENV)
-            if _runs_on(preferred, tensor):
-                return preferred
-        return _automatic_choice(tensor, gpu_preference)
-    _check_backend_name(backend, "backend")
-    if backend == "cuda":
-        if not HAS_CUDA_EXT:
-            raise ValueError(
-                f"backend='cuda' needs the compiled extension fastmath_kernels._C, which did "
-                f"not load ({CUDA_EXT_IMPORT_ERROR}); reinstall with a CUDA build of torch and nvcc"
-            )
-        if not tensor.is_cuda:
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {tensor.device}")
-    elif backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the triton package, which is not installed")
-        if not tensor.is_cuda and not triton_interpreter_enabled():
-            raise ValueError(
-                f"backend='triton' got a tensor on {tensor.device}; Triton runs CPU tensors "
-                "only through its interpreter (TRITON_INTERPRET=1)"
-            )
-    return backend
+            _check_backend_name(preferred, BACKEND_ENV, None)
+            if _runs_on(preferred, tensor, op):
+                return _taking_dtype(preferred, tensor, gpu_preference, op)
+        return _taking_dtype(_automatic_choice(tensor, gpu_preference, op), tensor, gpu_preference, op)
+    _check_backend_name(backend, "backend", op)
+    reason = cannot_run_on(backend, tensor.device)
+    if reason is not None:
+        raise ValueError(reason)
+    return _taking_dtype(backend, tensor, gpu_preference, op)

@@ -3,7 +3,9 @@
 import torch
 
 from ._dispatch import has_cuda_op, resolve_backend
+from ._registry import implementation, register_backend
 
+OP = "group_advantages"
 SCALES = ("group", "batch", "none")
 _CUDA_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
 
@@ -54,6 +56,22 @@ def group_advantages_reference(rewards, group_size, scale="group", eps=1e-4):
     return advantages.view(rewards.shape)
 
 
+def _group_advantages_triton(rewards, group_size, scale, eps):
+    from .triton.group_advantages import group_advantages_triton
+
+    return group_advantages_triton(rewards, group_size, scale, eps)
+
+
+def _group_advantages_cuda(rewards, group_size, scale, eps):
+    return torch.ops.fastmath.group_advantages(rewards, group_size, _CUDA_SCALE_MODE[scale], float(eps))
+
+
+# A backend here is a function (rewards, group_size, scale, eps) -> float32 advantages.
+register_backend(OP, "cuda", _group_advantages_cuda)
+register_backend(OP, "triton", _group_advantages_triton)
+register_backend(OP, "torch", group_advantages_reference)
+
+
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend=None):
     """Advantages of GRPO samples: each reward minus its group's mean, scaled.
 
@@ -65,16 +83,8 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend=No
     finite rewards. Returns float32 of the same shape.
     """
     _check_arguments(rewards, group_size, scale, eps)
-    backend = resolve_backend(backend, rewards)
-    if backend == "torch":
-        return group_advantages_reference(rewards, group_size, scale, eps)
-    if backend == "triton":
-        from .triton.group_advantages import group_advantages_triton
-
-        return group_advantages_triton(rewards, group_size, scale, eps)
-    return torch.ops.fastmath.group_advantages(
-        rewards, group_size, _CUDA_SCALE_MODE[scale], float(eps)
-    )
+    backend = resolve_backend(backend, rewards, op=OP)
+    return implementation(OP, backend)(rewards, group_size, scale, eps)
 
 
 if has_cuda_op("group_advantages"):

@@ -1,4 +1,10 @@
-"""The clipped GRPO (PPO-style) per-token loss with an optional k3 KL penalty to a reference."""
+"""The clipped GRPO (PPO-style) per-token loss with an optional k3 KL penalty to a reference.
+
+A backend of this op (the registry's "grpo_token_loss" table) is a Kernels pair on float32
+[B, T] rows:
+  forward(logp, old_logp, advantages [B], ref_logp or None, beta, eps_low, eps_high) -> loss
+  backward(grad_loss, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high) -> grad_logp
+"""
 
 import math
 
@@ -6,6 +12,9 @@ import torch
 
 from ._checks import check_tensor
 from ._dispatch import has_cuda_op, resolve_backend
+from ._registry import Kernels, implementation, register_backend
+
+OP = "grpo_token_loss"
 
 
 def grpo_token_loss_reference(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
@@ -20,25 +29,60 @@ def grpo_token_loss_reference(logp, old_logp, advantages, ref_logp, beta, eps_lo
     return loss
 
 
-class _GrpoTokenLossTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
-        from .triton.grpo_token_loss import grpo_token_loss_forward_triton
+def _save_loss_inputs(ctx, inputs, output=None):
+    """The setup_context shared by _GrpoTokenLoss and the CUDA op's autograd registration."""
+    logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high = inputs
+    ctx.save_for_backward(logp, old_logp, advantages, ref_logp)
+    ctx.coefficients = (beta, eps_low, eps_high)
 
-        ctx.save_for_backward(logp, old_logp, advantages, ref_logp)
-        ctx.coefficients = (beta, eps_low, eps_high)
-        return grpo_token_loss_forward_triton(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
+
+def _grad_logp(ctx, grad_loss, backward_kernel):
+    logp, old_logp, advantages, ref_logp = ctx.saved_tensors
+    return backward_kernel(grad_loss.float().contiguous(), logp, old_logp, advantages, ref_logp, *ctx.coefficients)
+
+
+class _GrpoTokenLoss(torch.autograd.Function):
+    """Pairs a backend's forward kernel with its backward; differentiable w.r.t. logp only."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, backend):
+        inputs = (logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
+        _save_loss_inputs(ctx, inputs)
+        ctx.backend = backend
+        return implementation(OP, backend).forward(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        from .triton.grpo_token_loss import grpo_token_loss_backward_triton
+        grad_logp = _grad_logp(ctx, grad_loss, implementation(OP, ctx.backend).backward)
+        return grad_logp, None, None, None, None, None, None, None
 
-        logp, old_logp, advantages, ref_logp = ctx.saved_tensors
-        grad_logp = grpo_token_loss_backward_triton(
-            grad_loss.contiguous(), logp, old_logp, advantages, ref_logp, *ctx.coefficients
-        )
-        return grad_logp, None, None, None, None, None, None
+
+def _triton_forward(*arguments):
+    from .triton.grpo_token_loss import grpo_token_loss_forward_triton
+
+    return grpo_token_loss_forward_triton(*arguments)
+
+
+def _triton_backward(*arguments):
+    from .triton.grpo_token_loss import grpo_token_loss_backward_triton
+
+    return grpo_token_loss_backward_triton(*arguments)
+
+
+def _cuda_forward(*arguments):
+    return torch.ops.fastmath.grpo_token_loss_forward(*arguments)
+
+
+def _cuda_backward(*arguments):
+    return torch.ops.fastmath.grpo_token_loss_backward(*arguments)
+
+
+# torch: autograd through the reference's ops. cuda: the custom op's own autograd registration
+# (below), which torch.compile sees. triton: _GrpoTokenLoss.
+register_backend(OP, "cuda", Kernels(_cuda_forward, _cuda_backward, differentiable=True))
+register_backend(OP, "triton", Kernels(_triton_forward, _triton_backward))
+register_backend(OP, "torch", Kernels(grpo_token_loss_reference, differentiable=True))
 
 
 def _check_arguments(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
@@ -77,19 +121,19 @@ def grpo_token_loss(logp, old_logp, advantages, *, ref_logp=None, beta=0.0, eps_
     """
     eps_high = eps_low if eps_high is None else eps_high
     _check_arguments(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
-    backend = resolve_backend(backend, logp)
+    backend = resolve_backend(backend, logp, op=OP)
     shape = logp.shape
     tokens_per_row = math.prod(shape[1:])  # explicit, so that an empty batch reshapes too
-    rows = lambda t: None if t is None else t.detach().float().reshape(shape[0], tokens_per_row).contiguous()  # noqa: E731
     flat_logp = logp.float().reshape(shape[0], tokens_per_row).contiguous()
-    old_rows, ref_rows, advantages = rows(old_logp), rows(ref_logp if beta != 0 else None), advantages.detach().float().contiguous()
-    coefficients = (float(beta), float(eps_low), float(eps_high))
-    if backend == "torch":
-        loss = grpo_token_loss_reference(flat_logp, old_rows, advantages, ref_rows, *coefficients)
-    elif backend == "triton":
-        loss = _GrpoTokenLossTriton.apply(flat_logp, old_rows, advantages, ref_rows, *coefficients)
-    else:
-        loss = torch.ops.fastmath.grpo_token_loss_forward(flat_logp, old_rows, advantages, ref_rows, *coefficients)
+
+    def constant_rows(tensor):
+        return None if tensor is None else tensor.detach().float().reshape(shape[0], tokens_per_row).contiguous()
+
+    old_rows, ref_rows = constant_rows(old_logp), constant_rows(ref_logp if beta != 0 else None)
+    advantages = advantages.detach().float().contiguous()
+    inputs = (flat_logp, old_rows, advantages, ref_rows, float(beta), float(eps_low), float(eps_high))
+    kernels = implementation(OP, backend)
+    loss = kernels.forward(*inputs) if kernels.differentiable else _GrpoTokenLoss.apply(*inputs, backend)
     return loss.view(shape)
 
 
@@ -103,18 +147,9 @@ if has_cuda_op("grpo_token_loss_forward"):
     def _grpo_token_loss_backward_fake(grad_loss, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
         return torch.empty_like(logp, dtype=torch.float32)
 
-    def _grpo_setup_context(ctx, inputs, output):
-        logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high = inputs
-        ctx.save_for_backward(logp, old_logp, advantages, ref_logp)
-        ctx.coefficients = (beta, eps_low, eps_high)
-
     def _grpo_autograd_backward(ctx, grad_loss):
-        logp, old_logp, advantages, ref_logp = ctx.saved_tensors
-        grad_logp = torch.ops.fastmath.grpo_token_loss_backward(
-            grad_loss.float().contiguous(), logp, old_logp, advantages, ref_logp, *ctx.coefficients
-        )
-        return grad_logp, None, None, None, None, None, None
+        return _grad_logp(ctx, grad_loss, _cuda_backward), None, None, None, None, None, None
 
     torch.library.register_autograd(
-        "fastmath::grpo_token_loss_forward", _grpo_autograd_backward, setup_context=_grpo_setup_context
+        "fastmath::grpo_token_loss_forward", _grpo_autograd_backward, setup_context=_save_loss_inputs
     )

@@ -10,12 +10,8 @@ slice's probabilities.
 
 import torch
 
+from .chunked_linear import targets_in_slice, vocab_slices
 from .token_logprobs import LOG_PROB_FLOOR, lse_parts, row_lse
-
-
-def vocab_slices(vocab_size, slice_size):
-    for start in range(0, vocab_size, slice_size):
-        yield start, min(start + slice_size, vocab_size)
 
 
 class VocabSlices:
@@ -37,12 +33,6 @@ class VocabSlices:
     def logits(self, start, end):
         out = self.buffer(0, end - start)
         return torch.mm(self.hidden, self.weight_slice(start, end).T, out=out)
-
-
-def targets_in_slice(targets, start, end):
-    """Column of each token's target inside [start, end) (clamped) and whether it is there."""
-    inside = (targets >= start) & (targets < end)
-    return (targets - start).clamp(0, end - start - 1)[:, None], inside
 
 
 def vocab_chunked_forward(hidden, weight, targets, temperature, with_entropy, slice_size):

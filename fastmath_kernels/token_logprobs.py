@@ -1,13 +1,25 @@
 """Token log-probs (and entropy) of logits at target ids, without an fp32 copy of the logits.
 
-The row machinery here, `logprob_rows_forward` and `logprob_rows_backward`, is shared with the
-fused-linear ops, which feed it one chunk of logits at a time.
+The op's backends are row kernels (a Kernels pair per backend in the registry's
+"token_logprobs" table):
+  forward(logits [N, V], targets [N], temperature, with_entropy, workspace)
+      -> (float32 logp [N], float32 entropy [N] or None, float64 lse [N])
+  backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace)
+      writes d(loss)/d(logits) into grad_logits ([N, V], any float dtype; may alias logits)
+lse is T * logsumexp(logits / T), in the logits' units (see lse_parts). workspace is the torch
+path's reusable buffers, or None; other kernels ignore it. The fused-linear ops feed the same
+row kernels one chunk of logits at a time, through logprob_rows_forward and logprob_rows_backward.
 """
 
 import torch
 
 from ._checks import check_targets, check_temperature, check_tensor
 from ._dispatch import has_cuda_op, resolve_backend
+from ._registry import Kernels, implementation, register_backend
+
+OP = "token_logprobs"
+# The CUDA kernels cover 16- and 32-bit floats; float64 logits go to the next backend.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Stand-in for log(0) in products with probabilities: exp() of it is 0 and 0 * it is 0,
 # where -inf would give NaN. Small enough that no real log-probability reaches it.
@@ -21,12 +33,14 @@ class Workspace:
     """Reusable fp32 buffers of one sub-chunk for the torch path: chunk loops allocate nothing.
 
     Fresh multi-megabyte allocations cost page faults on every chunk, which on a CPU is
-    slower than the arithmetic done in them.
+    slower than the arithmetic done in them. logits_are_scratch: the callers' fp32 logits are
+    theirs to drop (they recompute them), so the forward may work on them in place.
     """
 
-    def __init__(self, vocab_size, device):
+    def __init__(self, vocab_size, device, logits_are_scratch=False):
         self.rows = max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab_size, 1))
         self.vocab_size, self.device = vocab_size, device
+        self.logits_are_scratch = logits_are_scratch
         self.buffers = {}
 
     def get(self, name, rows):
@@ -61,18 +75,18 @@ def _is_same_fp32_tensor(a, b):
     return a.dtype == torch.float32 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
-def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace=None, logits_are_scratch=False):
+def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace=None):
     """Torch path: logits [N, V] -> (logp [N], entropy [N] or None) in float32, and float64 lse [N].
 
-    With logits_are_scratch (fp32 logits the caller will recompute or drop) the work happens
-    in place and the logits are overwritten.
+    With workspace.logits_are_scratch (fp32 logits the caller will recompute or drop) the work
+    happens in place and the logits are overwritten.
     """
     num_rows, vocab_size = logits.shape
     workspace = workspace or Workspace(vocab_size, logits.device)
     logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else None
-    in_place = logits_are_scratch and logits.dtype == torch.float32
+    in_place = workspace.logits_are_scratch and logits.dtype == torch.float32
     for start, end in workspace.chunks(num_rows):
         rows = end - start
         shifted = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
@@ -128,42 +142,58 @@ def logprob_rows_backward_reference(
             grad_logits[start:end].copy_(work)
 
 
-def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None, logits_are_scratch=False):
-    """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim.
+def _triton_rows_forward(logits, targets, temperature, with_entropy, workspace=None):
+    from .triton.token_logprobs import logprob_rows_forward_triton
 
-    lse is float64 T * logsumexp(logits / T), in the logits' units (see lse_parts).
+    return logprob_rows_forward_triton(logits, targets, temperature, with_entropy)
 
-    workspace and logits_are_scratch only matter to the torch path (see its reference).
-    """
-    if backend == "torch":
-        return logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace, logits_are_scratch)
-    if backend == "triton":
-        from .triton.token_logprobs import logprob_rows_forward_triton
 
-        return logprob_rows_forward_triton(logits, targets, temperature, with_entropy)
+def _triton_rows_backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                          workspace=None):
+    from .triton.token_logprobs import logprob_rows_backward_triton
+
+    logprob_rows_backward_triton(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature)
+
+
+def _cuda_rows_forward(logits, targets, temperature, with_entropy, workspace=None):
     logp, entropy, lse = torch.ops.fastmath.token_logprobs_forward(logits, targets, float(temperature), with_entropy)
     return logp, (entropy if with_entropy else None), lse
+
+
+def _cuda_rows_backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
+                        workspace=None):
+    torch.ops.fastmath.token_logprobs_backward(
+        grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature)
+    )
+
+
+# The CUDA forward is a custom op with its own autograd registration (below), so token_logprobs
+# calls it directly and torch.compile sees the op; the others go through _TokenLogprobs.
+register_backend(
+    OP, "cuda", Kernels(_cuda_rows_forward, _cuda_rows_backward, differentiable=True), dtypes=_CUDA_DTYPES
+)
+register_backend(OP, "triton", Kernels(_triton_rows_forward, _triton_rows_backward))
+register_backend(OP, "torch", Kernels(logprob_rows_forward_reference, logprob_rows_backward_reference))
+
+
+def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None):
+    """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim, by `backend`'s kernels."""
+    return implementation(OP, backend).forward(logits, targets, temperature, with_entropy, workspace)
 
 
 def logprob_rows_backward(
     grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, backend, workspace=None
 ):
     """Writes the logits gradient into grad_logits ([N, V], any float dtype; may alias logits)."""
-    grad_logp = grad_logp.float().contiguous()
-    if grad_entropy is not None:
-        grad_entropy = grad_entropy.float().contiguous()
-    if backend == "torch":
-        logprob_rows_backward_reference(
-            grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace
-        )
-    elif backend == "triton":
-        from .triton.token_logprobs import logprob_rows_backward_triton
+    implementation(OP, backend).backward(
+        grad_logits, logits, targets, lse, entropy, _fp32_rows(grad_logp), _fp32_rows(grad_entropy), temperature,
+        workspace,
+    )
 
-        logprob_rows_backward_triton(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature)
-    else:
-        torch.ops.fastmath.token_logprobs_backward(
-            grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature)
-        )
+
+def _fp32_rows(grad):
+    """An upstream gradient as the row kernels read it: contiguous float32, or None."""
+    return None if grad is None else grad.float().contiguous()
 
 
 def row_blocks(logits):
@@ -188,17 +218,34 @@ def _offsets(blocks):
         start += block.shape[0]
 
 
+def _forward_by_blocks(logits, flat_targets, temperature, with_entropy, backend):
+    """Flat (logp, entropy or None, lse) over every row of logits, one row-kernel call per block."""
+    outputs = [
+        logprob_rows_forward(block, flat_targets[start:end], temperature, with_entropy, backend)
+        for block, start, end in _offsets(row_blocks(logits))
+    ]
+    logp, lse = (torch.cat([out[i] for out in outputs]) for i in (0, 2))
+    entropy = torch.cat([out[1] for out in outputs]) if with_entropy else None
+    return logp, entropy, lse
+
+
+def _upstream_grads(lse, entropy, grad_logp, grad_entropy):
+    """(grad_logp, grad_entropy or None), a missing logp gradient as zeros; None when neither came."""
+    if grad_logp is None and grad_entropy is None:
+        return None
+    if grad_logp is None:
+        grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32)
+    return grad_logp, (None if entropy is None else grad_entropy)
+
+
 class _TokenLogprobs(torch.autograd.Function):
+    """Pairs a backend's row-kernel forward with its backward, block by block (see row_blocks)."""
+
     @staticmethod
     def forward(ctx, logits, targets, temperature, with_entropy, backend):
         ctx.set_materialize_grads(False)
         flat_targets = targets.reshape(-1)
-        outputs = [
-            logprob_rows_forward(block, flat_targets[start:end], temperature, with_entropy, backend)
-            for block, start, end in _offsets(row_blocks(logits))
-        ]
-        logp, lse = (torch.cat([out[i] for out in outputs]) for i in (0, 2))
-        entropy = torch.cat([out[1] for out in outputs]) if with_entropy else None
+        logp, entropy, lse = _forward_by_blocks(logits, flat_targets, temperature, with_entropy, backend)
         ctx.save_for_backward(logits, flat_targets, lse, entropy)
         ctx.temperature, ctx.backend = temperature, backend
         return logp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
@@ -207,10 +254,11 @@ class _TokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
+        flat = [None if grad is None else grad.reshape(-1) for grad in (grad_logp, grad_entropy)]
+        upstream = _upstream_grads(lse, entropy, *flat)
+        if upstream is None:
             return None, None, None, None, None
-        grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32) if grad_logp is None else grad_logp.reshape(-1)
-        grad_entropy = None if grad_entropy is None else grad_entropy.reshape(-1)
+        grad_logp, grad_entropy = upstream
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad_logits.view(-1, logits.shape[-1])
         for block, start, end in _offsets(row_blocks(logits)):
@@ -228,6 +276,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, back
     logits: [..., V], any float dtype; targets: [...] int64 in [0, V).
     Returns float32 logp [...] or (logp, entropy) when with_entropy. Differentiable w.r.t.
     logits; the gradient comes back in the logits' dtype and no fp32 [..., V] copy is made.
+    An out-of-range target raises ValueError on CPU tensors; on GPU tensors it is checked
+    without a host sync and fails at the next sync (FASTMATH_CHECK_TARGETS=1: a ValueError here).
     """
     check_tensor(logits, "logits", floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -236,21 +286,13 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, back
     check_temperature(temperature)
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
-    backend = resolve_backend(backend, logits)
-    if backend == "cuda" and logits.dtype == torch.float64:
-        backend = "triton" if logits.is_cuda else "torch"  # the CUDA kernels cover 16/32-bit floats
+    backend = resolve_backend(backend, logits, op=OP)
     temperature = float(temperature)
-    if backend == "cuda":
-        flat_targets = targets.reshape(-1)
-        outputs = [
-            torch.ops.fastmath.token_logprobs_forward(block, flat_targets[start:end], temperature, with_entropy)
-            for block, start, end in _offsets(row_blocks(logits))
-        ]
-        logp = torch.cat([out[0] for out in outputs]).view(targets.shape)
-        if not with_entropy:
-            return logp
-        return logp, torch.cat([out[1] for out in outputs]).view(targets.shape)
-    logp, entropy = _TokenLogprobs.apply(logits, targets, temperature, with_entropy, backend)
+    if implementation(OP, backend).differentiable:
+        logp, entropy, _ = _forward_by_blocks(logits, targets.reshape(-1), temperature, with_entropy, backend)
+        logp, entropy = logp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
+    else:
+        logp, entropy = _TokenLogprobs.apply(logits, targets, temperature, with_entropy, backend)
     return (logp, entropy) if with_entropy else logp
 
 
@@ -280,19 +322,17 @@ if has_cuda_op("token_logprobs_forward"):
 
     def _token_logprobs_autograd_backward(ctx, grad_logp, grad_entropy, grad_lse):
         logits, targets, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
+        upstream = _upstream_grads(lse, entropy, grad_logp, grad_entropy)
+        if upstream is None:
             return None, None, None, None
-        if grad_logp is None:
-            grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32)
-        if entropy is None:
-            grad_entropy = None
         grad_logits = torch.empty_like(logits)
-        torch.ops.fastmath.token_logprobs_backward(
-            grad_logits, logits, targets, lse, entropy, grad_logp.float().contiguous(),
-            None if grad_entropy is None else grad_entropy.float().contiguous(), ctx.temperature,
+        grad_logp, grad_entropy = upstream
+        _cuda_rows_backward(
+            grad_logits, logits, targets, lse, entropy, _fp32_rows(grad_logp), _fp32_rows(grad_entropy), ctx.temperature
         )
         return grad_logits, None, None, None
 
     torch.library.register_autograd(
-        "fastmath::token_logprobs_forward", _token_logprobs_autograd_backward, setup_context=_token_logprobs_setup_context
+        "fastmath::token_logprobs_forward", _token_logprobs_autograd_backward,
+        setup_context=_token_logprobs_setup_context,
     )

@@ -52,7 +52,8 @@ def run_cross_entropy(hidden, weight, targets, reduction, upstream, backend, chu
 def test_cross_entropy_fp32_matches_float64(backend_device, shape, reduction, low_memory, chunk_size):
     backend, device = backend_device
     token_shape, hidden_size, vocab_size = shape
-    hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 3, ignore_every=4)
+    hidden, weight, targets = random_problem(token_shape, hidden_size, vocab_size, torch.float32, device, 3,
+                                             ignore_every=4)
     upstream = torch.randn(token_shape if reduction == "none" else (), device=device)
     loss, grad_hidden, grad_weight = run_cross_entropy(
         hidden, weight, targets, reduction, upstream, backend, chunk_size, low_memory
@@ -117,7 +118,8 @@ def test_low_memory_peak_is_at_most_1_2x_the_gradients(backend, op):
     peak_extra = torch.cuda.max_memory_allocated() - before
     assert hidden.grad is not None and weight.grad is not None and weight.grad.abs().max() > 0
     mib = 2**20
-    assert peak_extra <= 1.2 * gradient_bytes, f"peak extra {peak_extra / mib:.0f} MiB, gradients {gradient_bytes / mib:.0f} MiB"
+    assert peak_extra <= 1.2 * gradient_bytes, (
+        f"peak extra {peak_extra / mib:.0f} MiB, gradients {gradient_bytes / mib:.0f} MiB")
 
 
 @pytest.mark.gpu
@@ -125,7 +127,7 @@ def test_low_memory_peak_is_at_most_1_2x_the_gradients(backend, op):
 def test_default_peak_is_the_fp32_weight_buffer_plus_two_chunk_buffers(backend):
     """Working memory beyond the returned gradients: the fp32 [V, H] buffer, one fp32 logits chunk
     and one bf16 logits-gradient chunk (64 MiB allowed for cuBLAS and row temporaries)."""
-    from fastmath_kernels.linear_token_logprobs import default_chunk_size
+    from fastmath_kernels.chunked_linear import default_chunk_size
 
     num_tokens, hidden_size, vocab_size = 8192, 2048, 65536
     hidden, weight, targets = random_problem((num_tokens,), hidden_size, vocab_size, torch.bfloat16, "cuda", 13)
@@ -149,7 +151,7 @@ def test_default_peak_is_the_fp32_weight_buffer_plus_two_chunk_buffers(backend):
 
 
 def test_low_memory_default_chunks_hold_a_fraction_of_the_gradients():
-    from fastmath_kernels.linear_token_logprobs import low_memory_chunk_size
+    from fastmath_kernels.chunked_linear import low_memory_chunk_size
 
     # Recipe shape on a GPU: gradients 1.38 GB; fp32 logits plus their bf16 gradient, 6 bytes each.
     weight = torch.empty(151936, 4096, dtype=torch.bfloat16, device="meta")
