@@ -71,7 +71,7 @@ def test_names_missing_from_an_offline_cache_get_one_clear_line(offline_cache):
 
 
 def test_hub_errors_name_the_cause(monkeypatch):
-    import httpx
+    import httpx2 as httpx  # the HTTP client huggingface_hub uses
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
