@@ -152,7 +152,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class ToyTaskConfig:
-    train_problems: int = 3000
+    train_problems: int = 3300
     eval_problems: int = 500  # held out: generated from a different seed
     detour_probability: float = 0.6  # share of training traces that re-check some of their steps
     traces_per_problem: int = 1  # sampled traces per training problem; curation keeps the shortest correct
