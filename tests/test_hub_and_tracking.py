@@ -68,6 +68,8 @@ def test_names_missing_from_an_offline_cache_get_one_clear_line(offline_cache):
         local_model_dir("fastmath-test/no-model")
     with pytest.raises(DataError, match=r"missing.jsonl: data file not found"):
         load_records(["missing.jsonl"])  # a file name is never taken for a Hub name
+    with pytest.raises(DataError, match=r"data/missing.jsonl: data file not found"):
+        load_records(["data/missing.jsonl"])
 
 
 def test_hub_errors_name_the_cause(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from .attention import document_boundaries
 
 IGNORE_INDEX = -100
+DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
 class DataError(ValueError):
@@ -77,7 +78,8 @@ def load_records(files, split="train", what="data.train_files"):
 
     records = []
     for path in files:
-        if is_hub_name(path):
+        # A data file name (data/sft.jsonl) is never taken for a Hub dataset, whether or not it exists.
+        if is_hub_name(path) and os.path.splitext(path)[1].lower() not in DATA_FILE_TYPES:
             records.extend(load_hub_dataset(path, split, what))
             continue
         if not os.path.isfile(path):

@@ -80,9 +80,8 @@ def shard_names(count):
     return [f"model-{index:05d}-of-{count:05d}.safetensors" for index in range(1, count + 1)]
 
 
-def write_weights(causal_lm, directory, rank, dtype, max_shard_bytes):
+def write_weights(weights, directory, rank, dtype, max_shard_bytes):
     """Collective: every rank gathers each weight in turn; rank 0 writes the shards and their index."""
-    weights = unique_weights(causal_lm)
     shards = plan_shards(weights, dtype, max_shard_bytes)
     names = shard_names(len(shards))
     tensors = dict(weights)
@@ -128,13 +127,14 @@ def export_hf(root_module, tokenizer, directory, rank, dtype=None, max_shard_byt
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
-    write_weights(causal_lm, temporary, rank, dtype, max_shard_bytes)
+    weights = unique_weights(causal_lm)
+    write_weights(weights, temporary, rank, dtype, max_shard_bytes)
     if rank == 0:
         causal_lm.config.save_pretrained(temporary)
         if getattr(causal_lm, "generation_config", None) is not None and causal_lm.can_generate():
             causal_lm.generation_config.save_pretrained(temporary)
         _set_config_dtype(os.path.join(temporary, "config.json"),
-                          dtype or next(t for _, t in unique_weights(causal_lm) if t.is_floating_point()).dtype)
+                          dtype or next(t for _, t in weights if t.is_floating_point()).dtype)
         tokenizer.save_pretrained(temporary)
         shutil.rmtree(directory, ignore_errors=True)
         os.rename(temporary, directory)
