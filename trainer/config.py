@@ -142,8 +142,9 @@ class EvalConfig:
     top_p: float = 0.95
     stop_at_think_end: bool = False  # extract the answer only from the text before </think>
     batch_prompts: int = 32  # prompts sampled together (each with k samples)
-    # KV-cache tokens per generate call at most (rows x (prompt + largest budget)); None: no bound
-    max_batch_tokens: Optional[int] = None
+    # KV-cache tokens per generate call at most (rows x (prompt + largest budget)); None: no bound.
+    # 131072 is 4 rows of 32k tokens: 24 GiB of a 14B Qwen2's bf16 KV cache.
+    max_batch_tokens: Optional[int] = 131072
     max_problems: Optional[int] = None  # the first N problems only
     reward_timeout_s: int = 5
     engine: str = "hf"  # or vllm (CUDA): each rank samples its share of the problems
