@@ -87,11 +87,12 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def apply_fsdp(root, device, parallel_config):
+def apply_fsdp(root, device, parallel_config, mesh=None):
     """Shards each decoder layer, then the root; a single process keeps the plain module.
 
     Either way a GPU computes in bf16: FSDP casts the parameters, a single process with fp32
-    weights runs its forward under autocast (CausalLMLoss.autocast_dtype).
+    weights runs its forward under autocast (CausalLMLoss.autocast_dtype). mesh: the device mesh
+    to shard over (default: every rank of the process group).
     """
     causal_lm = root.causal_lm
     if parallel_config.activation_checkpointing:
@@ -106,7 +107,7 @@ def apply_fsdp(root, device, parallel_config):
         return root
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    options = {}
+    options = {} if mesh is None else {"mesh": mesh}
     if device.type == "cuda":
         # bf16 compute, fp32 gradient reduction across ranks.
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
