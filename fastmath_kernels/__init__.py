@@ -7,6 +7,7 @@ torch backends still work.
 """
 
 from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends
+from ._planning import is_planning, planning_as_gpu
 from ._registry import backend_names
 from .group_advantages import group_advantages
 from .grpo_token_loss import grpo_token_loss
@@ -21,8 +22,10 @@ __all__ = [
     "available_backends",
     "group_advantages",
     "grpo_token_loss",
+    "is_planning",
     "linear_cross_entropy",
     "linear_token_logprobs",
+    "planning_as_gpu",
     "token_logprobs",
 ]
 

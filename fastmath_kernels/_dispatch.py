@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ._planning import device_type, is_planning
 from ._registry import (
     backend_names,
     cannot_run_on,
@@ -62,15 +63,18 @@ def cuda_cannot_run_on(device):
             f"backend='cuda' needs the compiled extension fastmath_kernels._C, which did "
             f"not load ({CUDA_EXT_IMPORT_ERROR}); reinstall with a CUDA build of torch and nvcc"
         )
-    if device.type != "cuda":
+    if device_type(device) != "cuda":
         return f"backend='cuda' needs CUDA tensors, got a tensor on {device}"
     return None
 
 
 def triton_cannot_run_on(device):
+    if is_planning():
+        # Its kernels have no fake implementations; the CUDA kernels' allocate the same buffers.
+        return "backend='triton' does not run on fake tensors; planning uses the CUDA kernels' fake implementations"
     if not HAS_TRITON:
         return "backend='triton' needs the triton package, which is not installed"
-    if device.type != "cuda" and not triton_interpreter_enabled():
+    if device_type(device) != "cuda" and not triton_interpreter_enabled():
         return (
             f"backend='triton' got a tensor on {device}; Triton runs CPU tensors "
             "only through its interpreter (TRITON_INTERPRET=1)"
@@ -112,7 +116,7 @@ def _runs_on(name, tensor, op):
 
 
 def _automatic_choice(tensor, gpu_preference, op):
-    if tensor.is_cuda:
+    if device_type(tensor.device) == "cuda":
         for candidate in gpu_preference:
             if _runs_on(candidate, tensor, op):
                 return candidate
@@ -123,7 +127,7 @@ def _taking_dtype(name, tensor, gpu_preference, op):
     """name, or where its kernels do not take tensor's dtype, the automatic choice among those that do."""
     if op is None or registration(op, name).takes(tensor.dtype):
         return name
-    candidates = (*gpu_preference, REFERENCE_BACKEND) if tensor.is_cuda else (REFERENCE_BACKEND,)
+    candidates = (*gpu_preference, REFERENCE_BACKEND) if device_type(tensor.device) == "cuda" else (REFERENCE_BACKEND,)
     for candidate in candidates:
         if _runs_on(candidate, tensor, op) and registration(op, candidate).takes(tensor.dtype):
             return candidate

@@ -8,6 +8,7 @@ matmuls with their fp32 accumulation, and the weight gradient built slice by sli
 import torch
 
 from ._checks import check_chunk_size, check_tensor
+from ._planning import device_type, is_planning
 from .token_logprobs import logprob_rows_backward
 
 # Elements of one fp32 logits chunk: 32 MB on CPU (cache-friendly, a small fraction of the
@@ -22,7 +23,7 @@ _LOW_MEMORY_BUFFER_FRACTION = 0.15
 
 
 def default_chunk_size(num_tokens, vocab_size, device):
-    if device.type == "cuda":
+    if device_type(device) == "cuda":
         rows = _GPU_CHUNK_ELEMENTS // max(vocab_size, 1)
     else:
         rows = max(_CPU_MIN_CHUNK_TOKENS, _CPU_CHUNK_ELEMENTS // max(vocab_size, 1))
@@ -108,7 +109,10 @@ def _accumulates_into_fp32(device):
     """Whether addmm.dtype_out takes an fp32 `self` with bf16 operands on this device.
 
     torch releases differ: some require `self` in the operands' dtype. One tiny probe per device.
+    Planning on fake tensors has nothing to probe and takes the current releases' answer, yes.
     """
+    if is_planning():
+        return True
     if device not in _FP32_ACCUMULATION_BY_DEVICE:
         operand = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
         accumulator = torch.ones(2, 2, dtype=torch.float32, device=device)
@@ -123,7 +127,8 @@ def _accumulates_into_fp32(device):
 
 def has_mixed_precision_matmuls(tensor):
     """Whether bf16/fp16 operands like this tensor get matmuls with an fp32 result."""
-    return tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) and _HAS_MIXED_PRECISION_MM
+    low_precision = tensor.dtype in (torch.float16, torch.bfloat16)
+    return device_type(tensor.device) == "cuda" and low_precision and _HAS_MIXED_PRECISION_MM
 
 
 class ChunkedLinear:

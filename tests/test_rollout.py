@@ -95,6 +95,29 @@ def test_stop_strings_end_completions(tmp_path):
             assert after.token_ids == before.token_ids
 
 
+def test_a_kv_budget_splits_the_rollout_into_calls_with_the_same_samples(tmp_path):
+    from trainer.rollout.keyed_sampling import sequence_keys
+
+    _, tokenizer, model = load(tmp_path)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in ("tom has 3 apples .", "ann has 12 pears and 4 more .", "5 plus 7")]
+    settings = SamplingSettings(n=4, temperature=1.0, top_p=0.9, max_new_tokens=12)
+    keys = sequence_keys(0, 3, [0, 1, 2], 4)
+    whole = HFRolloutEngine(CausalLMLoss(model), tokenizer, torch.device("cpu")).generate(prompts, settings, keys)
+    longest = max(len(ids) for ids in prompts)
+    budgeted = HFRolloutEngine(CausalLMLoss(model), tokenizer, torch.device("cpu"),
+                               max_batch_tokens=5 * (longest + 12))
+    assert budgeted.rows_per_call(prompts, settings) == 5  # 12 rows: calls of 5, 5 and 2
+    calls = []
+    original = budgeted._generate_call
+    budgeted._generate_call = lambda *args: calls.append(len(args[0])) or original(*args)
+    split = budgeted.generate(prompts, settings, keys)
+    assert calls == [5, 5, 2]
+    assert [c.prompt_index for c in split] == [c.prompt_index for c in whole] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [c.token_ids for c in split] == [c.token_ids for c in whole]
+    assert all(a.logprobs == pytest.approx(b.logprobs, abs=1e-5) for a, b in zip(split, whole))
+
+
 def gather_on_two_ranks(rank, init_file, out_dir):
     """One gloo rank: FSDP2-shard a model whose first dimensions do not split evenly, then sync it."""
     import torch.distributed as dist

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastmath_kernels import is_planning
+
 DOCUMENT_MASKED = "document_masked"
 
 # A group's padded size may exceed its real tokens by this factor, or by this many tokens where
@@ -74,7 +76,8 @@ def _repeat_heads(tensor, groups, dim):
 
 def varlen_usable(query, scaling, dropout=0.0):
     """Whether the flash varlen kernels compute this call exactly (they have no dropout)."""
-    if _VARLEN is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+    on_gpu = query.device.type == "cuda" or is_planning()  # planning: fake CPU tensors stand for CUDA ones
+    if _VARLEN is None or not on_gpu or query.dtype not in (torch.bfloat16, torch.float16):
         return False
     if dropout:
         return False

@@ -107,6 +107,9 @@ class GRPOConfig:
     max_new_tokens: int = 16384
     stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
     rollout_engine: str = "hf"  # or vllm (pip install -e .[vllm]; CUDA only)
+    # hf: KV-cache tokens per generate call at most (rows x (longest prompt + max_new_tokens));
+    # more rows are sampled in several calls. 131072 is 24 GiB of a 14B Qwen2's bf16 KV cache.
+    max_batch_tokens: Optional[int] = 131072
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1  # > 1: each engine spans this many GPUs of a node
     weight_sync_bucket_mb: int = 512
@@ -401,6 +404,8 @@ def _validate_grpo(grpo):
         raise ConfigError(f"grpo.advantage_eps must be >= 0, got {grpo.advantage_eps}")
     if grpo.max_prompt_tokens is not None and grpo.max_prompt_tokens < 1:
         raise ConfigError(f"grpo.max_prompt_tokens must be at least 1 or unset, got {grpo.max_prompt_tokens}")
+    if grpo.max_batch_tokens is not None and grpo.max_batch_tokens < 1:
+        raise ConfigError(f"grpo.max_batch_tokens must be at least 1 or unset, got {grpo.max_batch_tokens}")
     if grpo.tis_cap < 0:
         raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
     if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
@@ -421,11 +426,6 @@ def _validate_grpo(grpo):
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"grpo.reward_weights.{name}: expected a number, got {weight!r}")
-    if grpo.rollout_engine == "vllm":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("grpo.rollout_engine=vllm needs a CUDA GPU; none is visible (use hf)")
 
 
 def _validate_eval(settings):

@@ -38,7 +38,8 @@ class Completion:
 def _hf_engine(trainer, config):
     from .hf import HFRolloutEngine
 
-    return HFRolloutEngine(trainer.module, trainer.tokenizer, trainer.device)
+    return HFRolloutEngine(trainer.module, trainer.tokenizer, trainer.device,
+                           max_batch_tokens=config.grpo.max_batch_tokens)
 
 
 def _vllm_engine(trainer, config):

@@ -1,9 +1,11 @@
 """Batched sampling through transformers' generate, on the training model itself (CPU or one GPU)."""
 
+import dataclasses
+
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from ..parallel import is_distributed
+from ..parallel import all_reduce_max, is_distributed
 from . import Completion
 from .keyed_sampling import KeyedSampler
 
@@ -27,8 +29,12 @@ class StopOnStrings(StoppingCriteria):
 
 
 class HFRolloutEngine:
-    def __init__(self, root_module, tokenizer, device):
+    """max_batch_tokens: KV-cache tokens per generate call at most, rows x (longest prompt +
+    max_new_tokens); a rollout needing more is sampled in several calls of fewer rows."""
+
+    def __init__(self, root_module, tokenizer, device, max_batch_tokens=None):
         self.root, self.tokenizer, self.device = root_module, tokenizer, device
+        self.max_batch_tokens = max_batch_tokens
 
     holds_weights = False  # generation runs on the policy's own parameters: nothing to sync
 
@@ -41,10 +47,43 @@ class HFRolloutEngine:
                 return end
         return None
 
-    @torch.no_grad()
+    def rows_per_call(self, prompt_ids, settings):
+        """Rows one generate call may hold under max_batch_tokens (None: all of them).
+
+        The longest prompt is taken over every rank, so that each rank makes the same number of
+        calls: under FSDP every call's forward passes are collectives.
+        """
+        if self.max_batch_tokens is None:
+            return None
+        longest = max(len(ids) for ids in prompt_ids)
+        if is_distributed():
+            longest = all_reduce_max(longest)
+        return max(1, self.max_batch_tokens // (longest + settings.max_new_tokens))
+
     def generate(self, prompt_ids, settings, row_keys=None):
-        """row_keys: one int64 key per returned row (see keyed_sampling.sequence_keys); with them the
-        samples depend on the keys alone, not on the batch or the process's random state."""
+        """settings.n completions of each prompt, in prompt order.
+
+        row_keys: one int64 key per returned row (see keyed_sampling.sequence_keys); with them the
+        samples depend on the keys alone, not on the batch or the process's random state, so
+        splitting the rows across calls changes no sample.
+        """
+        rows = len(prompt_ids) * settings.n
+        if row_keys is None:  # unkeyed: fresh keys from the process's random state
+            row_keys = torch.randint(-(2**62), 2**62, (rows,))
+        per_call = self.rows_per_call(prompt_ids, settings)
+        if per_call is None or per_call >= rows:
+            return self._generate_call(prompt_ids, settings, row_keys)
+        completions, single = [], dataclasses.replace(settings, n=1)
+        for start in range(0, rows, per_call):
+            end = min(start + per_call, rows)
+            call_prompts = [prompt_ids[row // settings.n] for row in range(start, end)]
+            for completion in self._generate_call(call_prompts, single, row_keys[start:end]):
+                row = start + completion.prompt_index
+                completions.append(dataclasses.replace(completion, prompt_index=row // settings.n))
+        return completions
+
+    @torch.no_grad()
+    def _generate_call(self, prompt_ids, settings, row_keys):
         tokenizer, causal_lm = self.tokenizer, self.root.causal_lm
         longest = max(len(ids) for ids in prompt_ids)
         pad = tokenizer.pad_token_id
@@ -59,8 +98,6 @@ class HFRolloutEngine:
         was_training = causal_lm.training
         causal_lm.eval()
         try:
-            if row_keys is None:  # unkeyed: fresh keys from the process's random state
-                row_keys = torch.randint(-(2**62), 2**62, (len(prompt_ids) * settings.n,))
             sampler = KeyedSampler(row_keys, longest, settings.temperature, settings.top_p, settings.min_p)
             # Greedy decoding over the keyed sampler; generate() repeats prompts only when it samples itself.
             input_ids = input_ids.repeat_interleave(settings.n, dim=0)

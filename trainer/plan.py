@@ -1,0 +1,498 @@
+"""`python -m trainer.plan`: every stage's per-GPU memory at the configured shapes, before any GPU.
+
+    python -m trainer.plan --config configs/fast_math_r1_14b.yaml --gpus 8 --gpu-memory-gb 80
+
+The model's config.json is all it reads: no weights. Each training stage runs one real step on
+fake tensors (trainer.plan_measure) with a fake process group of --gpus ranks: FSDP2 as the
+trainer wraps it, activation checkpointing, the fused kernels' fake implementations, the frozen
+reference model and the optimizer. What a step cannot run on fake tensors (sampling thousands
+of tokens) is counted from the shapes: the rollouts' KV cache, vLLM's share of the GPU.
+
+It prints, per stage, one rank's GPU memory by category in each phase of a step, the host
+memory per node, and the FLOPs; it exits 1 naming the stage and its largest item when a stage
+needs more than 90% of the GPU. GB means GiB (2**30 bytes) throughout: an "80 GB" GPU holds
+80 GiB.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+from .config import ConfigError, load_config, read_yaml
+from .data import DataError
+
+GIB = 2**30
+FIT_FRACTION = 0.9  # a stage fits when its peak is at most this share of the GPU
+STAGES = ("sft", "grpo", "eval")
+# Where a config names a Hub model whose files are not here: architectures shipped with the repo.
+SHIPPED_ARCHITECTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+ROWS = ("parameters", "gradients", "optimizer states", "activations", "temporaries", "communication buffers",
+        "reference model", "KV cache", "reserved for vLLM")
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    items: dict  # row -> bytes on one GPU
+
+    @property
+    def total(self):
+        return sum(self.items.values())
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: str
+    phases: list
+    host: list = dataclasses.field(default_factory=list)  # (what, bytes per node, how)
+    flops: list = dataclasses.field(default_factory=list)  # (what, FLOPs)
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def peak_phase(self):
+        return max(self.phases, key=lambda phase: phase.total)
+
+    def largest_item(self):
+        items = self.peak_phase.items
+        name = max(items, key=items.get)
+        return name, items[name]
+
+
+def gib(size):
+    return f"{size / GIB:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's architecture
+
+
+def architecture_path(model_path):
+    """A config.json for model.path: its own directory, the Hub cache, or the repo's configs/models/."""
+    candidates = [os.path.join(model_path, "config.json")]
+    if "/" in model_path and not os.path.exists(model_path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, "config.json")
+            if isinstance(cached, str):
+                candidates.append(cached)
+        except Exception:  # a malformed name is simply not in the cache
+            pass
+        candidates.append(os.path.join(SHIPPED_ARCHITECTURES, model_path.rstrip("/").split("/")[-1].lower(),
+                                       "config.json"))
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def read_architecture(path, trust_remote_code=False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.path.dirname(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a usable model config ({str(error).splitlines()[0][:160]})") from None
+
+
+def stage_architectures(configs, model_config_path=None):
+    """{stage: (transformers config, where it came from)}.
+
+    A stage whose model does not exist yet (GRPO starts from SFT's export) takes the architecture
+    of another stage of the same file that has one: training does not change it.
+    """
+    found = {}
+    for stage, config in configs.items():
+        path = model_config_path or architecture_path(config.model.path)
+        if path:
+            found[stage] = (read_architecture(path, config.model.trust_remote_code), path)
+    if not found:
+        names = ", ".join(sorted({config.model.path for config in configs.values()}))
+        raise DataError(f"no config.json for model.path ({names}): not a local directory, not in the Hugging Face "
+                        f"cache, not under configs/models/; pass --model-config PATH/config.json")
+    first = next(iter(found.values()))
+    return {stage: found.get(stage, (first[0], f"{first[1]} (model.path {configs[stage].model.path} does not "
+                                              f"exist yet)")) for stage in configs}
+
+
+def kv_bytes_per_token(architecture, dtype_bytes=2):
+    text = architecture.get_text_config() if hasattr(architecture, "get_text_config") else architecture
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes of one step
+
+
+def fill_row(budget, longest, available):
+    """Document lengths of the largest row a token budget allows: documents of at most `longest`
+    tokens, `available` tokens in all (None budget: one row holding them all)."""
+    tokens = available if budget is None else min(budget, available)
+    lengths = [longest] * (tokens // longest)
+    return lengths + ([tokens % longest] if tokens % longest else [])
+
+
+def packed_row(lengths, batch=1):
+    """Model inputs of `batch` rows each holding documents of these lengths, as the trainer packs them."""
+    import torch
+
+    from .attention import document_boundaries
+
+    tokens = sum(lengths)
+    positions = torch.cat([torch.arange(length) for length in lengths]).repeat(batch, 1)
+    cumulative, longest = document_boundaries(lengths * batch)
+    return {"input_ids": torch.zeros(batch, tokens, dtype=torch.long), "position_ids": positions,
+            "document_boundaries": cumulative, "longest_document": longest}
+
+
+def training_rows(peak):
+    """Table rows of a tracked forward and backward."""
+    return {
+        "parameters": peak.get("sharded_params", 0) + peak.get("gathered_params", 0),
+        "gradients": peak.get("sharded_grads", 0) + peak.get("unsharded_grads", 0),
+        "activations": peak.get("activations", 0),
+        "temporaries": peak.get("temporaries", 0) + peak.get("inputs", 0) + peak.get("buffers", 0),
+        "communication buffers": peak.get("all_gather", 0) + peak.get("reduce_scatter", 0),
+    }
+
+
+def decoder_checkpoints(root):
+    """Where the decoder layers' activations start and end: the first layer's input, the last one's output."""
+    layers = root.causal_lm.model.layers
+    return [("first layer", layers[0], "start"), ("last layer", layers[-1], "end")]
+
+
+def layer_activation_note(measured, architecture, tokens):
+    """The activations the decoder layers keep for backward, against layers x tokens x hidden x 2 bytes."""
+    held = measured.activations_at["last layer end"] - measured.activations_at["first layer start"]
+    expected = architecture.num_hidden_layers * tokens * architecture.hidden_size * 2
+    return held, (f"activations held by the decoder layers between forward and backward: {gib(held)} GiB "
+                  f"(layers x tokens x hidden x 2 bytes = {gib(expected)} GiB)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def _training_state(config, architecture, mesh):
+    from .plan_measure import build_sharded_model, local_bytes, measure_optimizer_step
+
+    policy = build_sharded_model(architecture, config, mesh, trainable=True)
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    states, optimizer_temporaries = measure_optimizer_step(parameters, config.optim)
+    return policy, local_bytes(parameters), states, optimizer_temporaries
+
+
+def _optimizer_phase(sharded, states, temporaries, extra=None):
+    return Phase("optimizer step", {"parameters": sharded, "gradients": sharded, "optimizer states": states,
+                                    "temporaries": temporaries, **(extra or {})})
+
+
+def plan_sft(config, architecture, mesh, world_size):
+    from .plan_measure import measure
+
+    data, train = config.data, config.train
+    policy, sharded, states, optimizer_temporaries = _training_state(config, architecture, mesh)
+    if train.max_tokens_per_micro_batch:
+        lengths, batch = fill_row(train.max_tokens_per_micro_batch, data.max_seq_len,
+                                  train.max_tokens_per_micro_batch), 1
+    else:
+        lengths, batch = [data.max_seq_len], train.micro_batch_size
+    inputs = packed_row(lengths, batch)
+    tokens = batch * sum(lengths)
+
+    def micro_batch():
+        import torch
+
+        policy(**inputs, targets=torch.zeros_like(inputs["input_ids"])).backward()
+
+    # Two micro-batches: the second runs with the first one's gradients held.
+    measured = measure(policy, micro_batch, repeats=2, checkpoints=decoder_checkpoints(policy))
+    forward_backward = training_rows(measured.peak)
+    forward_backward["optimizer states"] = states
+    plan = StagePlan("sft", [Phase(f"forward+backward ({tokens} tokens)", forward_backward),
+                             _optimizer_phase(sharded, states, optimizer_temporaries)])
+    plan.notes.append(layer_activation_note(measured, architecture, tokens)[1])
+    per_micro_batch = measured.flops
+    plan.flops += [("per micro-batch per GPU", per_micro_batch),
+                   (f"per step ({train.grad_accum} micro-batches x {world_size} GPUs)",
+                    per_micro_batch * train.grad_accum * world_size)]
+    return plan
+
+
+def grpo_shapes(config):
+    """(prompt tokens, sequence tokens, sequences per GPU, note) of the configured rollouts."""
+    grpo = config.grpo
+    prompt = grpo.max_prompt_tokens
+    note = None
+    if prompt is None:
+        prompt = 1024
+        note = "grpo.max_prompt_tokens is unset: planned with 1024-token prompts"
+    return prompt, prompt + grpo.max_new_tokens, grpo.prompts_per_step * grpo.group_size, note
+
+
+def rollout_phase(config, architecture, policy, resident, gpu_bytes):
+    """The rollout phase: the resident training state, plus the engine's memory while it samples."""
+    grpo = config.grpo
+    _, sequence, sequences, _ = grpo_shapes(config)
+    items = dict(resident)
+    if grpo.rollout_engine == "vllm":
+        items["reserved for vLLM"] = grpo.vllm_gpu_memory_utilization * gpu_bytes
+        return Phase("rollout (vLLM awake)", items)
+    # HF generate under FSDP: the root's own parameters stay gathered (embeddings, head), one layer
+    # is gathered at a time plus the next one prefetched, and each call's KV cache grows to full
+    # length; each decoding step's cache update copies one layer's cache.
+    layer_parameters = sum(p.numel() for p in policy.causal_lm.model.layers[0].parameters())
+    all_parameters = sum(p.numel() for p in policy.parameters())
+    root_parameters = all_parameters - layer_parameters * len(policy.causal_lm.model.layers)
+    items["parameters"] = items.get("parameters", 0) + (root_parameters + 2 * layer_parameters) * 2
+    rows = sequences if grpo.max_batch_tokens is None else max(1, min(sequences, grpo.max_batch_tokens // sequence))
+    layers = architecture.num_hidden_layers
+    items["KV cache"] = rows * sequence * kv_bytes_per_token(architecture) * (layers + 1) / layers
+    calls = math.ceil(sequences / rows)
+    return Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)
+
+
+def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
+    import torch
+
+    from .grpo_batch import MicroBatch
+    from .grpo_loss import logprob_head, loss_head
+    from .plan_measure import build_sharded_model, local_bytes, measure
+
+    grpo, budget = config.grpo, config.train.max_tokens_per_micro_batch
+    _, sequence, sequences, shape_note = grpo_shapes(config)
+    policy, sharded, states, optimizer_temporaries = _training_state(config, architecture, mesh)
+    reference = build_sharded_model(architecture, config, mesh, trainable=False) if grpo.beta > 0 else None
+    reference_bytes = local_bytes(reference.parameters()) if reference is not None else 0
+    lengths = fill_row(budget, sequence, sequences * sequence)
+    tokens = sum(lengths)
+    inputs = packed_row(lengths)
+    row = MicroBatch(list(range(len(lengths))), inputs, torch.zeros(tokens, dtype=torch.long),
+                     torch.zeros(tokens, dtype=torch.long), torch.ones(tokens))
+    step = _PlannedStep(rows=[row], weights=[torch.ones(tokens)], advantages=[torch.ones(tokens)],
+                        counted=[torch.ones(tokens)],
+                        sampling_logp=[torch.zeros(tokens)] if grpo.tis_cap > 0 else None)
+    low_memory = config.train.low_memory_loss
+    resident = {"parameters": sharded, "optimizer states": states}
+    if reference_bytes:
+        resident["reference model"] = reference_bytes
+    phases = [rollout_phase(config, architecture, policy, resident, gpu_bytes)]
+    plan = StagePlan("grpo", phases)
+    ref_logp = None
+    if reference is not None:
+        def reference_logprobs():
+            nonlocal ref_logp
+            with torch.no_grad():
+                ref_logp = reference(**inputs, head=logprob_head(row, grpo, low_memory))
+
+        measured = measure(reference, reference_logprobs)
+        items = training_rows(measured.peak)
+        items["reference model"] = items.pop("parameters")
+        items.update({"parameters": sharded, "optimizer states": states})
+        phases.append(Phase(f"reference log-probs ({tokens} tokens)", items))
+        plan.flops.append(("reference forward per row per GPU", measured.flops))
+
+    statistics = torch.zeros(4)
+
+    def policy_row():
+        policy(**inputs, head=loss_head(step, 0, None, ref_logp, grpo, low_memory, statistics)).backward()
+
+    # Two rows: the second runs with the first one's gradients held.
+    measured = measure(policy, policy_row, repeats=2, checkpoints=decoder_checkpoints(policy))
+    items = training_rows(measured.peak)
+    items["optimizer states"] = states
+    if reference_bytes:
+        items["reference model"] = reference_bytes
+    phases.append(Phase(f"policy forward+backward ({tokens} tokens)", items))
+    phases.append(_optimizer_phase(sharded, states, optimizer_temporaries,
+                                   {"reference model": reference_bytes} if reference_bytes else None))
+    plan.notes.append(layer_activation_note(measured, architecture, tokens)[1])
+    plan.notes.append(f"the largest row: {tokens} tokens in documents of up to {sequence} tokens "
+                      f"(train.max_tokens_per_micro_batch={budget}; {sequences} sequences per GPU per step)")
+    plan.flops.append(("policy forward+backward per row per GPU", measured.flops))
+    row_flops = measured.flops + sum(f for what, f in plan.flops if what.startswith("reference"))
+    step_tokens = sequences * sequence * world_size
+    plan.flops.append((f"per step, training only ({step_tokens} tokens at full length over {world_size} GPUs)",
+                       row_flops * step_tokens / tokens))
+    if shape_note:
+        plan.notes.append(shape_note)
+    return plan
+
+
+@dataclasses.dataclass
+class _PlannedStep:
+    """The fields of grpo_batch.PackedStep that the loss head reads."""
+
+    rows: list
+    weights: list
+    advantages: list
+    counted: list
+    sampling_logp: list
+
+
+def plan_eval(config, architecture, gpu_bytes):
+    """Evaluation: every GPU holds the bf16 model whole and one generate call's KV cache."""
+    settings = config.eval
+    parameters, _ = parameter_counts(architecture)
+    prompt = 1024
+    sequence = prompt + max(settings.budgets)
+    rows = settings.batch_prompts * settings.samples
+    if settings.max_batch_tokens:
+        rows = max(1, min(rows, settings.max_batch_tokens // sequence))
+    if settings.engine == "vllm":
+        from .rollout.vllm import EVAL_GPU_MEMORY_UTILIZATION
+
+        items = {"reserved for vLLM": EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes}
+        note = "vLLM holds the weights and its KV cache in its share of the GPU"
+    else:
+        items = {"parameters": parameters * 2, "KV cache": rows * sequence * kv_bytes_per_token(architecture)}
+        note = (f"one generate call's KV cache: {rows} rows x {sequence} tokens (1024-token prompts; "
+                f"eval.max_batch_tokens={settings.max_batch_tokens})")
+    return StagePlan("eval", [Phase("generation", items)], notes=[note])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host memory per node
+
+
+def host_lines(stage, world_size, parameters, largest):
+    """(what, bytes per node, how): host memory of loading, checkpoint saves and the export."""
+    if stage == "eval":
+        return [("model loading", world_size * parameters * 2, f"each of {world_size} ranks loads the bf16 model")]
+    return [
+        ("model loading", parameters * 2 + largest * 4,
+         f"the bf16 checkpoint through the page cache, each of {world_size} ranks reading its own rows, plus "
+         "one fp32 slice of a parameter per rank"),
+        ("checkpoint save", largest * 4, "each rank stages one tensor of its shard at a time while DCP writes"),
+        ("Hugging Face export", largest * 2, "rank 0 holds one gathered parameter, in bf16, while it is written"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and printing
+
+
+def stage_configs(config_path, overrides):
+    """{stage: RunConfig} of every stage the file defines (a file without stages: SFT)."""
+    values = read_yaml(config_path, "config file")
+    defined = list((values.get("stages") or {}).keys()) if isinstance(values, dict) else []
+    chosen = [stage for stage in STAGES if stage in defined] or ["sft"]
+    return {stage: load_config(config_path, list(overrides) + [f"stage={stage}"]) for stage in chosen}
+
+
+def plan_stage(stage, config, architecture, world_size, gpu_bytes):
+    from .plan_measure import fake_world
+
+    if stage == "eval":
+        plan = plan_eval(config, architecture, gpu_bytes)
+    else:
+        with fake_world(world_size) as mesh:
+            plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
+                    else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
+    return plan
+
+
+def format_table(plan, gpu_bytes):
+    rows = [row for row in ROWS if any(phase.items.get(row, 0) for phase in plan.phases)]
+    headers = ["GiB per GPU"] + [phase.name for phase in plan.phases]
+    body = [[row] + [gib(phase.items.get(row, 0)) for phase in plan.phases] for row in rows]
+    body.append(["**total**"] + [f"**{gib(phase.total)}**" for phase in plan.phases])
+    body.append(["share of the GPU"] + [f"{phase.total / gpu_bytes:.0%}" for phase in plan.phases])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def format_plan(plan, gpu_bytes):
+    peak = plan.peak_phase
+    verdict = "fits" if peak.total <= FIT_FRACTION * gpu_bytes else "DOES NOT FIT"
+    out = [f"## {plan.stage}: peak {gib(peak.total)} GiB per GPU in \"{peak.name}\" "
+           f"({peak.total / gpu_bytes:.0%} of {gib(gpu_bytes)} GiB): {verdict}", "", format_table(plan, gpu_bytes), ""]
+    out += [f"- {note}" for note in plan.notes]
+    out += [f"- host RAM per node, {what}: {gib(size)} GiB ({how})" for what, size, how in plan.host]
+    out += [f"- FLOPs {what}: {flops / 1e12:,.1f} TFLOP" for what, flops in plan.flops]
+    return "\n".join(out) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
+    parser.add_argument("--stage", choices=STAGES, action="append",
+                        help="plan this stage (repeatable); default: every stage the file defines")
+    parser.add_argument("--gpus", type=int, default=8, help="ranks the stage runs on (default 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    parser.add_argument("--model-config", help="a config.json to plan with instead of model.path's")
+    parser.add_argument("--output", help="also write the report (markdown) to this file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as trainer.run takes them")
+    return parser.parse_args(argv)
+
+
+def run_plan(config_path, overrides=(), stages=None, gpus=8, gpu_memory_gb=80.0, model_config=None, log=print):
+    """Plans the stages; returns (plans, report text, failures as 'stage: reason' lines)."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}")
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
+    gpu_bytes = gpu_memory_gb * GIB
+    configs = stage_configs(config_path, overrides)
+    architectures = stage_architectures(configs, model_config)  # from any stage: GRPO's model is SFT's export
+    if stages:
+        missing = [stage for stage in stages if stage not in configs]
+        if missing:
+            raise ConfigError(f"{config_path}: no {', '.join(missing)} stage; it defines {', '.join(configs)}")
+        configs = {stage: configs[stage] for stage in stages}
+    plans, failures = [], []
+    report = [f"# Memory plan: {config_path}, {gpus} GPUs of {gpu_memory_gb:g} GiB", ""]
+    for stage, config in configs.items():
+        architecture, source = architectures[stage]
+        started = time.perf_counter()
+        log(f"planning {stage} ({architecture.num_hidden_layers} layers, from {source}) ...")
+        plan = plan_stage(stage, config, architecture, gpus, gpu_bytes)
+        plan.host = host_lines(stage, gpus, *parameter_counts(architecture))
+        plan.notes.insert(0, f"model: {source}; planned in {time.perf_counter() - started:.0f} s")
+        plans.append(plan)
+        text = format_plan(plan, gpu_bytes)
+        report.append(text)
+        log(text)
+        if plan.peak_phase.total > FIT_FRACTION * gpu_bytes:
+            item, size = plan.largest_item()
+            failures.append(f"{stage}: needs {gib(plan.peak_phase.total)} GiB per GPU in \"{plan.peak_phase.name}\", "
+                            f"more than {FIT_FRACTION:.0%} of {gpu_memory_gb:g} GiB; the largest item is {item} "
+                            f"({gib(size)} GiB)")
+    return plans, "\n".join(report), failures
+
+
+def parameter_counts(architecture):
+    """(parameters, elements of the largest parameter), counted on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture)
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(sizes), max(sizes)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        _, report, failures = run_plan(args.config, args.overrides, args.stage, args.gpus, args.gpu_memory_gb,
+                                       args.model_config)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(report + ("\n" + "\n".join(f"- {line}" for line in failures) + "\n" if failures else ""))
+    for failure in failures:
+        print(f"does not fit: {failure}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
