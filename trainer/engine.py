@@ -15,7 +15,15 @@ from .checkpoint import check_no_earlier_checkpoints, latest_checkpoint, load_ch
 from .config import ConfigError, config_as_dict, save_config
 from .export import export_hf
 from .metrics import MetricsLogger, plot_loss
-from .model import CausalLMLoss, load_causal_lm, load_tokenizer
+from .model import (
+    CausalLMLoss,
+    build_causal_lm_without_weights,
+    check_embeddings_tied,
+    load_causal_lm,
+    load_local_shards,
+    load_tokenizer,
+    safetensors_weights,
+)
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
 
 
@@ -53,12 +61,29 @@ def load_sharded_model(config, device, trainable):
     A frozen copy (trainable=False, for a reference policy) is loaded like the trained one where
     one process runs it (fp32 under bf16 autocast), so that their log-probs start equal; under
     FSDP both compute with bf16 weights, which bf16 storage gives directly.
+
+    Under FSDP with safetensors weights, no rank loads the whole model: it is built without
+    weights, sharded, and each rank reads only the rows of its own shards from the files. A full
+    copy per rank would take 8 x 59 GB of host memory per node for the 14.8B model in fp32.
     """
-    causal_lm = load_causal_lm(config.model, device, trainable=trainable or not is_distributed())
+    model_config = config.model
+    weights_trainable = trainable or not is_distributed()
+    shard_by_shard = is_distributed() and safetensors_weights(model_config.path) is not None
+    if shard_by_shard:
+        causal_lm = build_causal_lm_without_weights(model_config, device, trainable=weights_trainable)
+    else:
+        if is_distributed() and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{model_config.path}: no safetensors weights, so every rank loads the whole model "
+                  "before sharding it", flush=True)
+        causal_lm = load_causal_lm(model_config, device, trainable=weights_trainable)
     if not trainable:
         causal_lm.requires_grad_(False)
         causal_lm.eval()
-    return apply_fsdp(CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss), device, config.parallel)
+    root = apply_fsdp(CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss), device, config.parallel)
+    if shard_by_shard:
+        load_local_shards(root.causal_lm, model_config.path)
+        check_embeddings_tied(root.causal_lm)
+    return root
 
 
 class Engine:
