@@ -50,6 +50,7 @@ class StagePlan:
     host: list = dataclasses.field(default_factory=list)  # (what, bytes per node, how)
     flops: list = dataclasses.field(default_factory=list)  # (what, FLOPs)
     notes: list = dataclasses.field(default_factory=list)
+    decoder_activations: int = 0  # bytes the decoder layers hold between forward and backward
 
     @property
     def peak_phase(self):
@@ -165,12 +166,13 @@ def decoder_checkpoints(root):
     return [("first layer", layers[0], "start"), ("last layer", layers[-1], "end")]
 
 
-def layer_activation_note(measured, architecture, tokens):
-    """The activations the decoder layers keep for backward, against layers x tokens x hidden x 2 bytes."""
+def note_layer_activations(plan, measured, architecture, tokens):
+    """Records the activations the decoder layers keep for backward, beside layers x tokens x hidden x 2 bytes."""
     held = measured.activations_at["last layer end"] - measured.activations_at["first layer start"]
     expected = architecture.num_hidden_layers * tokens * architecture.hidden_size * 2
-    return held, (f"activations held by the decoder layers between forward and backward: {gib(held)} GiB "
-                  f"(layers x tokens x hidden x 2 bytes = {gib(expected)} GiB)")
+    plan.decoder_activations = held
+    plan.notes.append(f"activations held by the decoder layers between forward and backward: {gib(held)} GiB "
+                      f"(layers x tokens x hidden x 2 bytes = {gib(expected)} GiB)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def plan_sft(config, architecture, mesh, world_size):
     forward_backward["optimizer states"] = states
     plan = StagePlan("sft", [Phase(f"forward+backward ({tokens} tokens)", forward_backward),
                              _optimizer_phase(sharded, states, optimizer_temporaries)])
-    plan.notes.append(layer_activation_note(measured, architecture, tokens)[1])
+    note_layer_activations(plan, measured, architecture, tokens)
     per_micro_batch = measured.flops
     plan.flops += [("per micro-batch per GPU", per_micro_batch),
                    (f"per step ({train.grad_accum} micro-batches x {world_size} GPUs)",
@@ -310,7 +312,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     phases.append(Phase(f"policy forward+backward ({tokens} tokens)", items))
     phases.append(_optimizer_phase(sharded, states, optimizer_temporaries,
                                    {"reference model": reference_bytes} if reference_bytes else None))
-    plan.notes.append(layer_activation_note(measured, architecture, tokens)[1])
+    note_layer_activations(plan, measured, architecture, tokens)
     plan.notes.append(f"the largest row: {tokens} tokens in documents of up to {sequence} tokens "
                       f"(train.max_tokens_per_micro_batch={budget}; {sequences} sequences per GPU per step)")
     plan.flops.append(("policy forward+backward per row per GPU", measured.flops))
@@ -377,11 +379,13 @@ def host_lines(stage, world_size, parameters, largest):
 
 
 def stage_configs(config_path, overrides):
-    """{stage: RunConfig} of every stage the file defines (a file without stages: SFT)."""
+    """{stage: RunConfig} of every stage a `stages:` file defines, or of a one-stage file's stage."""
     values = read_yaml(config_path, "config file")
-    defined = list((values.get("stages") or {}).keys()) if isinstance(values, dict) else []
-    chosen = [stage for stage in STAGES if stage in defined] or ["sft"]
-    return {stage: load_config(config_path, list(overrides) + [f"stage={stage}"]) for stage in chosen}
+    defined = [stage for stage in STAGES if stage in ((values.get("stages") or {}) if isinstance(values, dict) else {})]
+    if not defined:
+        config = load_config(config_path, overrides)
+        return {config.stage: config}
+    return {stage: load_config(config_path, list(overrides) + [f"stage={stage}"]) for stage in defined}
 
 
 def plan_stage(stage, config, architecture, world_size, gpu_bytes):
@@ -475,6 +479,30 @@ def parameter_counts(architecture):
         model = AutoModelForCausalLM.from_config(architecture)
     sizes = [p.numel() for p in model.parameters()]
     return sum(sizes), max(sizes)
+
+
+def preflight(config_path, overrides, stage, log=print):
+    """`trainer.run --plan`: plans the stage about to run, for this launch's ranks and GPUs, before any
+    weights load; raises SystemExit(1) when it does not fit.
+
+    Rank 0 plans; the other ranks go on to start-up, where they wait for rank 0 to join them.
+    """
+    import torch
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / GIB
+    else:
+        gpu_memory_gb = 80.0
+        log("plan: no GPU visible; planning for GPUs of 80 GiB")
+    _, _, failures = run_plan(config_path, overrides, [stage], gpus, gpu_memory_gb, log=log)
+    if failures:
+        for failure in failures:
+            print(f"does not fit: {failure}", file=sys.stderr)
+        raise SystemExit(1)
+    log(f"plan: {stage} fits {gpus} GPU(s) of {gpu_memory_gb:.0f} GiB; starting")
 
 
 def main(argv=None):

@@ -20,6 +20,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML run configuration (see configs/)")
     parser.add_argument("--stage", choices=["sft", "grpo", "eval"], help="the same as stage=...")
     parser.add_argument("--resume", choices=["auto", "none"], help="auto: continue from the latest complete checkpoint")
+    parser.add_argument("--plan", action="store_true",
+                        help="first plan the stage's GPU memory (python -m trainer.plan) and stop if it does not fit")
     parser.add_argument("--epoch-ablation", action="store_true",
                         help="toy recipe: SFT for the epoch counts in epoch_ablation and the configured one, compared")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=2e-5")
@@ -48,11 +50,17 @@ def main(argv=None):
         if no_arguments or args.epoch_ablation or (args.config and is_toy_config(args.config)):
             if args.stage:
                 raise ConfigError(f"{args.config}: the toy recipe runs all its stages in turn; leave out --stage")
+            if args.plan:
+                raise ConfigError("--plan plans a --config file's stage; the toy recipe builds its model as it runs")
             run_toy(args)
             return
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         overrides += [f"stage={args.stage}"] if args.stage else []
         config = load_config(args.config, overrides)
+        if args.plan:
+            from .plan import preflight
+
+            preflight(args.config, overrides, config.stage)
         config.model.path = local_model_dir(config.model.path)  # a Hub name becomes its cached snapshot
         if config.stage == "eval":
             from .evaluate import run_eval
