@@ -362,13 +362,18 @@ def plan_eval(config, architecture, gpu_bytes):
 
 
 def host_lines(stage, world_size, parameters, largest):
-    """(what, bytes per node, how): host memory of loading, checkpoint saves and the export."""
+    """(what, bytes of process memory per node, how) for loading, checkpoint saves and the export.
+
+    File pages of the checkpoint pass through the page cache, which the kernel reclaims; they are
+    named, not counted.
+    """
+    checkpoint = f"the {gib(parameters * 2)} GiB bf16 checkpoint passes through the page cache"
     if stage == "eval":
-        return [("model loading", world_size * parameters * 2, f"each of {world_size} ranks loads the bf16 model")]
+        return [("model loading", world_size * parameters * 2,
+                 f"each of {world_size} ranks loads the whole bf16 model in host memory before moving it to its GPU")]
     return [
-        ("model loading", parameters * 2 + largest * 4,
-         f"the bf16 checkpoint through the page cache, each of {world_size} ranks reading its own rows, plus "
-         "one fp32 slice of a parameter per rank"),
+        ("model loading", largest * 6,
+         f"each of {world_size} ranks reads its rows of one weight at a time, bf16 and cast to fp32; {checkpoint}"),
         ("checkpoint save", largest * 4, "each rank stages one tensor of its shard at a time while DCP writes"),
         ("Hugging Face export", largest * 2, "rank 0 holds one gathered parameter, in bf16, while it is written"),
     ]
@@ -450,7 +455,7 @@ def run_plan(config_path, overrides=(), stages=None, gpus=8, gpu_memory_gb=80.0,
             raise ConfigError(f"{config_path}: no {', '.join(missing)} stage; it defines {', '.join(configs)}")
         configs = {stage: configs[stage] for stage in stages}
     plans, failures = [], []
-    report = [f"# Memory plan: {config_path}, {gpus} GPUs of {gpu_memory_gb:g} GiB", ""]
+    report = [f"# Memory plan: {config_path}, {gpus} GPUs of {gpu_memory_gb:g} GiB", "", provenance(), ""]
     for stage, config in configs.items():
         architecture, source = architectures[stage]
         started = time.perf_counter()
@@ -468,6 +473,23 @@ def run_plan(config_path, overrides=(), stages=None, gpus=8, gpu_memory_gb=80.0,
                             f"more than {FIT_FRACTION:.0%} of {gpu_memory_gb:g} GiB; the largest item is {item} "
                             f"({gib(size)} GiB)")
     return plans, "\n".join(report), failures
+
+
+def provenance():
+    """The date, commit and versions a plan ran with, for the report's header."""
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return (f"{time.strftime('%Y-%m-%d')} | commit {commit} | torch {torch.__version__} | transformers "
+            f"{transformers.__version__} | planned on {platform.machine()} CPU, {os.cpu_count()} cores, fake tensors")
 
 
 def parameter_counts(architecture):
