@@ -84,7 +84,10 @@ def architecture_path(model_path):
             pass
         candidates.append(os.path.join(SHIPPED_ARCHITECTURES, model_path.rstrip("/").split("/")[-1].lower(),
                                        "config.json"))
-    return next((path for path in candidates if os.path.isfile(path)), None)
+    found = next((path for path in candidates if os.path.isfile(path)), None)
+    if found and os.path.abspath(found).startswith(os.getcwd() + os.sep):
+        found = os.path.relpath(found)  # shorter in the report, and the same on every checkout
+    return found
 
 
 def read_architecture(path, trust_remote_code=False):
@@ -424,6 +427,9 @@ def format_plan(plan, gpu_bytes):
     out += [f"- {note}" for note in plan.notes]
     out += [f"- host RAM per node, {what}: {gib(size)} GiB ({how})" for what, size, how in plan.host]
     out += [f"- FLOPs {what}: {flops / 1e12:,.1f} TFLOP" for what, flops in plan.flops]
+    if plan.flops:
+        out.append("- (FLOPs as torch's FLOP counter counts them: attention as if unmasked, about twice what "
+                   "causal flash attention computes)")
     return "\n".join(out) + "\n"
 
 
