@@ -29,7 +29,8 @@ from .common import write_results
 ARCHITECTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "models", "deepseek-r1-distill-qwen-14b", "config.json")
 COLUMNS = ["stage", "layers", "tokens_per_step", "step_s", "tokens_per_s", "model_TFLOP_per_step",
-           "achieved_TFLOP_per_s", "mfu_vs_measured_matmul", "peak_allocated_GB", "peak_reserved_GB", "notes"]
+           "achieved_TFLOP_per_s", "mfu_vs_measured_matmul", "peak_allocated_GB", "peak_reserved_GB", "planned_peak_GB",
+           "notes"]
 
 
 def model_config(layers, tiny):
@@ -135,6 +136,18 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def planned_peak_gb(run, workdir, device, overrides=()):
+    """What `python -m trainer.plan` predicts for this run's peak on this GPU, in GiB."""
+    from trainer.config import save_config
+    from trainer.plan import GIB, run_plan
+
+    path = os.path.join(workdir, f"{run.stage}_plan.yaml")
+    save_config(run, path)
+    memory = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 80.0
+    plans, _, _ = run_plan(path, list(overrides), gpus=1, gpu_memory_gb=memory, log=lambda *_: None)
+    return plans[0].peak_phase.total / GIB
+
+
 def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
     """Engine + SFTData, as `python -m trainer.run` drives them; the first step is warm-up."""
     from trainer.config import load_config
@@ -148,6 +161,7 @@ def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
         f"train.max_steps={steps}", "optim.lr=1e-5", "parallel.activation_checkpointing=true",
         "checkpoint.export_hf=false", "checkpoint.save_final=false",
     ])
+    planned = planned_peak_gb(run, workdir, device)
     reset_memory(device)
     engine = Engine(run)
     data = SFTData(run, engine.tokenizer, 1, print)
@@ -171,7 +185,7 @@ def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
             tokens.append(sum(lengths))
     peak, reserved = memory_gb(device)
     del engine
-    return summarise("sft", config, times, flops, tokens, peak, reserved, ceiling,
+    return summarise("sft", config, times, flops, tokens, peak, reserved, ceiling, planned,
                      f"{args.seq_len}-token packed rows, micro-batch 1, fp32 master weights, bf16 compute, "
                      "activation checkpointing, document-masked attention")
 
@@ -190,6 +204,7 @@ def run_grpo_steps(model_path, prompts_path, workdir, args, config, device, ceil
         "grpo.beta=0.04", "grpo.top_p=1.0", "grpo.min_p=0.0", "checkpoint.export_hf=false",
         "checkpoint.save_final=false", f"train.max_tokens_per_micro_batch={args.grpo_budget}",
     ])
+    planned = planned_peak_gb(run, workdir, device, [f"grpo.max_prompt_tokens={args.prompt_tokens}"])
     reset_memory(device)
     run_grpo(run)
     everything = read_metrics(run_dir)
@@ -203,13 +218,13 @@ def run_grpo_steps(model_path, prompts_path, workdir, args, config, device, ceil
     rollout = statistics.median(r["rollout_s"] for r in records)
     step = statistics.median(r["step_s"] for r in records)
     return summarise("grpo (training phase)", config, times, flops, tokens, peak if device.type == "cuda" else None,
-                     memory_gb(device)[1], ceiling,
+                     memory_gb(device)[1], ceiling, planned,
                      f"8 completions of {args.max_new_tokens} new tokens packed in rows of at most "
                      f"{args.grpo_budget} tokens, HF rollouts {rollout:.1f} s and whole step {step:.1f} s (medians), "
                      "beta 0.04 with the reference model loaded")
 
 
-def summarise(stage, config, times, flops, tokens, peak, reserved, ceiling, notes):
+def summarise(stage, config, times, flops, tokens, peak, reserved, ceiling, planned, notes):
     step_s = statistics.median(times)
     flop = statistics.median(flops)
     achieved = flop / step_s / 1e12
@@ -217,7 +232,7 @@ def summarise(stage, config, times, flops, tokens, peak, reserved, ceiling, note
         "stage": stage, "layers": config.num_hidden_layers, "tokens_per_step": statistics.median(tokens),
         "step_s": step_s, "tokens_per_s": statistics.median(tokens) / step_s, "model_TFLOP_per_step": flop / 1e12,
         "achieved_TFLOP_per_s": achieved, "mfu_vs_measured_matmul": achieved / ceiling if ceiling else None,
-        "peak_allocated_GB": peak, "peak_reserved_GB": reserved, "notes": notes,
+        "peak_allocated_GB": peak, "peak_reserved_GB": reserved, "planned_peak_GB": planned, "notes": notes,
     }
 
 

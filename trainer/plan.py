@@ -296,7 +296,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
 
         measured = measure(reference, reference_logprobs)
         items = training_rows(measured.peak)
-        items["reference model"] = items.pop("parameters")
+        items["reference model"] = items.pop("parameters")  # its shards and the layers it gathers
         items.update({"parameters": sharded, "optimizer states": states})
         phases.append(Phase(f"reference log-probs ({tokens} tokens)", items))
         plan.flops.append(("reference forward per row per GPU", measured.flops))
@@ -400,11 +400,13 @@ def plan_stage(stage, config, architecture, world_size, gpu_bytes):
     from .plan_measure import fake_world
 
     if stage == "eval":
-        plan = plan_eval(config, architecture, gpu_bytes)
-    else:
-        with fake_world(world_size) as mesh:
-            plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
-                    else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
+        return plan_eval(config, architecture, gpu_bytes)
+    with fake_world(world_size) as mesh:
+        plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
+                else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
+    if config.parallel.cpu_offload:
+        plan.notes.append("parallel.cpu_offload: the offloaded shards, gradients and optimizer states are counted "
+                          "as GPU memory here, so the figures are an upper bound")
     return plan
 
 

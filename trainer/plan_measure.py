@@ -27,8 +27,9 @@ CUDA = torch.device("cuda")
 def fake_world(world_size):
     """This process as rank 0 of a fake process group of world_size ranks, inside FakeTensorMode.
 
-    Yields the CPU device mesh FSDP shards over. The mesh is built before FakeTensorMode starts:
-    inside it the default mesh would read rank data it does not have.
+    Yields the CPU device mesh FSDP shards over (None for one rank: one process trains without
+    FSDP, as the trainer does). The mesh is built before FakeTensorMode starts: inside it the
+    default mesh would read rank data it does not have.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
@@ -36,6 +37,10 @@ def fake_world(world_size):
 
     if dist.is_initialized():
         raise RuntimeError("the planner needs its own fake process group; run it before torch.distributed starts")
+    if world_size == 1:
+        with FakeTensorMode(allow_non_fake_inputs=True), planning_as_gpu():
+            yield None
+        return
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
         mesh = init_device_mesh("cpu", (world_size,))
@@ -47,10 +52,12 @@ def fake_world(world_size):
 
 def build_sharded_model(architecture, config, mesh, trainable):
     """The loss module around a randomly initialised causal LM of this architecture, sharded as
-    the trainer shards it (dtype, attention, checkpointing, mixed precision on a GPU)."""
+    the trainer shards it (dtype, attention, checkpointing, mixed precision on a GPU). Without a
+    process group it stays whole, in fp32 under bf16 autocast, frozen copy included, as one
+    training process holds it."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(config.model.dtype, CUDA, trainable=trainable)
+    dtype = resolve_dtype(config.model.dtype, CUDA, trainable=trainable or not dist.is_initialized())
     if config.model.attn_implementation == DOCUMENT_MASKED:
         register_document_attention()
     # from_config writes the attention choice into the config it is given: build from a copy.
@@ -86,6 +93,8 @@ _CATEGORY_NAMES = {
     "Sharded Grad": "sharded_grads", "Unsharded Grad": "unsharded_grads", "Activation": "activations",
     "Temp": "temporaries", "All Gather": "all_gather", "Reduce Scatter": "reduce_scatter",
     "OptState": "optimizer_states", "Inputs": "inputs",
+    # MemTracker's names, for a module FSDP does not wrap.
+    "Parameter": "sharded_params", "Gradient": "sharded_grads", "Optstate": "optimizer_states", "Other": "temporaries",
 }
 
 
@@ -109,9 +118,19 @@ def measure(root, work, repeats=1, checkpoints=()):
     as "<name> <start or end>" when that module's forward starts or ends, the first time it runs.
     """
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
     from torch.utils.flop_counter import FlopCounterMode
 
-    tracker = FSDPMemTracker(root)
+    frozen = []
+    if isinstance(root, FSDPModule):
+        tracker = FSDPMemTracker(root)
+    else:
+        tracker = MemTracker()
+        tracker.track_external(root)
+        # MemTracker hooks every parameter's gradient, which frozen parameters refuse. A frozen
+        # model runs under no_grad, so the hooks cannot fire: it is unfrozen while it is tracked.
+        frozen = [p for p in root.parameters() if not p.requires_grad]
     activations_at, hooks = {}, []
 
     def record(label):
@@ -124,12 +143,16 @@ def measure(root, work, repeats=1, checkpoints=()):
         hooks.append(register(record(f"{name} {moment}")))
     peaks = []
     try:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
         with tracker:
             for _ in range(repeats):
                 work()
                 peaks.append(_by_name(tracker.get_tracker_snapshot("peak")))
                 tracker.reset_mod_stats()  # the tracker follows one call of each module at a time
     finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
         for hook in hooks:
             hook.remove()
     counter = FlopCounterMode(display=False)
