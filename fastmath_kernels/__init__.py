@@ -7,6 +7,7 @@ torch backends still work.
 """
 
 from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends
+from ._planning import device_type as planned_device_type
 from ._planning import is_planning, planning_as_gpu
 from ._registry import backend_names
 from .group_advantages import group_advantages
@@ -25,6 +26,7 @@ __all__ = [
     "is_planning",
     "linear_cross_entropy",
     "linear_token_logprobs",
+    "planned_device_type",
     "planning_as_gpu",
     "token_logprobs",
 ]

@@ -41,9 +41,9 @@ def check_targets(targets, expected_shape, vocab_size, *, ignore_index=None):
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(expected_shape)}")
     if targets.numel() == 0:
         return
-    allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     if is_planning():
         return  # fake tensors: no ids to check
+    allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     if targets.is_cpu or os.environ.get(TARGET_CHECK_ENV) == "1":
         _check_targets_on_host(targets, vocab_size, ignore_index, allowed)
         return

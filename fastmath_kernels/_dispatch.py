@@ -70,7 +70,7 @@ def cuda_cannot_run_on(device):
 
 def triton_cannot_run_on(device):
     if is_planning():
-        # Its kernels have no fake implementations; the CUDA kernels' allocate the same buffers.
+        # Its kernels have no fake implementations; the CUDA kernels' fakes allocate the same buffers.
         return "backend='triton' does not run on fake tensors; planning uses the CUDA kernels' fake implementations"
     if not HAS_TRITON:
         return "backend='triton' needs the triton package, which is not installed"

@@ -390,6 +390,15 @@ def test_read_model_shape_counts_what_the_model_holds(tmp_path):
     assert shape.kv_bytes_per_token(1) == 2 * 3 * 2 * 8 * 2 and shape.kv_bytes_per_token(4) == 2 * 3 * 1 * 8 * 2
 
 
+def test_vllm_without_a_visible_gpu_is_refused_at_start_up(fake_vllm, monkeypatch):
+    config = recipe_config()
+    config.grpo.rollout_engine = "vllm"  # accepted by the config: a planner reads it on any machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="grpo.rollout_engine=vllm needs a CUDA GPU; none is visible"):
+        check_rollout_startup(config, world_size=1)
+    assert fake_vllm.CALLS == []
+
+
 def test_the_rollout_start_up_check_runs_before_any_engine(fake_vllm, monkeypatch):
     import trainer.rollout.vllm as adapter
 

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastmath_kernels import is_planning
+from fastmath_kernels import planned_device_type as device_type
 
 DOCUMENT_MASKED = "document_masked"
 
@@ -76,8 +76,7 @@ def _repeat_heads(tensor, groups, dim):
 
 def varlen_usable(query, scaling, dropout=0.0):
     """Whether the flash varlen kernels compute this call exactly (they have no dropout)."""
-    on_gpu = query.device.type == "cuda" or is_planning()  # planning: fake CPU tensors stand for CUDA ones
-    if _VARLEN is None or not on_gpu or query.dtype not in (torch.bfloat16, torch.float16):
+    if _VARLEN is None or device_type(query.device) != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return False
     if dropout:
         return False

@@ -22,6 +22,7 @@ from .model import (
     load_causal_lm,
     load_local_shards,
     load_tokenizer,
+    reason_to_load_whole,
     safetensors_weights,
 )
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
@@ -68,14 +69,21 @@ def load_sharded_model(config, device, trainable):
     """
     model_config = config.model
     weights_trainable = trainable or not is_distributed()
-    shard_by_shard = is_distributed() and safetensors_weights(model_config.path) is not None
-    if shard_by_shard:
-        causal_lm = build_causal_lm_without_weights(model_config, device, trainable=weights_trainable)
+    causal_lm, why_whole = None, None
+    if not is_distributed():
+        pass
+    elif safetensors_weights(model_config.path) is None:
+        why_whole = "it has no safetensors weights"
     else:
-        if is_distributed() and int(os.environ.get("RANK", "0")) == 0:
-            print(f"{model_config.path}: no safetensors weights, so every rank loads the whole model "
-                  "before sharding it", flush=True)
+        causal_lm = build_causal_lm_without_weights(model_config, device, trainable=weights_trainable)
+        if why_whole := reason_to_load_whole(causal_lm, model_config.path):
+            causal_lm = None
+    if causal_lm is None:
+        if why_whole and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{model_config.path}: {why_whole}, so every rank loads the whole model before sharding it",
+                  flush=True)
         causal_lm = load_causal_lm(model_config, device, trainable=weights_trainable)
+    shard_by_shard = is_distributed() and why_whole is None
     if not trainable:
         causal_lm.requires_grad_(False)
         causal_lm.eval()

@@ -9,7 +9,7 @@ from fastmath_kernels import group_advantages
 
 from .config import ConfigError
 from .data import DataError, epoch_order, load_records, to_messages
-from .parallel import all_gather_concat
+from .parallel import all_gather_concat, all_reduce_max
 from .rollout.keyed_sampling import sequence_keys
 
 
@@ -118,7 +118,8 @@ def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, ra
     With grpo.dynamic_sampling, groups whose rewards are all equal (no learning signal) are
     dropped and replaced by groups of further prompts, drawn for up to grpo.max_sampling_rounds
     rounds; if too few informative groups turn up, dropped ones fill the batch back to its size
-    (their advantages are 0), so every rank trains on the same number of groups.
+    (their advantages are 0), so every rank trains on the same number of groups. Every rank
+    samples the same number of rounds: one that has enough goes on until all have.
     """
     grpo = config.grpo
     kept, spare = [], []
@@ -130,7 +131,9 @@ def sample_groups(indices, step, prompts, rollout, sampling, rewards, config, ra
             return flatten_groups(groups, rounds)
         for group in groups:
             (kept if zero_variance_groups(group.rewards, grpo.group_size) == 0 else spare).append(group)
-        if len(kept) >= grpo.prompts_per_step or rounds >= grpo.max_sampling_rounds:
+        done = len(kept) >= grpo.prompts_per_step or rounds >= grpo.max_sampling_rounds
+        # Under FSDP each round's generate calls are collectives: the ranks stop together, once all are done.
+        if all_reduce_max(int(not done)) == 0:
             return flatten_groups((kept + spare)[: grpo.prompts_per_step], rounds)
         generator = torch.Generator().manual_seed((config.train.seed * 7919 + step) * 131 + rank * 17 + rounds)
         indices = torch.randint(len(prompts), (grpo.prompts_per_step,), generator=generator).tolist()

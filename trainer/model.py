@@ -216,6 +216,22 @@ def plan_weight_reads(causal_lm, listing, files):
     return reads
 
 
+def reason_to_load_whole(causal_lm, path):
+    """Why a model built without weights cannot be filled from these files as they are, or None.
+
+    from_pretrained renames some checkpoints' weights and keeps some modules in fp32; a model
+    that needs either loads whole, through it.
+    """
+    if getattr(causal_lm, "_keep_in_fp32_modules", None):
+        return f"it keeps {', '.join(causal_lm._keep_in_fp32_modules)} in fp32"
+    listing, files = safetensors_weights(path)
+    try:
+        plan_weight_reads(causal_lm, listing, files)
+    except DataError as error:
+        return f"its weights are stored under other names than the model's ({str(error).split(': ', 1)[-1]})"
+    return None
+
+
 def local_rows(tensor):
     """(this rank's part of tensor, the first row of it in the whole tensor).
 
@@ -229,7 +245,8 @@ def local_rows(tensor):
 
     local_shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     if tuple(local_shape[1:]) != tuple(tensor.shape[1:]):
-        raise NotImplementedError(f"only shards along dim 0 load from rows, not {tensor.placements}")
+        raise NotImplementedError(f"a tensor of shape {list(tensor.shape)} is sharded as {tensor.placements}; "
+                                  "only shards along dim 0 load from rows")
     return tensor.to_local().detach(), offset[0] if offset else 0
 
 

@@ -10,8 +10,10 @@ of tokens) is counted from the shapes: the rollouts' KV cache, vLLM's share of t
 
 It prints, per stage, one rank's GPU memory by category in each phase of a step, the host
 memory per node, and the FLOPs; it exits 1 naming the stage and its largest item when a stage
-needs more than 90% of the GPU. GB means GiB (2**30 bytes) throughout: an "80 GB" GPU holds
-80 GiB.
+needs more than 90% of the GPU. The figures are tensor bytes: the CUDA context, NCCL's buffers
+and the allocator's fragmentation come on top (a few GiB), which that 10% is left for. GB means
+GiB (2**30 bytes) throughout: an "80 GB" GPU holds 80 GiB. Host memory is that of the ranks of
+one node, with --gpus ranks on it.
 """
 
 import argparse
@@ -94,7 +96,7 @@ def read_architecture(path, trust_remote_code=False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(os.path.dirname(path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a usable model config ({str(error).splitlines()[0][:160]})") from None
 
@@ -117,6 +119,13 @@ def stage_architectures(configs, model_config_path=None):
     first = next(iter(found.values()))
     return {stage: found.get(stage, (first[0], f"{first[1]} (model.path {configs[stage].model.path} does not "
                                               f"exist yet)")) for stage in configs}
+
+
+def generate_cache_bytes(architecture, rows, sequence):
+    """The KV cache of one HF generate call growing to `sequence` tokens in `rows` rows: each decoding
+    step's cache update copies one layer's cache, so one layer's worth more at the end."""
+    layers = architecture.num_hidden_layers
+    return rows * sequence * kv_bytes_per_token(architecture) * (layers + 1) / layers
 
 
 def kv_bytes_per_token(architecture, dtype_bytes=2):
@@ -255,8 +264,7 @@ def rollout_phase(config, architecture, policy, resident, gpu_bytes):
     root_parameters = all_parameters - layer_parameters * len(policy.causal_lm.model.layers)
     items["parameters"] = items.get("parameters", 0) + (root_parameters + 2 * layer_parameters) * 2
     rows = sequences if grpo.max_batch_tokens is None else max(1, min(sequences, grpo.max_batch_tokens // sequence))
-    layers = architecture.num_hidden_layers
-    items["KV cache"] = rows * sequence * kv_bytes_per_token(architecture) * (layers + 1) / layers
+    items["KV cache"] = generate_cache_bytes(architecture, rows, sequence)
     calls = math.ceil(sequences / rows)
     return Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)
 
@@ -319,10 +327,14 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     plan.notes.append(f"the largest row: {tokens} tokens in documents of up to {sequence} tokens "
                       f"(train.max_tokens_per_micro_batch={budget}; {sequences} sequences per GPU per step)")
     plan.flops.append(("policy forward+backward per row per GPU", measured.flops))
-    row_flops = measured.flops + sum(f for what, f in plan.flops if what.startswith("reference"))
+    # Per row: the reference forward, grpo.num_iterations updates and, with more than one, a
+    # forward for the old log-probs (about a third of an update's FLOPs with recomputation).
+    reference_flops = sum(f for what, f in plan.flops if what.startswith("reference"))
+    iterations = grpo.num_iterations
+    row_flops = reference_flops + iterations * measured.flops + (measured.flops / 4 if iterations > 1 else 0)
     step_tokens = sequences * sequence * world_size
-    plan.flops.append((f"per step, training only ({step_tokens} tokens at full length over {world_size} GPUs)",
-                       row_flops * step_tokens / tokens))
+    plan.flops.append((f"per step, training only ({step_tokens} tokens at full length over {world_size} GPUs, "
+                       f"{iterations} update(s))", row_flops * step_tokens / tokens))
     if shape_note:
         plan.notes.append(shape_note)
     return plan
@@ -354,7 +366,7 @@ def plan_eval(config, architecture, gpu_bytes):
         items = {"reserved for vLLM": EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes}
         note = "vLLM holds the weights and its KV cache in its share of the GPU"
     else:
-        items = {"parameters": parameters * 2, "KV cache": rows * sequence * kv_bytes_per_token(architecture)}
+        items = {"parameters": parameters * 2, "KV cache": generate_cache_bytes(architecture, rows, sequence)}
         note = (f"one generate call's KV cache: {rows} rows x {sequence} tokens (1024-token prompts; "
                 f"eval.max_batch_tokens={settings.max_batch_tokens})")
     return StagePlan("eval", [Phase("generation", items)], notes=[note])
@@ -371,6 +383,10 @@ def host_lines(stage, world_size, parameters, largest):
     named, not counted.
     """
     checkpoint = f"the {gib(parameters * 2)} GiB bf16 checkpoint passes through the page cache"
+    if world_size == 1 and stage != "eval":
+        return [("model loading", parameters * 4, f"one process loads the whole fp32 model; {checkpoint}"),
+                ("checkpoint save", largest * 4, "one tensor at a time while DCP writes"),
+                ("Hugging Face export", largest * 2, "one parameter, in bf16, at a time while it is written")]
     if stage == "eval":
         return [("model loading", world_size * parameters * 2,
                  f"each of {world_size} ranks loads the whole bf16 model in host memory before moving it to its GPU")]
@@ -386,14 +402,39 @@ def host_lines(stage, world_size, parameters, largest):
 # Running and printing
 
 
-def stage_configs(config_path, overrides):
-    """{stage: RunConfig} of every stage a `stages:` file defines, or of a one-stage file's stage."""
+def defined_stages(config_path):
+    """The stages a `stages:` file defines, in recipe order (none for a one-stage file or no file)."""
+    if config_path is None:
+        return []
     values = read_yaml(config_path, "config file")
-    defined = [stage for stage in STAGES if stage in ((values.get("stages") or {}) if isinstance(values, dict) else {})]
+    stages = (values.get("stages") or {}) if isinstance(values, dict) else {}
+    return [stage for stage in STAGES if stage in stages]
+
+
+def stage_configs(config_path, overrides, stages=None):
+    """({stage: RunConfig} to plan, {stage: RunConfig} of the file's other stages).
+
+    The stages to plan take the command line's overrides; the others are read as the file has
+    them (their models lend an architecture to a stage whose model does not exist yet), and one
+    that does not load is left out.
+    """
+    defined = defined_stages(config_path)
     if not defined:
-        config = load_config(config_path, overrides)
-        return {config.stage: config}
-    return {stage: load_config(config_path, list(overrides) + [f"stage={stage}"]) for stage in defined}
+        config = load_config(config_path, list(overrides) + ([f"stage={stages[0]}"] if stages else []))
+        return {config.stage: config}, {}
+    chosen = stages or defined
+    missing = [stage for stage in chosen if stage not in defined]
+    if missing:
+        raise ConfigError(f"{config_path}: no {', '.join(missing)} stage; it defines {', '.join(defined)}")
+    planned = {stage: load_config(config_path, list(overrides) + [f"stage={stage}"]) for stage in chosen}
+    others = {}
+    for stage in defined:
+        if stage not in planned:
+            try:
+                others[stage] = load_config(config_path, [f"stage={stage}"])
+            except ConfigError:
+                pass
+    return planned, others
 
 
 def plan_stage(stage, config, architecture, world_size, gpu_bytes):
@@ -404,10 +445,26 @@ def plan_stage(stage, config, architecture, world_size, gpu_bytes):
     with fake_world(world_size) as mesh:
         plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
                 else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
+    plan.notes.extend(planning_caveats())
     if config.parallel.cpu_offload:
         plan.notes.append("parallel.cpu_offload: the offloaded shards, gradients and optimizer states are counted "
                           "as GPU memory here, so the figures are an upper bound")
     return plan
+
+
+def planning_caveats():
+    """What makes this machine plan another code path than a GPU run would take."""
+    from fastmath_kernels import HAS_CUDA_EXT
+
+    from .attention import _VARLEN
+
+    caveats = []
+    if not HAS_CUDA_EXT:
+        caveats.append("the CUDA extension is not built here, so the fused ops were planned with their torch "
+                       "backend's buffers, not the CUDA kernels'")
+    if _VARLEN is None:
+        caveats.append("this torch has no varlen attention, so attention was planned on its grouped-SDPA path")
+    return caveats
 
 
 def format_table(plan, gpu_bytes):
@@ -427,7 +484,7 @@ def format_plan(plan, gpu_bytes):
     out = [f"## {plan.stage}: peak {gib(peak.total)} GiB per GPU in \"{peak.name}\" "
            f"({peak.total / gpu_bytes:.0%} of {gib(gpu_bytes)} GiB): {verdict}", "", format_table(plan, gpu_bytes), ""]
     out += [f"- {note}" for note in plan.notes]
-    out += [f"- host RAM per node, {what}: {gib(size)} GiB ({how})" for what, size, how in plan.host]
+    out += [f"- host RAM of the ranks on one node, {what}: {gib(size)} GiB ({how})" for what, size, how in plan.host]
     out += [f"- FLOPs {what}: {flops / 1e12:,.1f} TFLOP" for what, flops in plan.flops]
     if plan.flops:
         out.append("- (FLOPs as torch's FLOP counter counts them: attention as if unmasked, about twice what "
@@ -455,15 +512,12 @@ def run_plan(config_path, overrides=(), stages=None, gpus=8, gpu_memory_gb=80.0,
     if not gpu_memory_gb > 0:
         raise ConfigError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
     gpu_bytes = gpu_memory_gb * GIB
-    configs = stage_configs(config_path, overrides)
-    architectures = stage_architectures(configs, model_config)  # from any stage: GRPO's model is SFT's export
-    if stages:
-        missing = [stage for stage in stages if stage not in configs]
-        if missing:
-            raise ConfigError(f"{config_path}: no {', '.join(missing)} stage; it defines {', '.join(configs)}")
-        configs = {stage: configs[stage] for stage in stages}
+    configs, others = stage_configs(config_path, overrides, stages)
+    # From any stage of the file: GRPO's model is SFT's export, with SFT's architecture.
+    architectures = stage_architectures({**configs, **others}, model_config)
     plans, failures = [], []
-    report = [f"# Memory plan: {config_path}, {gpus} GPUs of {gpu_memory_gb:g} GiB", "", provenance(), ""]
+    report = [f"# Memory plan: {config_path or 'command-line settings'}, {gpus} GPUs of {gpu_memory_gb:g} GiB", "",
+              provenance(), ""]
     for stage, config in configs.items():
         architecture, source = architectures[stage]
         started = time.perf_counter()

@@ -184,6 +184,5 @@ def measure_optimizer_step(parameters, optim):
             optimizer.step()
     state_bytes = local_bytes(t for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
     # The tracker files what the step allocates under optimizer states, its temporaries included.
-    during_step = max(size for device in tracker.get_tracker_snapshot("peak").values()
-                      for key, size in device.items() if str(key).endswith("OPT"))
+    during_step = max(_by_name(tracker.get_tracker_snapshot("peak")).get("optimizer_states", 0), state_bytes)
     return state_bytes, max(0, during_step - state_bytes)

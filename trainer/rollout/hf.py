@@ -1,4 +1,4 @@
-"""Batched sampling through transformers' generate, on the training model itself (CPU or one GPU)."""
+"""Batched sampling through transformers' generate, on the training model itself (whole or FSDP-sharded)."""
 
 import dataclasses
 
