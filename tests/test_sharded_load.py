@@ -210,3 +210,31 @@ def test_building_without_weights_keeps_the_buffers_and_leaves_parameters_unwrit
         assert torch.equal(buffers[name], buffer) and buffers[name].dtype == buffer.dtype, name
     assert causal_lm.config.name_or_path == models["untied_sharded"] and not causal_lm.training
     assert torch.nn.Module.register_parameter.__name__ == "register_parameter"  # restored
+
+
+@pytest.mark.parametrize("name", ["tied", "untied_sharded"])
+def test_one_process_loads_weight_by_weight_as_from_pretrained_loads(models, name):
+    # A GPU takes this path (load_causal_lm on CUDA); on CPU it is called directly.
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import ModelConfig
+    from trainer.model import load_weight_by_weight
+
+    model = load_weight_by_weight(ModelConfig(path=models[name]), torch.device("cpu"), trainable=True)
+    whole = AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32)
+    loaded, expected = model.state_dict(), whole.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+    assert dict(model.named_buffers()).keys() == dict(whole.named_buffers()).keys()
+    assert all(torch.equal(buffer, dict(whole.named_buffers())[key]) for key, buffer in model.named_buffers())
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    assert torch.equal(model(ids).logits, whole.eval()(ids).logits)
+    if name == "tied":
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_one_process_loads_whole_where_the_files_cannot_fill_the_model(models):
+    from trainer.config import ModelConfig
+    from trainer.model import load_weight_by_weight
+
+    assert load_weight_by_weight(ModelConfig(path=models["no_safetensors"]), torch.device("cpu")) is None

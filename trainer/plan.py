@@ -383,13 +383,14 @@ def host_lines(stage, world_size, parameters, largest):
     named, not counted.
     """
     checkpoint = f"the {gib(parameters * 2)} GiB bf16 checkpoint passes through the page cache"
-    if world_size == 1 and stage != "eval":
-        return [("model loading", parameters * 4, f"one process loads the whole fp32 model; {checkpoint}"),
+    if stage == "eval":
+        return [("model loading", world_size * largest * 2,
+                 f"each of {world_size} ranks moves the bf16 model to its GPU one weight at a time; {checkpoint}")]
+    if world_size == 1:
+        return [("model loading", largest * 6,
+                 f"one weight at a time to the GPU, read in bf16, cast to fp32; {checkpoint}"),
                 ("checkpoint save", largest * 4, "one tensor at a time while DCP writes"),
                 ("Hugging Face export", largest * 2, "one parameter, in bf16, at a time while it is written")]
-    if stage == "eval":
-        return [("model loading", world_size * parameters * 2,
-                 f"each of {world_size} ranks loads the whole bf16 model in host memory before moving it to its GPU")]
     return [
         ("model loading", largest * 6,
          f"each of {world_size} ranks reads its rows of one weight at a time, bf16 and cast to fp32; {checkpoint}"),
