@@ -156,3 +156,25 @@ def test_sharded_weights_are_gathered_whole_in_the_engine_dtype_on_two_ranks(tmp
         for name, tensor in expected.items():
             assert received[name].dtype == torch.bfloat16 and torch.equal(received[name], tensor), name
         assert result["sent"] == sum(t.numel() * 2 for t in expected.values())
+
+
+def rows_per_call_on_two_ranks(rank, init_file, out_dir):
+    """One gloo rank with prompts of its own lengths: the rows a generate call may hold under a KV budget."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    engine = HFRolloutEngine(None, None, torch.device("cpu"), max_batch_tokens=1000)
+    prompts = [[1] * 10, [1] * 30] if rank == 0 else [[1] * 10, [1] * 90]  # rank 1 holds the longest prompt
+    per_call = engine.rows_per_call(prompts, SamplingSettings(n=4, max_new_tokens=110))
+    torch.save(per_call, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_every_rank_makes_the_same_generate_calls_under_a_kv_budget(tmp_path):
+    # Under FSDP each generate call is a collective: the ranks must agree on the rows per call.
+    import torch.multiprocessing as mp
+
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(rows_per_call_on_two_ranks, args=(init_file, str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)] == [1000 // 200] * 2  # 90 + 110 tokens
