@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from trainer.plan import GIB, parameter_counts, read_architecture, run_plan
+from trainer.plan import GIB, read_architecture, run_plan
+from trainer.plan_stages import parameter_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIG = os.path.join(REPO, "configs", "fast_math_r1_14b.yaml")

@@ -17,13 +17,11 @@ from .export import export_hf
 from .metrics import MetricsLogger, plot_loss
 from .model import (
     CausalLMLoss,
-    build_causal_lm_without_weights,
+    build_for_filling,
     check_embeddings_tied,
     load_causal_lm,
     load_local_shards,
     load_tokenizer,
-    reason_to_load_whole,
-    safetensors_weights,
 )
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
 
@@ -70,25 +68,19 @@ def load_sharded_model(config, device, trainable):
     model_config = config.model
     weights_trainable = trainable or not is_distributed()
     causal_lm, why_whole = None, None
-    if not is_distributed():
-        pass
-    elif safetensors_weights(model_config.path) is None:
-        why_whole = "it has no safetensors weights"
-    else:
-        causal_lm = build_causal_lm_without_weights(model_config, device, trainable=weights_trainable)
-        if why_whole := reason_to_load_whole(causal_lm, model_config.path):
-            causal_lm = None
-    if causal_lm is None:
+    if is_distributed():
+        causal_lm, why_whole = build_for_filling(model_config, device, trainable=weights_trainable)
+    filled_after_sharding = causal_lm is not None
+    if not filled_after_sharding:
         if why_whole and int(os.environ.get("RANK", "0")) == 0:
             print(f"{model_config.path}: {why_whole}, so every rank loads the whole model before sharding it",
                   flush=True)
         causal_lm = load_causal_lm(model_config, device, trainable=weights_trainable)
-    shard_by_shard = is_distributed() and why_whole is None
     if not trainable:
         causal_lm.requires_grad_(False)
         causal_lm.eval()
     root = apply_fsdp(CausalLMLoss(causal_lm, low_memory_loss=config.train.low_memory_loss), device, config.parallel)
-    if shard_by_shard:
+    if filled_after_sharding:
         load_local_shards(root.causal_lm, model_config.path)
         check_embeddings_tied(root.causal_lm)
     return root

@@ -237,13 +237,20 @@ def reason_to_load_whole(causal_lm, path):
     return None
 
 
+def build_for_filling(model_config, device, trainable=False):
+    """(the model built without weights, None), or (None, why it must load whole through from_pretrained)."""
+    if safetensors_weights(model_config.path) is None:
+        return None, "it has no safetensors weights"
+    causal_lm = build_causal_lm_without_weights(model_config, device, trainable=trainable)
+    reason = reason_to_load_whole(causal_lm, model_config.path)
+    return (None, reason) if reason else (causal_lm, None)
+
+
 def load_weight_by_weight(model_config, device, trainable=False):
     """The whole model built without weights, moved to device, then filled from the safetensors files
-    one weight at a time; None where the files cannot fill it as they are (reason_to_load_whole)."""
-    if safetensors_weights(model_config.path) is None:
-        return None
-    causal_lm = build_causal_lm_without_weights(model_config, device, trainable=trainable)
-    if reason_to_load_whole(causal_lm, model_config.path):
+    one weight at a time; None where the files cannot fill it as they are (build_for_filling)."""
+    causal_lm, _ = build_for_filling(model_config, device, trainable)
+    if causal_lm is None:
         return None
     causal_lm.to(device)  # unwritten host pages: nothing is resident until the weights arrive
     load_local_shards(causal_lm, model_config.path)

@@ -24,7 +24,7 @@ import time
 
 from .config import ConfigError, load_config, read_yaml
 from .data import DataError
-from .plan_stages import GIB, gib, host_lines, parameter_counts, plan_stage
+from .plan_stages import GIB, gib, plan_stage
 
 FIT_FRACTION = 0.9  # a stage fits when its peak is at most this share of the GPU
 STAGES = ("sft", "grpo", "eval")
@@ -182,7 +182,6 @@ def run_plan(config_path, overrides=(), stages=None, gpus=8, gpu_memory_gb=80.0,
         started = time.perf_counter()
         log(f"planning {stage} ({architecture.num_hidden_layers} layers, from {source}) ...")
         plan = plan_stage(stage, config, architecture, gpus, gpu_bytes)
-        plan.host = host_lines(stage, gpus, *parameter_counts(architecture))
         plan.notes.insert(0, f"model: {source}; planned in {time.perf_counter() - started:.0f} s")
         plans.append(plan)
         text = format_plan(plan, gpu_bytes)

@@ -171,8 +171,10 @@ def grpo_shapes(config):
 
 def rollout_phase(config, architecture, policy, resident, gpu_bytes):
     """The rollout phase: the resident training state, plus the engine's memory while it samples."""
+    from .rollout.hf import rows_per_generate_call
+
     grpo = config.grpo
-    _, sequence, sequences, _ = grpo_shapes(config)
+    prompt, sequence, sequences, _ = grpo_shapes(config)
     items = dict(resident)
     if grpo.rollout_engine == "vllm":
         items["reserved for vLLM"] = grpo.vllm_gpu_memory_utilization * gpu_bytes
@@ -184,7 +186,7 @@ def rollout_phase(config, architecture, policy, resident, gpu_bytes):
     all_parameters = sum(p.numel() for p in policy.parameters())
     root_parameters = all_parameters - layer_parameters * len(policy.causal_lm.model.layers)
     items["parameters"] = items.get("parameters", 0) + (root_parameters + 2 * layer_parameters) * 2
-    rows = sequences if grpo.max_batch_tokens is None else max(1, min(sequences, grpo.max_batch_tokens // sequence))
+    rows = min(sequences, rows_per_generate_call(grpo.max_batch_tokens, prompt, grpo.max_new_tokens) or sequences)
     items["KV cache"] = generate_cache_bytes(architecture, rows, sequence)
     calls = math.ceil(sequences / rows)
     return Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)
@@ -193,7 +195,7 @@ def rollout_phase(config, architecture, policy, resident, gpu_bytes):
 def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     import torch
 
-    from .grpo_batch import MicroBatch
+    from .grpo_batch import MicroBatch, PackedStep
     from .grpo_loss import logprob_head, loss_head
     from .plan_measure import build_sharded_model, local_bytes, measure
 
@@ -207,16 +209,16 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     inputs = packed_row(lengths)
     row = MicroBatch(list(range(len(lengths))), inputs, torch.zeros(tokens, dtype=torch.long),
                      torch.zeros(tokens, dtype=torch.long), torch.ones(tokens))
-    step = _PlannedStep(rows=[row], weights=[torch.ones(tokens)], advantages=[torch.ones(tokens)],
-                        counted=[torch.ones(tokens)],
-                        sampling_logp=[torch.zeros(tokens)] if grpo.tis_cap > 0 else None)
+    step = PackedStep(rows=[row], weights=[torch.ones(tokens)], advantages=[torch.ones(tokens)],
+                      counted=[torch.ones(tokens)], sampling_logp=[torch.zeros(tokens)] if grpo.tis_cap > 0 else None,
+                      pad_tokens=0, computed_tokens=tokens)
     low_memory = config.train.low_memory_loss
     resident = {"parameters": sharded, "optimizer states": states}
     if reference_bytes:
         resident["reference model"] = reference_bytes
     phases = [rollout_phase(config, architecture, policy, resident, gpu_bytes)]
     plan = StagePlan("grpo", phases)
-    ref_logp = None
+    ref_logp, reference_flops = None, 0
     if reference is not None:
         def reference_logprobs():
             nonlocal ref_logp
@@ -228,7 +230,8 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
         items["reference model"] = items.pop("parameters")  # its shards and the layers it gathers
         items.update({"parameters": sharded, "optimizer states": states})
         phases.append(Phase(f"reference log-probs ({tokens} tokens)", items))
-        plan.flops.append(("reference forward per row per GPU", measured.flops))
+        reference_flops = measured.flops
+        plan.flops.append(("reference forward per row per GPU", reference_flops))
 
     statistics = torch.zeros(4)
 
@@ -250,7 +253,6 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     plan.flops.append(("policy forward+backward per row per GPU", measured.flops))
     # Per row: the reference forward, grpo.num_iterations updates and, with more than one, a
     # forward for the old log-probs (about a third of an update's FLOPs with recomputation).
-    reference_flops = sum(f for what, f in plan.flops if what.startswith("reference"))
     iterations = grpo.num_iterations
     row_flops = reference_flops + iterations * measured.flops + (measured.flops / 4 if iterations > 1 else 0)
     step_tokens = sequences * sequence * world_size
@@ -261,26 +263,16 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     return plan
 
 
-@dataclasses.dataclass
-class _PlannedStep:
-    """The fields of grpo_batch.PackedStep that the loss head reads."""
-
-    rows: list
-    weights: list
-    advantages: list
-    counted: list
-    sampling_logp: list
-
-
-def plan_eval(config, architecture, gpu_bytes):
+def plan_eval(config, architecture, gpu_bytes, parameters):
     """Evaluation: every GPU holds the bf16 model whole and one generate call's KV cache."""
+    from .evaluate import plan_generate_calls
+
     settings = config.eval
-    parameters, _ = parameter_counts(architecture)
     prompt = 1024
     sequence = prompt + max(settings.budgets)
-    rows = settings.batch_prompts * settings.samples
-    if settings.max_batch_tokens:
-        rows = max(1, min(rows, settings.max_batch_tokens // sequence))
+    calls = plan_generate_calls([prompt] * settings.batch_prompts, settings.samples, max(settings.budgets),
+                                settings.batch_prompts, settings.max_batch_tokens)
+    rows = max(len(positions) * (end - first) for positions, first, end in calls)
     if settings.engine == "vllm":
         from .rollout.vllm import EVAL_GPU_MEMORY_UTILIZATION
 
@@ -328,15 +320,18 @@ def plan_stage(stage, config, architecture, world_size, gpu_bytes):
     """The StagePlan of one stage, a training stage measured in a fake world of world_size ranks."""
     from .plan_measure import fake_world
 
+    parameters, largest = parameter_counts(architecture)
     if stage == "eval":
-        return plan_eval(config, architecture, gpu_bytes)
-    with fake_world(world_size) as mesh:
-        plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
-                else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
-    plan.notes.extend(planning_caveats())
-    if config.parallel.cpu_offload:
-        plan.notes.append("parallel.cpu_offload: the offloaded shards, gradients and optimizer states are counted "
-                          "as GPU memory here, so the figures are an upper bound")
+        plan = plan_eval(config, architecture, gpu_bytes, parameters)
+    else:
+        with fake_world(world_size) as mesh:
+            plan = (plan_sft(config, architecture, mesh, world_size) if stage == "sft"
+                    else plan_grpo(config, architecture, mesh, world_size, gpu_bytes))
+        plan.notes.extend(planning_caveats())
+        if config.parallel.cpu_offload:
+            plan.notes.append("parallel.cpu_offload: the offloaded shards, gradients and optimizer states are "
+                              "counted as GPU memory here, so the figures are an upper bound")
+    plan.host = host_lines(stage, world_size, parameters, largest)
     return plan
 
 

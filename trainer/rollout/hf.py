@@ -28,6 +28,14 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
 
 
+def rows_per_generate_call(max_batch_tokens, longest_prompt, max_new_tokens):
+    """Rows one generate call may hold: its KV cache, rows x (longest prompt + max_new_tokens), at
+    most max_batch_tokens (None: no bound), and at least one row."""
+    if max_batch_tokens is None:
+        return None
+    return max(1, max_batch_tokens // (longest_prompt + max_new_tokens))
+
+
 class HFRolloutEngine:
     """max_batch_tokens: KV-cache tokens per generate call at most, rows x (longest prompt +
     max_new_tokens); a rollout needing more is sampled in several calls of fewer rows."""
@@ -58,7 +66,7 @@ class HFRolloutEngine:
         longest = max(len(ids) for ids in prompt_ids)
         if is_distributed():
             longest = all_reduce_max(longest)
-        return max(1, self.max_batch_tokens // (longest + settings.max_new_tokens))
+        return rows_per_generate_call(self.max_batch_tokens, longest, settings.max_new_tokens)
 
     def generate(self, prompt_ids, settings, row_keys=None):
         """settings.n completions of each prompt, in prompt order.
