@@ -5,10 +5,10 @@
 
 The wheel is read as a zip and its sources parsed with ast: nothing from it is imported or
 run, so this works on a machine where vllm cannot be imported (no GPU, another torch). The
-JSON holds the signatures of the LLM methods the adapter calls, the fields of SamplingParams,
-EngineArgs (what LLM(**kwargs) forwards), the output classes the adapter reads, and the
-literal values of the options it sets. tests/test_vllm_contract.py binds every call the
-adapter makes against it.
+JSON holds the signatures of the LLM methods the adapter calls, of the worker methods it
+reaches by name through LLM.collective_rpc, the fields of SamplingParams, EngineArgs (what
+LLM(**kwargs) forwards), the output classes the adapter reads, and the literal values of the
+options it sets. tests/test_vllm_contract.py binds every call the adapter makes against it.
 """
 
 import argparse
@@ -22,7 +22,14 @@ import sys
 import tempfile
 import zipfile
 
-LLM_METHODS = ["__init__", "generate", "sleep", "wake_up", "reset_prefix_cache", "apply_model", "collective_rpc"]
+LLM_METHODS = ["__init__", "generate", "sleep", "wake_up", "reset_prefix_cache", "collective_rpc"]
+# (snapshot name, file in the wheel, class, method): what collective_rpc("reload_weights") runs. The
+# worker's method forwards its arguments to the model runner's, whose signature is the one that binds;
+# the CPU build's worker and runner subclass these two.
+WORKER_METHODS = [
+    ("Worker.reload_weights", "vllm/v1/worker/gpu_worker.py", "Worker", "reload_weights"),
+    ("GPUModelRunner.reload_weights", "vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner", "reload_weights"),
+]
 # (snapshot name, file in the wheel, class name): classes whose annotated fields are their constructor.
 FIELD_CLASSES = [
     ("SamplingParams", "vllm/sampling_params.py", "SamplingParams"),
@@ -36,6 +43,7 @@ INIT_CLASSES = [("RequestOutput", "vllm/outputs.py", "RequestOutput")]
 LITERALS = [
     ("LogprobsMode", "vllm/config/model.py"),
     ("DistributedExecutorBackend", "vllm/config/parallel.py"),
+    ("LoadFormats", "vllm/model_executor/model_loader/__init__.py"),  # EngineArgs.load_format: str | LoadFormats
 ]
 CONSTANTS = [("DEFERRABLE_TAGS", "vllm/device_allocator/__init__.py")]
 _KINDS = [("posonlyargs", "POSITIONAL_ONLY"), ("args", "POSITIONAL_OR_KEYWORD")]
@@ -146,6 +154,8 @@ def snapshot(wheel_path):
     with zipfile.ZipFile(wheel_path) as archive:
         llm = find_class(parse(archive, "vllm/entrypoints/llm.py"), "LLM")
         methods = {f"LLM.{name}": method_parameters(llm, name) for name in LLM_METHODS}
+        for label, path, name, method in WORKER_METHODS:
+            methods[label] = method_parameters(find_class(parse(archive, path), name), method)
         for label, path, name in INIT_CLASSES:
             methods[f"{label}.__init__"] = method_parameters(find_class(parse(archive, path), name), "__init__")
         fields = {label: class_fields(find_class(parse(archive, path), name)) for label, path, name in FIELD_CLASSES}

@@ -1,6 +1,5 @@
-"""Rollout engines: stop strings and weight sync in buckets (the vLLM engine: test_vllm_contract.py)."""
+"""Rollout engines: stop strings and the weight sync (the vLLM engine: test_vllm_engine.py, test_vllm_contract.py)."""
 
-import contextlib
 import os
 import tempfile
 
@@ -15,22 +14,15 @@ from trainer.toy.task import WORDS
 
 
 class RecordingEngine:
-    """Stands in for an engine's weight store: keeps what sync_weights sends, bucket by bucket."""
+    """Stands in for an engine's weight store: keeps what sync_weights sends, sync by sync."""
 
     holds_weights = True
 
     def __init__(self):
-        self.buckets, self.syncs, self.receiving = [], 0, False
-
-    @contextlib.contextmanager
-    def receiving_weights(self):
-        self.syncs, self.receiving = self.syncs + 1, True
-        yield self
-        self.receiving = False
+        self.syncs = []
 
     def load_weights(self, named_tensors):
-        assert self.receiving, "load_weights outside receiving_weights"
-        self.buckets.append([(name, tensor.clone()) for name, tensor in named_tensors])
+        self.syncs.append([(name, tensor.clone()) for name, tensor in named_tensors])
 
 
 def load(tmp_path):
@@ -40,29 +32,25 @@ def load(tmp_path):
     return path, AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def test_weights_are_sent_whole_in_buckets_of_the_given_size(tmp_path):
+def test_one_sync_sends_every_tensor_whole_the_tied_head_included(tmp_path):
     _, _, model = load(tmp_path)
     root, engine = CausalLMLoss(model), RecordingEngine()
-    bucket_bytes = 64 * 1024
-    sent = sync_weights(root, engine, bucket_bytes)
+    sent = sync_weights(root, engine)
     expected = model.state_dict()
-    received = dict(pair for bucket in engine.buckets for pair in bucket)
-    assert received.keys() == expected.keys()
-    assert all(torch.equal(received[name], expected[name]) for name in expected)
+    (received,) = engine.syncs
+    assert [name for name, _ in received] == list(expected)  # the state dict's order: layer by layer
+    assert "lm_head.weight" in expected and model.config.tie_word_embeddings  # vLLM keeps an old head it is not sent
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in received)
     assert sent == sum(t.numel() * t.element_size() for t in expected.values())
-    assert len(engine.buckets) > 1 and engine.syncs == 1  # one receiving_weights around every bucket
-    for bucket in engine.buckets[:-1]:  # each bucket closes as soon as it reaches the size
-        sizes = [t.numel() * t.element_size() for _, t in bucket]
-        assert sum(sizes) >= bucket_bytes and sum(sizes[:-1]) < bucket_bytes
 
 
 def test_sync_sends_the_engines_dtype_from_fp32_master_weights(tmp_path):
     _, _, model = load(tmp_path)
     engine = RecordingEngine()
     engine.weight_dtype = torch.bfloat16
-    sent = sync_weights(CausalLMLoss(model), engine, 64 * 1024)
+    sent = sync_weights(CausalLMLoss(model), engine)
     expected = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
-    received = dict(pair for bucket in engine.buckets for pair in bucket)
+    received = dict(engine.syncs[0])
     assert all(received[name].dtype == torch.bfloat16 and torch.equal(received[name], expected[name])
                for name in expected)
     assert sent == sum(t.numel() * 2 for t in expected.values())  # half the fp32 bytes
@@ -71,7 +59,7 @@ def test_sync_sends_the_engines_dtype_from_fp32_master_weights(tmp_path):
 def test_hf_engine_needs_no_sync(tmp_path):
     _, tokenizer, model = load(tmp_path)
     engine = HFRolloutEngine(CausalLMLoss(model), tokenizer, torch.device("cpu"))
-    assert sync_weights(engine.root, engine, 1) == 0
+    assert sync_weights(engine.root, engine) == 0
 
 
 def test_stop_strings_end_completions(tmp_path):
@@ -135,9 +123,9 @@ def gather_on_two_ranks(rank, init_file, out_dir):
     fully_shard(root)
     engine = RecordingEngine()
     engine.weight_dtype = torch.bfloat16
-    sent = sync_weights(root, engine, 256)
-    received = dict(pair for bucket in engine.buckets for pair in bucket)
-    torch.save({"expected": expected, "received": received, "sent": sent, "syncs": engine.syncs},
+    sent = sync_weights(root, engine)
+    received = dict(engine.syncs[0])
+    torch.save({"expected": expected, "received": received, "sent": sent, "syncs": len(engine.syncs)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

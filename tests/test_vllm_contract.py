@@ -1,15 +1,28 @@
-"""The vLLM adapter against vLLM 0.33.0's real API, without a GPU.
+"""The vLLM adapter against vLLM 0.33.0's API and on the paths only a GPU takes, without a GPU.
 
 A fake `vllm` (tests/vllm_fake) records every call and models the engine behaviour the adapter
-relies on; every recorded call must bind to the signatures snapshotted from the 0.33.0 wheel
-(tests/data/vllm_0_33_0_signatures.json, bench/vllm_signatures.py). The last test runs the
-real engine and is for a GPU machine with vllm installed.
+relies on. What this file covers:
+- every recorded call binds to the signatures snapshotted from the 0.33.0 wheel
+  (tests/data/vllm_0_33_0_signatures.json, written by bench/vllm_signatures.py), the worker's
+  reload_weights reached through collective_rpc included;
+- the GPU-only paths, which vLLM's CPU build cannot run: sleep mode (level 2 after start-up and
+  after every rollout, the weights woken before each sync) and the memory split's check, with
+  torch.cuda's queries patched;
+- on both platforms, the sequence of calls the adapter makes: start-up on dummy weights, one
+  reload of every state-dict tensor read lazily, the prefix-cache reset, keyed requests, the
+  evaluation engine, the version check of each platform's release.
+The CPU path's calls are bound to 0.33.0's signatures too. How the real engine behaves (its
+log-probs, a layer reloaded in part, the prefix cache) is tested against vLLM's CPU build in
+tests/test_vllm_engine.py. The last test here runs the real engine and is for a GPU machine with
+vllm installed.
 """
 
+import copy
 import functools
 import importlib.util
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -32,11 +45,18 @@ from trainer.toy.model_dir import build_tokenizer
 from trainer.toy.task import WORDS
 
 FAKE_VLLM_DIR = os.path.join(os.path.dirname(__file__), "vllm_fake")
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "VLLM_ENABLE_V1_MULTIPROCESSING")
+# Variables the adapter sets for itself when they are unset: each test starts without them.
+ADAPTER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
 SEED_MASK = (1 << 63) - 1
+GIB = 2**30
+SNAPSHOT = vllm_fake.load_snapshot()
 # The recipe's model: DeepSeek-R1-Distill-Qwen-14B, as read_model_shape reads its config.
-QWEN_14B = dict(parameters=14_770_033_664, layers=48, kv_heads=8, head_dim=128, max_positions=131072)
+QWEN_14B = dict(parameters=14_770_033_664, layers=48, kv_heads=8, head_dim=128, max_positions=131072,
+                hidden_size=5120, intermediate_size=13824, vocab_size=152064)
+RELOAD = ("LLM.collective_rpc", ("reload_weights", {"is_checkpoint_format": True}))
+RESET = ("LLM.reset_prefix_cache", ())
+FREE = ("torch.cuda.empty_cache", ())
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,17 +64,32 @@ def toy_tokenizer():
     return build_tokenizer(WORDS)
 
 
+def on_platform(fake, monkeypatch, platform):
+    """Runs the adapter as on `platform`: "cuda" (vLLM 0.33, sleep mode, one 80 GiB GPU as device 0)
+    or "cpu" (the CPU build's 0.32, no sleep mode)."""
+    cuda = platform == "cuda"
+    monkeypatch.setattr(fake, "CUDA", cuda)
+    monkeypatch.setattr(fake, "__version__", "0.33.0" if cuda else "0.32.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if cuda:
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: types.SimpleNamespace(total_memory=80 * GIB))
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    """The fake vllm as `vllm`, a process without torchrun variables, and torch.cuda.empty_cache recorded."""
+    """The fake vllm as `vllm` on the CPU platform, a process without the adapter's variables, and
+    torch.cuda.empty_cache recorded."""
     environment = dict(os.environ)
     hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name == "vllm" or name.startswith("vllm.")}
-    for name in LAUNCHER_VARIABLES:
+    for name in ADAPTER_VARIABLES:
         os.environ.pop(name, None)
     monkeypatch.syspath_prepend(FAKE_VLLM_DIR)
     import vllm
 
     vllm.TOKENIZER = toy_tokenizer()
+    on_platform(vllm, monkeypatch, "cpu")
     freed = vllm.Call("torch.cuda.empty_cache", (), {})
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: vllm.CALLS.append(freed))
     yield vllm
@@ -66,8 +101,19 @@ def fake_vllm(monkeypatch):
 
 
 def engine_calls(fake):
-    """The recorded calls that drive the engine: (name, arguments) of LLM methods and cache frees."""
-    return [(call.name, call.kwargs or call.args) for call in fake.CALLS if call.name != "SamplingParams"]
+    """The recorded calls that drive the engine and the cache frees, as (name, arguments); a
+    collective_rpc as (name, (worker method, its keyword arguments but the weights iterator))."""
+    calls = []
+    for call in fake.CALLS:
+        if call.name == "SamplingParams":
+            continue
+        arguments = call.kwargs or call.args
+        if call.name == "LLM.collective_rpc":
+            bound = vllm_fake.check_call(SNAPSHOT, call.name, call.args, call.kwargs)
+            worker = {k: v for k, v in (bound.get("kwargs") or {}).items() if k != "weights_iterator"}
+            arguments = (bound["method"], worker)
+        calls.append((call.name, arguments))
+    return calls
 
 
 def names(calls):
@@ -78,6 +124,15 @@ def make_engine(fake, **options):
     from trainer.rollout.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine("toy/model", fake.TOKENIZER, gpu_memory_utilization=0.4, seed=7, **options)
+
+
+def cuda_engine(fake, monkeypatch, **options):
+    """An engine started as on a GPU; its syncs gather on the CPU, which is all this machine has."""
+    on_platform(fake, monkeypatch, "cuda")
+    engine = make_engine(fake, **options)
+    assert engine.weight_device == torch.device("cuda", 0) and engine.weight_dtype == torch.bfloat16
+    engine.weight_device = None
+    return engine
 
 
 def policy(fake):
@@ -94,6 +149,17 @@ def policy(fake):
     return root
 
 
+def fingerprints(root, dtype):
+    """What the fake engine holds after a full sync of `root` in `dtype`: each tensor's sum."""
+    return {name: float(t.to(dtype).double().sum()) for name, t in root.causal_lm.state_dict().items()}
+
+
+def move(root, amount):
+    with torch.no_grad():
+        for parameter in root.parameters():
+            parameter.add_(amount)
+
+
 def prompts_of(*texts):
     return [toy_tokenizer()(text, add_special_tokens=False)["input_ids"] for text in texts]
 
@@ -101,30 +167,62 @@ def prompts_of(*texts):
 def test_the_snapshot_is_vllm_0_33_0_read_from_its_wheel():
     snapshot = vllm_fake.load_snapshot()
     assert snapshot["vllm_version"] == "0.33.0" and snapshot["wheel"].startswith("vllm-0.33.0-")
-    assert {f"LLM.{m}" for m in ("__init__", "generate", "sleep", "wake_up", "reset_prefix_cache", "apply_model",
+    assert {f"LLM.{m}" for m in ("__init__", "generate", "sleep", "wake_up", "reset_prefix_cache",
                                  "collective_rpc")} <= set(snapshot["methods"])
     engine_fields = {f["name"] for f in snapshot["fields"]["EngineArgs"]}
     assert {"enable_sleep_mode", "logprobs_mode", "distributed_executor_backend", "enable_prefix_caching",
-            "max_model_len"} <= engine_fields
+            "max_model_len", "load_format"} <= engine_fields
     assert "processed_logprobs" in snapshot["literals"]["LogprobsMode"]
     assert "external_launcher" in snapshot["literals"]["DistributedExecutorBackend"]
+    assert {"dummy", "auto"} <= set(snapshot["literals"]["LoadFormats"])
     sampling = {f["name"] for f in snapshot["fields"]["SamplingParams"]}
-    assert {"seed", "include_stop_str_in_output", "logprobs", "prompt_logprobs", "min_p"} <= sampling
+    assert {"seed", "include_stop_str_in_output", "logprobs", "min_p"} <= sampling
+
+    def parameters(method):
+        return [(p["name"], p["kind"], p["default"]) for p in snapshot["methods"][method]]
+
+    assert parameters("LLM.collective_rpc") == [
+        ("self", "POSITIONAL_OR_KEYWORD", None), ("method", "POSITIONAL_OR_KEYWORD", None),
+        ("timeout", "POSITIONAL_OR_KEYWORD", "None"), ("args", "POSITIONAL_OR_KEYWORD", "()"),
+        ("kwargs", "POSITIONAL_OR_KEYWORD", "None")]
+    # collective_rpc("reload_weights") runs the worker's method, which hands its arguments to the runner's.
+    assert parameters("Worker.reload_weights") == [
+        ("self", "POSITIONAL_OR_KEYWORD", None), ("args", "VAR_POSITIONAL", None), ("kwargs", "VAR_KEYWORD", None)]
+    assert parameters("GPUModelRunner.reload_weights") == [
+        ("self", "POSITIONAL_OR_KEYWORD", None), ("weights_iterator", "POSITIONAL_OR_KEYWORD", "None"),
+        ("weights_path", "POSITIONAL_OR_KEYWORD", "None"), ("is_checkpoint_format", "POSITIONAL_OR_KEYWORD", "True")]
 
 
-def test_start_up_binds_to_this_rank_and_sleeps_at_level_2(fake_vllm):
+def test_start_up_on_cpu_reads_no_weights_and_never_sleeps(fake_vllm):
     engine = make_engine(fake_vllm)
-    calls = engine_calls(fake_vllm)
-    assert names(calls) == ["LLM.__init__", "LLM.sleep"] and calls[1][1] == {"level": 2}
-    options = engine.llm.options
-    assert options["distributed_executor_backend"] == "external_launcher"
-    assert options["logprobs_mode"] == "processed_logprobs"
-    assert options["enable_sleep_mode"] is True and options["enable_prefix_caching"] is True
-    assert options["tensor_parallel_size"] == 1 and options["gpu_memory_utilization"] == 0.4
-    # One process without torchrun: a world of one on this device, the engine core in this process.
+    assert engine_calls(fake_vllm) == [("LLM.__init__", dict(
+        model="toy/model", tokenizer="toy/model", dtype="float32", seed=7_000_021, tensor_parallel_size=1,
+        distributed_executor_backend="external_launcher", gpu_memory_utilization=0.4, max_model_len=None,
+        enable_prefix_caching=True, enable_sleep_mode=False, logprobs_mode="processed_logprobs",
+        trust_remote_code=False, enforce_eager=True, load_format="dummy"))]
+    # One process without torchrun: a world of one, the engine core in this process, a 1 GiB KV cache.
     assert engine.llm.launcher == {"RANK": "0", "LOCAL_RANK": "0"}
     assert os.environ["WORLD_SIZE"] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    assert engine.needs_weights and engine.weight_dtype == torch.bfloat16
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert engine.needs_weights and engine.weight_dtype == torch.float32 and engine.weight_device is None
+    with pytest.raises(ValueError, match="Sleep mode is not supported"):  # what asking for it on a CPU meets
+        fake_vllm.LLM("toy/model", enable_sleep_mode=True)
+
+
+def test_start_up_on_a_gpu_reads_no_weights_then_sleeps_at_level_2(fake_vllm, monkeypatch):
+    engine = cuda_engine(fake_vllm, monkeypatch)
+    calls = engine_calls(fake_vllm)
+    assert names(calls) == ["LLM.__init__", "LLM.sleep"] and calls[1][1] == {"level": 2}
+    assert calls[0][1] == dict(
+        model="toy/model", tokenizer="toy/model", dtype="bfloat16", seed=7_000_021, tensor_parallel_size=1,
+        distributed_executor_backend="external_launcher", gpu_memory_utilization=0.4, max_model_len=None,
+        enable_prefix_caching=True, enable_sleep_mode=True, logprobs_mode="processed_logprobs",
+        trust_remote_code=False, enforce_eager=False, load_format="dummy")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert engine.needs_weights and engine.llm.asleep == {"weights", "kv_cache"}
+    fake_vllm.CALLS.clear()
+    make_engine(fake_vllm, enforce_eager=True, max_model_len=64)
+    assert fake_vllm.CALLS[0].kwargs["enforce_eager"] is True and fake_vllm.CALLS[0].kwargs["max_model_len"] == 64
 
 
 def test_each_rank_seeds_its_engine_differently(fake_vllm, monkeypatch):
@@ -135,66 +233,146 @@ def test_each_rank_seeds_its_engine_differently(fake_vllm, monkeypatch):
     assert seeds[0] != seeds[1] and all(0 <= seed < 2**32 for seed in seeds)
 
 
-def test_a_sync_wakes_the_weights_once_loads_every_bucket_then_resets_the_prefix_cache(fake_vllm):
+def test_a_sync_on_cpu_is_one_reload_of_every_tensor_then_a_prefix_cache_reset(fake_vllm):
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
-    fake_vllm.CALLS.clear()
-    sent = sync_weights(root, engine, bucket_bytes=4096)
-    calls = engine_calls(fake_vllm)
-    loads = len(calls) - 4  # besides the cache free, the wake, the completeness check and the reset
-    assert loads > 1
-    assert calls[:2] == [("torch.cuda.empty_cache", ()), ("LLM.wake_up", {"tags": ["weights"]})]
-    assert names(calls[2:]) == ["LLM.apply_model"] * (loads + 1) + ["LLM.reset_prefix_cache"]
-    expected = {name: float(t.to(torch.bfloat16).double().sum()) for name, t in root.causal_lm.state_dict().items()}
-    assert engine.llm.model.values == expected  # every tensor, cast to the engine's bf16
-    assert sent == sum(t.numel() * 2 for t in root.causal_lm.state_dict().values())
+    state = root.causal_lm.state_dict()
+    for _ in range(2):  # no wake before and no sleep after, the first sync or a later one
+        fake_vllm.CALLS.clear()
+        sent = sync_weights(root, engine)
+        assert engine_calls(fake_vllm) == [RELOAD, RESET]
+        assert sent == sum(t.numel() * 4 for t in state.values())
+    reload = next(call for call in fake_vllm.CALLS if call.name == "LLM.collective_rpc")
+    assert reload.args == ("reload_weights",) and set(reload.kwargs["kwargs"]) == {"weights_iterator",
+                                                                                   "is_checkpoint_format"}
+    received = engine.llm.model.received[-len(state):]
+    assert [name for name, _ in received] == list(state)  # every name, the tied head included
+    assert "lm_head.weight" in state
+    assert all(tensor.dtype == torch.float32 and torch.equal(tensor, state[name]) for name, tensor in received)
+    assert engine.llm.model.values == fingerprints(root, torch.float32)
     assert not engine.needs_weights
+
+
+def test_the_engine_reads_each_tensor_as_it_is_gathered(fake_vllm, monkeypatch):
+    root = policy(fake_vllm)
+    engine = make_engine(fake_vllm)
+    received, read_before, gather = engine.llm.model.received, [], rollout._full_tensor
+
+    def recording(tensor, dtype, device):
+        read_before.append(len(received))
+        return gather(tensor, dtype, device)
+
+    monkeypatch.setattr(rollout, "_full_tensor", recording)
+    sync_weights(root, engine)
+    # When tensor i is gathered the engine has read the i before it: one gathered tensor at a time.
+    assert read_before == list(range(len(fake_vllm.PARAMETERS)))
+    assert len(received) == len(fake_vllm.PARAMETERS)
+
+
+def test_a_sync_on_a_gpu_wakes_the_weights_once_before_the_reload(fake_vllm, monkeypatch):
+    root = policy(fake_vllm)
+    engine = cuda_engine(fake_vllm, monkeypatch)
+    with pytest.raises(RuntimeError, match="while the weights sleep"):  # why the wake comes first
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(()), "is_checkpoint_format": True})
     fake_vllm.CALLS.clear()
-    sync_weights(root, engine, bucket_bytes=1 << 30)  # weights already awake: no second wake
-    assert names(engine_calls(fake_vllm)) == ["LLM.apply_model", "LLM.apply_model", "LLM.reset_prefix_cache"]
+    sent = sync_weights(root, engine)
+    assert engine_calls(fake_vllm) == [FREE, ("LLM.wake_up", {"tags": ["weights"]}), RELOAD, RESET]
+    state = root.causal_lm.state_dict()
+    assert sent == sum(t.numel() * 2 for t in state.values())
+    received = engine.llm.model.received
+    assert [name for name, _ in received] == list(state)
+    assert all(tensor.dtype == torch.bfloat16 for _, tensor in received)  # cast from the fp32 master weights
+    assert engine.llm.model.values == fingerprints(root, torch.bfloat16)
+    assert not engine.needs_weights and engine.llm.asleep == {"kv_cache"}
+    fake_vllm.CALLS.clear()
+    sync_weights(root, engine)  # the weights still awake: no second wake
+    assert engine_calls(fake_vllm) == [RELOAD, RESET]
 
 
-def test_a_sync_that_misses_a_parameter_fails(fake_vllm):
+def test_a_sync_that_sends_nothing_or_cannot_reset_the_prefix_cache_fails(fake_vllm, monkeypatch):
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
-    fake_vllm.PARAMETERS.append("model.extra.weight")
-    engine.llm.model = fake_vllm.FakeModel(fake_vllm.PARAMETERS)
-    with pytest.raises(RuntimeError, match="model.extra.weight"):
-        sync_weights(root, engine, bucket_bytes=1 << 20)
-    assert engine.needs_weights
-
-
-def test_a_prefix_cache_that_cannot_be_reset_fails_the_sync(fake_vllm, monkeypatch):
-    root = policy(fake_vllm)
-    engine = make_engine(fake_vllm)
+    with pytest.raises(RuntimeError, match="sent no tensors"):
+        engine.load_weights(iter(()))
+    assert engine.needs_weights and engine_calls(fake_vllm)[1:] == [RELOAD]
     monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: False)
-    with pytest.raises(RuntimeError, match="prefix cache"):
-        sync_weights(root, engine, bucket_bytes=1 << 20)
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        sync_weights(root, engine)
     assert engine.needs_weights
 
 
-def test_each_rollout_wakes_the_kv_cache_generates_then_sleeps(fake_vllm):
+def test_a_sync_inside_a_rollout_is_refused(fake_vllm):
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
+    ensure_engine_weights(root, engine)
+    fake_vllm.CALLS.clear()
+    with rollout_phase(engine):
+        with pytest.raises(RuntimeError, match="inside a rollout"):
+            sync_weights(root, engine)
+    assert fake_vllm.CALLS == []
+
+
+def test_every_tensor_is_sent_because_a_layer_sent_in_part_is_garbage_and_a_head_left_out_is_stale(fake_vllm):
+    root = policy(fake_vllm)
+    engine = make_engine(fake_vllm)
+    sync_weights(root, engine)
+    values, old_head = engine.llm.model.values, engine.llm.model.values["lm_head.weight"]
+    move(root, 1.0)  # the embedding and the head it is tied to move together
+    state = root.causal_lm.state_dict()
+    engine.load_weights((name, tensor) for name, tensor in state.items() if name != "lm_head.weight")
+    assert values["lm_head.weight"] == old_head != values["model.embed_tokens.weight"]
+    engine.load_weights((name, tensor) for name, tensor in state.items() if ".0.self_attn.k_proj." not in name)
+    assert engine.llm.model.uninitialised() == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    with pytest.raises(RuntimeError, match="uninitialised"):
+        engine.generate(prompts_of("tom has 3 apples ."), SamplingSettings(n=1, max_new_tokens=2))
+    sync_weights(root, engine)
+    assert engine.llm.model.values == fingerprints(root, torch.float32)
+
+
+def test_a_sync_resets_the_prefix_cache_so_the_next_rollout_samples_the_new_weights(fake_vllm, monkeypatch):
+    root = policy(fake_vllm)
+    engine = make_engine(fake_vllm)
+    prompts, settings = prompts_of("tom has 3 apples ."), SamplingSettings(n=4, max_new_tokens=8)
+    keys = sequence_keys(0, 0, [0], 4)
+
+    def sample():
+        return [c.token_ids for c in engine.generate(prompts, settings, row_keys=keys)]
+
+    ensure_engine_weights(root, engine)
+    first = sample()
+    assert sample() == first and ensure_engine_weights(root, engine) == 0  # on a CPU the copy stays current
+    move(root, 0.5)
+    sync_weights(root, engine)
+    moved = sample()
+    assert moved != first
+    # What the reset is for: without it the prompt's cached blocks, computed with the old weights, serve it.
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: True)
+    move(root, 0.5)
+    sync_weights(root, engine)
+    assert sample() == moved
+
+
+def test_each_rollout_on_a_gpu_wakes_the_kv_cache_generates_then_sleeps(fake_vllm, monkeypatch):
+    root = policy(fake_vllm)
+    engine = cuda_engine(fake_vllm, monkeypatch)
     settings = SamplingSettings(n=2, max_new_tokens=6)
-    with pytest.raises(RuntimeError, match="synced"):  # start-up released the weights
+    with pytest.raises(RuntimeError, match="comes first"):  # started on dummy weights, asleep
         engine.generate(prompts_of("tom has 3 apples ."), settings)
     for step in range(2):
-        assert ensure_engine_weights(root, engine, 1 << 20) > 0
-        assert ensure_engine_weights(root, engine, 1 << 20) == 0  # due once per rollout only
+        assert ensure_engine_weights(root, engine) > 0
+        assert ensure_engine_weights(root, engine) == 0  # due once per rollout only
         engine.generate(prompts_of("tom has 3 apples ."), settings, row_keys=sequence_keys(0, step, [0], 2))
-    sync = ["torch.cuda.empty_cache", "LLM.wake_up", "LLM.apply_model", "LLM.apply_model", "LLM.reset_prefix_cache"]
-    rollout_calls = ["torch.cuda.empty_cache", "LLM.wake_up", "LLM.generate", "LLM.sleep"]
-    calls = engine_calls(fake_vllm)
-    assert names(calls) == ["LLM.__init__", "LLM.sleep"] + (sync + rollout_calls) * 2
-    assert calls[8] == ("LLM.wake_up", {"tags": ["kv_cache"]}) and calls[10] == ("LLM.sleep", {"level": 2})
-    assert engine.needs_weights  # the next step syncs before it samples
+    sync = [FREE, ("LLM.wake_up", {"tags": ["weights"]}), RELOAD, RESET]
+    rollout_calls = [FREE, ("LLM.wake_up", {"tags": ["kv_cache"]}), "LLM.generate", ("LLM.sleep", {"level": 2})]
+    calls = [name if name == "LLM.generate" else (name, arguments) for name, arguments in engine_calls(fake_vllm)]
+    assert calls[2:] == (sync + rollout_calls) * 2
+    assert engine.needs_weights  # the level-2 sleep discarded the weights: the next step syncs before it samples
 
 
-def test_a_steps_sampling_rounds_share_one_wake(fake_vllm):
+def test_a_steps_sampling_rounds_share_one_wake(fake_vllm, monkeypatch):
     root = policy(fake_vllm)
-    engine = make_engine(fake_vllm)
-    ensure_engine_weights(root, engine, 1 << 20)
+    engine = cuda_engine(fake_vllm, monkeypatch)
+    ensure_engine_weights(root, engine)
     fake_vllm.CALLS.clear()
     with rollout_phase(engine):
         for sampling_round in range(2):
@@ -210,7 +388,7 @@ def test_row_keys_seed_one_request_per_row_as_the_hf_engine_keys_its_rows(fake_v
     prompts = prompts_of("tom has 3 apples .", "ann gets 5 pears .")
     settings = SamplingSettings(n=3, temperature=0.7, top_p=0.9, min_p=0.05, max_new_tokens=5)
     keys = sequence_keys(11, 4, [20, 21], 3)
-    ensure_engine_weights(root, engine, 1 << 20)
+    ensure_engine_weights(root, engine)
     fake_vllm.CALLS.clear()
     completions = engine.generate(prompts, settings, row_keys=keys)
     params = [call.kwargs for call in fake_vllm.CALLS if call.name == "SamplingParams"]
@@ -221,10 +399,8 @@ def test_row_keys_seed_one_request_per_row_as_the_hf_engine_keys_its_rows(fake_v
     assert [p["prompt_token_ids"] for p in generate.args[0]] == [prompts[0]] * 3 + [prompts[1]] * 3
     assert [c.prompt_index for c in completions] == [0, 0, 0, 1, 1, 1]
     # The same keys sample the same rows, alone or in another batch; other keys sample others.
-    ensure_engine_weights(root, engine, 1 << 20)
     alone = engine.generate(prompts[1:], settings, row_keys=keys[3:])
     assert [c.token_ids for c in alone] == [c.token_ids for c in completions[3:]]
-    ensure_engine_weights(root, engine, 1 << 20)
     other = engine.generate(prompts, settings, row_keys=sequence_keys(11, 5, [20, 21], 3))
     assert [c.token_ids for c in other] != [c.token_ids for c in completions]
 
@@ -234,7 +410,7 @@ def test_sampled_logprobs_are_read_by_token_id_from_each_positions_dict(fake_vll
 
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
-    ensure_engine_weights(root, engine, 1 << 20)
+    ensure_engine_weights(root, engine)
     completions = engine.generate(prompts_of("tom has 3 apples ."), SamplingSettings(n=4, max_new_tokens=8))
     for completion, output in zip(completions, fake_vllm.OUTPUTS):
         positions = output.outputs[0].logprobs
@@ -265,8 +441,8 @@ def test_stop_strings_stay_in_the_text_and_end_where_the_hf_engine_ends(fake_vll
     tokenizer = fake_vllm.TOKENIZER
     tokens = scripted(fake_vllm, ["so", "tom", "has", "3", "apples", ".", "wait", "check"])
     hf_engine = HFRolloutEngine(None, tokenizer, torch.device("cpu"))
+    ensure_engine_weights(root, engine)
     for stop in ("apples", "never"):
-        ensure_engine_weights(root, engine, 1 << 20)
         completion = engine.generate(prompts_of("how many"), SamplingSettings(n=1, max_new_tokens=20, stop=[stop]))[0]
         assert completion.finish_reason == "stop"
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=False)
@@ -275,34 +451,34 @@ def test_stop_strings_stay_in_the_text_and_end_where_the_hf_engine_ends(fake_vll
             assert len(completion.token_ids) == hf_engine._stop_end(tokens, [stop]) < len(tokens)
         else:  # ended by the end-of-sequence token, which stays, as the HF engine keeps it
             assert completion.token_ids == tokens and completion.text.endswith("<|im_end|>")
-    ensure_engine_weights(root, engine, 1 << 20)
     cut = engine.generate(prompts_of("how many"), SamplingSettings(n=1, max_new_tokens=3))[0]
     assert cut.finish_reason == "length" and cut.token_ids == tokens[:3]
 
 
-def run_whole_session(fake):
-    """Start-up, syncs, keyed and unkeyed rollouts with stop strings, rounds, teacher-forced log-probs."""
+def run_whole_session(fake, monkeypatch, platform):
+    """Start-up, syncs, keyed and unkeyed rollouts with stop strings, sampling rounds."""
     root = policy(fake)
-    engine = make_engine(fake, max_model_len=64)
-    ensure_engine_weights(root, engine, 2048)
+    engine = cuda_engine(fake, monkeypatch, max_model_len=64) if platform == "cuda" else make_engine(fake,
+                                                                                                   max_model_len=64)
+    ensure_engine_weights(root, engine)
     engine.generate(prompts_of("tom has 3 apples ."), SamplingSettings(n=2, stop=["."], max_new_tokens=5),
                     row_keys=sequence_keys(0, 0, [0], 2))
-    sync_weights(root, engine, 2048)
+    sync_weights(root, engine)
     with rollout_phase(engine):
         engine.generate(prompts_of("ann gets 5 pears ."), SamplingSettings(n=1, temperature=0.0, max_new_tokens=3))
-        engine.completion_logprobs([(prompts_of("tom has")[0], prompts_of("3 apples")[0])])
+        engine.generate(prompts_of("how many"), SamplingSettings(n=2, top_p=0.5, max_new_tokens=3))
 
 
-def test_every_recorded_call_binds_to_vllm_0_33_0(fake_vllm):
-    run_whole_session(fake_vllm)
-    snapshot = vllm_fake.load_snapshot()
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_every_recorded_call_binds_to_vllm_0_33_0(fake_vllm, monkeypatch, platform):
+    run_whole_session(fake_vllm, monkeypatch, platform)
     checked = set()
     for call in fake_vllm.CALLS:
         if call.name != "torch.cuda.empty_cache":
-            vllm_fake.check_call(snapshot, call.name, call.args, call.kwargs)
+            vllm_fake.check_call(SNAPSHOT, call.name, call.args, call.kwargs)
             checked.add(call.name)
-    assert checked == {"SamplingParams", "LLM.__init__", "LLM.sleep", "LLM.wake_up", "LLM.apply_model",
-                       "LLM.reset_prefix_cache", "LLM.generate"}
+    expected = {"SamplingParams", "LLM.__init__", "LLM.collective_rpc", "LLM.reset_prefix_cache", "LLM.generate"}
+    assert checked == (expected | {"LLM.sleep", "LLM.wake_up"} if platform == "cuda" else expected)
 
 
 @pytest.mark.parametrize("name, args, kwargs", [
@@ -311,15 +487,27 @@ def test_every_recorded_call_binds_to_vllm_0_33_0(fake_vllm):
     ("LLM.__init__", ("model",), {"sleep_level": 2}),
     ("LLM.__init__", ("model",), {"logprobs_mode": "processed"}),
     ("LLM.__init__", ("model",), {"distributed_executor_backend": "torchrun"}),
+    ("LLM.__init__", ("model",), {"load_format": "random"}),
     ("LLM.wake_up", (), {"tags": ["weights", "kv"]}),
     ("LLM.sleep", (), {"level": 3}),
     ("LLM.reset_prefix_cache", (), {"device": "cuda"}),
     ("LLM.generate", ([{"prompt_ids": [1, 2]}],), {}),
-    ("LLM.apply_model", (), {"fn": print}),
+    ("LLM.collective_rpc", ("load_weights",), {"kwargs": {"weights": []}}),
+    ("LLM.collective_rpc", ("reload_weights",), {"kwargs": {"weights": []}}),
+    ("LLM.collective_rpc", ("reload_weights",), {"args": ([], None, True, False)}),
+    ("LLM.collective_rpc", ("reload_weights", None, (), {}, True), {}),
 ])
 def test_the_binding_check_refuses_what_vllm_0_33_0_would(name, args, kwargs):
     with pytest.raises(TypeError):
-        vllm_fake.check_call(vllm_fake.load_snapshot(), name, args, kwargs)
+        vllm_fake.check_call(SNAPSHOT, name, args, kwargs)
+
+
+def test_the_binding_check_accepts_the_reload_in_every_form_vllm_0_33_0_does():
+    weights = {"weights_iterator": iter(()), "is_checkpoint_format": True}
+    for args, kwargs in ((("reload_weights",), {"kwargs": weights}), (("reload_weights", None, (iter(()),)), {}),
+                         ((), {"method": "reload_weights", "kwargs": {"weights_path": "/m"}})):
+        vllm_fake.check_call(SNAPSHOT, "LLM.collective_rpc", args, kwargs)
+    vllm_fake.check_call(SNAPSHOT, "LLM.__init__", ("model",), {"load_format": "DUMMY"})  # lowercased by vLLM
 
 
 def test_an_argument_vllm_lacks_fails_the_session(fake_vllm, monkeypatch):
@@ -330,17 +518,26 @@ def test_an_argument_vllm_lacks_fails_the_session(fake_vllm, monkeypatch):
         make_engine(fake_vllm)
 
 
-def test_start_up_errors_name_the_problem(fake_vllm, monkeypatch):
+def test_each_platform_takes_its_own_release(fake_vllm, monkeypatch):
     from trainer.rollout.vllm import import_vllm
 
+    monkeypatch.setattr(fake_vllm, "__version__", "0.33.0")  # on the CPU: the CPU build's 0.32
+    with pytest.raises(ConfigError, match=r"vllm 0\.33\.0 is installed, but on cpu .* vLLM 0\.32 \(bash \.ci/vllm_env"):
+        import_vllm()
     monkeypatch.setattr(fake_vllm, "__version__", "0.32.1")
-    with pytest.raises(ConfigError, match=r"vllm 0\.32\.1 is installed.*vLLM 0\.33"):
+    assert import_vllm() is fake_vllm
+    on_platform(fake_vllm, monkeypatch, "cuda")
+    monkeypatch.setattr(fake_vllm, "__version__", "0.32.1")
+    with pytest.raises(ConfigError, match=r"vllm 0\.32\.1 is installed, but on cuda .* vLLM 0\.33 \(pip install"):
         import_vllm()
     monkeypatch.setattr(fake_vllm, "__version__", "0.33.2+cu130")
     assert import_vllm() is fake_vllm
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets when it is not installed
-    with pytest.raises(ConfigError, match=r"eval.engine=vllm needs vllm 0\.33\.x .*cannot be imported"):
+    with pytest.raises(ConfigError, match=r"eval.engine=vllm needs vllm 0\.33\.x on cuda .*cannot be imported"):
         import_vllm("eval.engine")
+    on_platform(fake_vllm, monkeypatch, "cpu")
+    with pytest.raises(ConfigError, match=r"needs vllm 0\.32\.x on cpu \(bash \.ci/vllm_env\.sh"):
+        import_vllm()
 
 
 def recipe_config(beta=0.04):
@@ -349,15 +546,16 @@ def recipe_config(beta=0.04):
     return config
 
 
-def split_error(utilization, world_size, max_model_len=512 + 16384, gpu_gib=80):
+def split_error(utilization, world_size, max_model_len=512 + 16384, gpu_gib=80, enforce_eager=False):
     """The memory-split error for the recipe's model at this share, or None when it fits."""
     from trainer.rollout.vllm import ModelShape, check_memory_split, training_state_bytes
 
     shape = ModelShape(**QWEN_14B)
     training, detail = training_state_bytes(shape.parameters, recipe_config(), world_size)
     try:
-        check_memory_split(gpu_bytes=gpu_gib * 2**30, utilization=utilization, shape=shape, tensor_parallel_size=1,
-                           max_model_len=max_model_len, training_bytes=training, training_detail=detail)
+        check_memory_split(gpu_bytes=gpu_gib * GIB, utilization=utilization, shape=shape, tensor_parallel_size=1,
+                           max_model_len=max_model_len, training_bytes=training, training_detail=detail,
+                           enforce_eager=enforce_eager)
     except ConfigError as error:
         return str(error)
     return None
@@ -366,14 +564,36 @@ def split_error(utilization, world_size, max_model_len=512 + 16384, gpu_gib=80):
 def test_the_memory_split_is_checked_with_the_numbers_named():
     assert split_error(0.5, world_size=8) is None  # the recipe's setting on 8 x 80 GiB
     too_small = split_error(0.3, world_size=8)
-    assert "24.0 GiB" in too_small and "bf16 weights (27.5 GiB" in too_small and "at least 0.39" in too_small
+    # (27.5 GiB of bf16 weights + 5.1 GiB of vLLM's overhead + 3.1 GiB of KV cache) / 80 GiB = 0.447
+    assert "24.0 GiB" in too_small and "bf16 weights (27.5 GiB" in too_small and "at least 0.45" in too_small
+    assert "one 16896-token sequence (3.1 GiB)" in too_small
+    assert split_error(0.45, world_size=8) is None and "at least 0.45" in split_error(0.44, world_size=8)
     too_big = split_error(0.8, world_size=8)
     # fp32 master weights + 2 moments: 12 bytes x 14.77B / 8 = 20.6 GiB, the bf16 reference 3.4 GiB more.
     assert "leaves 16.0 GiB" in too_big and "24.1 GiB" in too_big and "at most 0.67" in too_big
     one_gpu = split_error(0.5, world_size=1)
     assert "no value fits" in one_gpu
     unbounded = split_error(0.5, world_size=8, max_model_len=None)  # the model's own 131072 positions
-    assert "131072-token sequence (24.0 GiB)" in unbounded
+    assert "131072-token sequence (24.0 GiB)" in unbounded and "at least 0.71" in unbounded
+
+
+def test_vllms_own_overhead_is_counted_and_named():
+    from trainer.rollout.vllm import ModelShape, engine_overhead_bytes
+
+    shape = ModelShape(**QWEN_14B)
+    # Profiling 16384 tokens: gate, up and activation outputs (3 x 13824) and 4 x 5120 of hidden states in
+    # bf16; the sampler's fp32 logits, probabilities and sort buffers over 1024 x 152064; graphs; workspaces.
+    activations, sampler = 16384 * (3 * 13824 + 4 * 5120) * 2, 1024 * 152064 * 4 * 3
+    total, detail = engine_overhead_bytes(shape, 1)
+    assert total == activations + sampler + GIB + GIB // 2  # 5.13 GiB
+    assert detail == ("1.9 GiB profiling activations (16384 tokens), 1.7 GiB sampler buffers (1024 sequences), "
+                      "1.0 GiB CUDA graphs, 0.5 GiB workspaces")
+    assert engine_overhead_bytes(shape, 1, enforce_eager=True)[0] == total - GIB  # no graphs
+    assert engine_overhead_bytes(shape, 2)[0] == total - 16384 * 3 * 13824  # the MLP split over two GPUs
+    assert f"its own overhead (5.1 GiB: {detail})" in split_error(0.3, world_size=8)
+    eager = split_error(0.3, world_size=8, enforce_eager=True)
+    assert "its own overhead (4.1 GiB: " in eager and "0.0 GiB CUDA graphs" in eager and "at least 0.44" in eager
+    assert split_error(0.44, world_size=8, enforce_eager=True) is None  # 1 GiB less: 0.44 fits
 
 
 def test_read_model_shape_counts_what_the_model_holds(tmp_path):
@@ -386,33 +606,45 @@ def test_read_model_shape_counts_what_the_model_holds(tmp_path):
     shape = read_model_shape(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert shape.parameters == sum(p.numel() for p in model.parameters())  # tied embeddings once
-    assert (shape.layers, shape.kv_heads, shape.head_dim) == (3, 2, 8)
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.max_positions) == (3, 2, 8, 4096)
+    assert (shape.hidden_size, shape.intermediate_size, shape.vocab_size) == (32, 128, len(toy_tokenizer()))
     assert shape.kv_bytes_per_token(1) == 2 * 3 * 2 * 8 * 2 and shape.kv_bytes_per_token(4) == 2 * 3 * 1 * 8 * 2
 
 
-def test_vllm_without_a_visible_gpu_is_refused_at_start_up(fake_vllm, monkeypatch):
+def test_on_cpu_the_start_up_check_takes_the_cpu_build_and_checks_no_memory(fake_vllm, monkeypatch):
+    import trainer.rollout.vllm as adapter
+
     config = recipe_config()
-    config.grpo.rollout_engine = "vllm"  # accepted by the config: a planner reads it on any machine
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="grpo.rollout_engine=vllm needs a CUDA GPU; none is visible"):
+    config.grpo.rollout_engine, config.grpo.vllm_gpu_memory_utilization = "vllm", 0.99  # no GPU to split
+    monkeypatch.setattr(adapter, "read_model_shape", lambda *args, **kwargs: pytest.fail("read on a CPU"))
+    check_rollout_startup(config, world_size=1)
+    config.grpo.vllm_tensor_parallel_size = 3
+    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
+        check_rollout_startup(config, world_size=8)
+    config.grpo.vllm_tensor_parallel_size = 1
+    monkeypatch.setattr(fake_vllm, "__version__", "0.33.0")
+    with pytest.raises(ConfigError, match=r"grpo.rollout_engine=vllm: vllm 0\.33\.0 is installed, but on cpu"):
         check_rollout_startup(config, world_size=1)
-    assert fake_vllm.CALLS == []
+    assert fake_vllm.CALLS == []  # nothing started
 
 
 def test_the_rollout_start_up_check_runs_before_any_engine(fake_vllm, monkeypatch):
     import trainer.rollout.vllm as adapter
 
+    on_platform(fake_vllm, monkeypatch, "cuda")
     config = recipe_config()
     config.grpo.rollout_engine, config.grpo.max_prompt_tokens = "vllm", 512
     config.grpo.vllm_gpu_memory_utilization = 0.5
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(adapter, "read_model_shape", lambda path, trust_remote_code: adapter.ModelShape(**QWEN_14B))
     check_rollout_startup(config, world_size=8)
     config.grpo.vllm_gpu_memory_utilization = 0.9
     with pytest.raises(ConfigError, match=r"grpo.vllm_gpu_memory_utilization=0.9: it leaves 8.0 GiB"):
         check_rollout_startup(config, world_size=8)
+    config.grpo.vllm_gpu_memory_utilization = 0.44  # 512 + 16384 tokens: fits without CUDA graphs only
+    with pytest.raises(ConfigError, match=r"=0.44: .*1.0 GiB CUDA graphs.*at least 0.45"):
+        check_rollout_startup(config, world_size=8)
+    config.grpo.vllm_enforce_eager = True
+    check_rollout_startup(config, world_size=8)
     config.grpo.vllm_tensor_parallel_size = 3
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
         check_rollout_startup(config, world_size=8)
@@ -478,6 +710,7 @@ def test_rank_shares_partition_the_problems():
 
 
 def test_evaluation_split_across_ranks_samples_what_one_rank_samples(fake_vllm, monkeypatch):
+    on_platform(fake_vllm, monkeypatch, "cuda")  # where an engine could sleep
     engine = make_engine(fake_vllm, colocated=False)
     prompts = prompts_of("tom has 3 apples .", "ann gets 5 pears .", "how many", "tom gets 2", "so", "wait", "yes")
     settings = SamplingSettings(n=2, temperature=0.6, top_p=0.95, max_new_tokens=6)
@@ -494,12 +727,16 @@ def test_evaluation_split_across_ranks_samples_what_one_rank_samples(fake_vllm, 
     seeds = [call.kwargs["seed"] for call in fake_vllm.CALLS if call.name == "SamplingParams"]
     dealt = [0, 3, 6, 1, 4, 2, 5]
     assert seeds == [int(k) & SEED_MASK for k in sequence_keys(5, 0, dealt, 2).tolist()]
-    assert "LLM.sleep" not in names(engine_calls(fake_vllm))  # an evaluation engine stays awake
+    assert set(names(engine_calls(fake_vllm))) == {"LLM.generate"}  # an evaluation engine stays awake
+    assert engine.llm.options["enable_sleep_mode"] is False and not engine.needs_weights
 
 
-def test_eval_with_vllm_builds_one_awake_engine_and_returns_every_problem(fake_vllm, monkeypatch):
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_eval_with_vllm_builds_one_awake_engine_on_the_checkpoint_and_returns_every_problem(fake_vllm, monkeypatch,
+                                                                                           platform):
     import trainer.rollout.vllm as adapter
 
+    on_platform(fake_vllm, monkeypatch, platform)
     checked = []
     monkeypatch.setattr(adapter, "check_startup", lambda *args, **kwargs: checked.append(kwargs))
     config = RunConfig()
@@ -508,7 +745,10 @@ def test_eval_with_vllm_builds_one_awake_engine_and_returns_every_problem(fake_v
     per_prompt, calls = adapter.sample_benchmark_with_vllm(config, problems, toy_tokenizer(), rank=0, world_size=1)
     assert [len(group) for group in per_prompt] == [3, 3] and calls == 1
     options = fake_vllm.CALLS[0].kwargs
-    assert options["enable_sleep_mode"] is False and options["gpu_memory_utilization"] == 0.9
+    assert options["load_format"] == "auto" and options["enable_sleep_mode"] is False  # model.path's weights
+    assert options["gpu_memory_utilization"] == 0.9 and options["enforce_eager"] is (platform == "cpu")
+    assert options["dtype"] == ("bfloat16" if platform == "cuda" else "float32")
+    assert names(engine_calls(fake_vllm)) == ["LLM.__init__", "LLM.generate"]  # no sync, no sleep
     assert options["max_model_len"] == max(len(p) for p, _ in problems) + 16 == checked[0]["max_model_len"]
     assert checked[0]["training"] is False
     params = [call.kwargs for call in fake_vllm.CALLS if call.name == "SamplingParams"]
@@ -531,18 +771,6 @@ def test_stop_at_think_end_reads_vllm_completions_like_hf_ones(fake_vllm):
     assert thinking[0].mean_tokens == tokens.index(think_end) + 1  # counted up to and including </think>
 
 
-def test_completion_logprobs_are_the_prompt_logprobs_of_the_completion(fake_vllm):
-    root = policy(fake_vllm)
-    engine = make_engine(fake_vllm)
-    ensure_engine_weights(root, engine, 1 << 20)
-    prompt, completion = prompts_of("tom has")[0], prompts_of("3 apples .")[0]
-    values = engine.completion_logprobs([(prompt, completion)])[0]
-    sequence = prompt + completion
-    assert values == [fake_vllm.prompt_logprob(sequence[:i], sequence[i]) for i in range(len(prompt), len(sequence))]
-    params = next(call.kwargs for call in fake_vllm.CALLS if call.name == "SamplingParams")
-    assert params["prompt_logprobs"] == 0 and params["temperature"] == 1.0
-
-
 def completion_logprobs_of(model, prompt, completion):
     """log_softmax(logits) of the completion's tokens under `model`, as the trainer's loss reads them."""
     ids = torch.tensor([prompt + completion], device="cuda")
@@ -553,8 +781,6 @@ def completion_logprobs_of(model, prompt, completion):
 
 def bf16_tolerance(model, prompt, completion):
     """Twice the error of plain PyTorch in bf16 against fp32 (the flash-attention rule), at least 1e-2."""
-    import copy
-
     exact = completion_logprobs_of(model, prompt, completion)
     plain = completion_logprobs_of(copy.deepcopy(model).to(torch.bfloat16), prompt, completion)
     return exact, max(2 * (plain - exact).abs().max().item(), 1e-2)
@@ -578,8 +804,9 @@ def real_vllm_process():
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install -e .[vllm])")
 def test_the_engine_follows_the_trainer_on_a_gpu(tmp_path, real_vllm_process):
-    """Greedy output survives a sync of unchanged weights; the engine's log-probs of a fixed
-    completion match the trainer's within bf16 error, before and after an optimizer step."""
+    """Greedy output survives a sleep and a sync of unchanged weights; the log-probs the engine reports for
+    its samples (temperature 1, no top-p) match the trainer's within bf16 error, before and after an
+    optimizer step, through the level-2 sleep, the weights' wake and the reload."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.model import CausalLMLoss
@@ -591,24 +818,32 @@ def test_the_engine_follows_the_trainer_on_a_gpu(tmp_path, real_vllm_process):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()  # fp32 master weights
     root = CausalLMLoss(model)
     engine = VLLMRolloutEngine(path, tokenizer, gpu_memory_utilization=0.2, max_model_len=128, enforce_eager=True)
+    assert engine.needs_weights  # started on dummy weights, asleep
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("tom has 3 apples .", "how many")]
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=12)
-    ensure_engine_weights(root, engine, 1 << 20)
+    assert ensure_engine_weights(root, engine) > 0
     first = engine.generate(prompts, greedy)
-    sync_weights(root, engine, 1 << 20)  # the same weights again, through a whole sleep-wake-load cycle
+    assert engine.needs_weights  # the rollout's level-2 sleep released them
+    sync_weights(root, engine)  # the same weights again, through a whole sleep-wake-reload cycle
     assert [c.token_ids for c in engine.generate(prompts, greedy)] == [c.token_ids for c in first]
-    prompt, completion = prompts[0], first[0].token_ids
-    sync_weights(root, engine, 1 << 20)
-    before, tolerance = bf16_tolerance(model, prompt, completion)
-    engine_before = torch.tensor(engine.completion_logprobs([(prompt, completion)])[0])
-    assert (engine_before - before).abs().max().item() <= tolerance
+    sampled, prompt = SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_new_tokens=12), prompts[0]
+
+    def engine_sample():
+        sync_weights(root, engine)
+        completion = engine.generate([prompt], sampled, row_keys=sequence_keys(0, 0, [0], 1))[0]
+        return completion.token_ids, torch.tensor(completion.logprobs)
+
+    tokens, engine_logprobs = engine_sample()
+    expected, tolerance = bf16_tolerance(model, prompt, tokens)
+    assert (engine_logprobs - expected).abs().max().item() <= tolerance
+    before = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.tensor([prompt + completion], device="cuda")
+    ids = torch.tensor([prompt + tokens], device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    sync_weights(root, engine, 1 << 20)
-    after, tolerance = bf16_tolerance(model, prompt, completion)
-    assert (after - before).abs().max().item() > 5 * tolerance  # the step moved the policy: stale weights fail
-    engine_after = torch.tensor(engine.completion_logprobs([(prompt, completion)])[0])
-    assert (engine_after - after).abs().max().item() <= tolerance
+    tokens, engine_logprobs = engine_sample()
+    expected, tolerance = bf16_tolerance(model, prompt, tokens)
+    stale = completion_logprobs_of(before, prompt, tokens)
+    assert (expected - stale).abs().max().item() > 5 * tolerance  # the step moved the policy: stale weights fail
+    assert (engine_logprobs - expected).abs().max().item() <= tolerance

@@ -112,7 +112,12 @@ class GRPOConfig:
     max_batch_tokens: Optional[int] = 131072
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1  # > 1: each engine spans this many GPUs of a node
-    weight_sync_bucket_mb: int = 512
+    vllm_enforce_eager: bool = False  # true: no CUDA graphs (less memory, slower decoding); always so on CPU
+    # The weight-sync check (trainer/grpo_sync_check.py): every this many syncs, and the first of a run,
+    # the engine's log-probs of tokens it sampled against the trainer's; 0: never.
+    sync_check_every: int = 1
+    # The largest gap (nats) the check accepts; None: 1e-3 for a float32 engine, 1.0 for bf16 or fp16.
+    sync_check_max_gap: Optional[float] = None
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
     loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
     eps_low: float = 0.2
@@ -143,6 +148,7 @@ class EvalConfig:
     budgets: list = dataclasses.field(default_factory=lambda: [32768])  # output-token budgets
     temperature: float = 0.6
     top_p: float = 0.95
+    min_p: float = 0.0  # tokens below min_p x the most likely token's probability are never sampled
     stop_at_think_end: bool = False  # extract the answer only from the text before </think>
     batch_prompts: int = 32  # prompts sampled together (each with k samples)
     # KV-cache tokens per generate call at most (rows x (prompt + largest budget)); None: no bound.
@@ -152,6 +158,9 @@ class EvalConfig:
     reward_timeout_s: int = 5
     engine: str = "hf"  # or vllm (CUDA): each rank samples its share of the problems
     split: str = "test"  # the split read from a Hugging Face Hub dataset name
+    # > 0: a training stage samples the policy on eval.data (its first eval.max_problems) every
+    # this many steps and at its last, logging eval_pass_at_1 and eval_mean_tokens.
+    every_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -315,9 +324,9 @@ def validate(config):
         _validate_recipe(config)
     if config.stage == "grpo":
         _validate_grpo(config.grpo)
-    if config.stage == "eval":
+    if config.stage == "eval" or config.eval.every_steps:
         _validate_eval(config.eval)
-    elif not config.data.train_files:
+    if config.stage != "eval" and not config.data.train_files:
         raise ConfigError("data.train_files: no training data given")
     return config
 
@@ -408,9 +417,12 @@ def _validate_grpo(grpo):
         raise ConfigError(f"grpo.max_batch_tokens must be at least 1 or unset, got {grpo.max_batch_tokens}")
     if grpo.tis_cap < 0:
         raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
-    if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1 or grpo.weight_sync_bucket_mb < 1:
-        raise ConfigError(
-            "grpo.cosine_max_len, grpo.reward_timeout_s and grpo.weight_sync_bucket_mb must be at least 1")
+    if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1:
+        raise ConfigError("grpo.cosine_max_len and grpo.reward_timeout_s must be at least 1")
+    if grpo.sync_check_every < 0:
+        raise ConfigError(f"grpo.sync_check_every must be >= 0 (0 turns the check off), got {grpo.sync_check_every}")
+    if grpo.sync_check_max_gap is not None and grpo.sync_check_max_gap <= 0:
+        raise ConfigError(f"grpo.sync_check_max_gap must be positive or unset, got {grpo.sync_check_max_gap}")
     if not all(isinstance(stop, str) and stop for stop in grpo.stop_strings):
         raise ConfigError(f"grpo.stop_strings: expected a list of non-empty strings, got {grpo.stop_strings!r}")
     if not grpo.reward_weights:
@@ -431,8 +443,11 @@ def _validate_grpo(grpo):
 def _validate_eval(settings):
     # From the command line "8192,16384" arrives as strings.
     settings.budgets = [int(b) if isinstance(b, str) and b.strip().isdigit() else b for b in settings.budgets]
+    if settings.every_steps < 0:
+        raise ConfigError(f"eval.every_steps must be >= 0, got {settings.every_steps}")
     if not settings.data:
-        raise ConfigError("eval.data: no benchmark file given")
+        during = f" (eval.every_steps={settings.every_steps} evaluates during training)" if settings.every_steps else ""
+        raise ConfigError(f"eval.data: no benchmark file given{during}")
     if not settings.budgets:
         raise ConfigError("eval.budgets: give at least one token budget")
     for budget in settings.budgets:
@@ -449,6 +464,8 @@ def _validate_eval(settings):
         raise ConfigError(f"eval.temperature must be positive, got {settings.temperature}")
     if not 0 < settings.top_p <= 1:
         raise ConfigError(f"eval.top_p must be in (0, 1], got {settings.top_p}")
+    if not 0 <= settings.min_p < 1:
+        raise ConfigError(f"eval.min_p must be in [0, 1), got {settings.min_p}")
 
 
 def _merge(base, extra):

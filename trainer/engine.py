@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import check_no_earlier_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, config_as_dict, save_config
+from .evaluate import HeldOutDuringTraining
 from .export import export_hf
 from .metrics import MetricsLogger, plot_loss
 from .model import (
@@ -266,6 +267,9 @@ def run_stage(config, stage):
     log = print if rank == 0 else (lambda *_: None)
     tokenizer = load_tokenizer(config.model)
     total_steps = stage_total_steps(config, stage.prepare(tokenizer, world_size, log))
+    held_out = HeldOutDuringTraining.for_stage(config, tokenizer, rank, world_size)
+    if held_out is not None:
+        log(held_out.describe())
     engine = Engine(config, tokenizer)
     engine.set_schedule(total_steps)
     if rank == 0:
@@ -280,6 +284,8 @@ def run_stage(config, stage):
             started = time.perf_counter()
             values = stage.train_step(engine, step)
             values["step_s"] = time.perf_counter() - started
+            if held_out is not None and held_out.due(step + 1, total_steps):
+                values.update(held_out(engine.module, engine.device))
             if "tokens" in values:
                 values["tokens_per_s"] = values["tokens"] / max(values["step_s"], 1e-9)
             if (peak := engine.peak_memory_gb()) is not None:
@@ -292,7 +298,9 @@ def run_stage(config, stage):
     finally:
         metrics.close()
     if rank == 0:
-        for key, filename, title in stage.plots:
+        plots = stage.plots + ([("eval_pass_at_1", "eval_pass_at_1.png", f"{config.stage}: held-out pass@1")]
+                               if held_out is not None else [])
+        for key, filename, title in plots:
             if plot := plot_loss(config.run_dir, key=key, filename=filename, title=title):
                 print(f"{key} curve: {plot}")
     shutdown()

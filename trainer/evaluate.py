@@ -36,6 +36,7 @@ class EvalResult:
     temperature: float
     top_p: float
     rows: list  # one BudgetRow per budget, smallest first
+    min_p: float = 0.0
 
     @property
     def final(self):
@@ -192,14 +193,21 @@ def score_at_budgets(per_prompt, answers, tokenizer, budgets, *, stop_at_think_e
     return rows, len(per_prompt) - len(scorable)
 
 
-def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0,
+def eval_sampling(settings):
+    """The SamplingSettings of an EvalConfig: its k samples, filters and largest budget."""
+    return SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                            min_p=settings.min_p, max_new_tokens=max(settings.budgets))
+
+
+def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0, min_p=0.0,
              max_new_tokens=128, budgets=None, batch_prompts=64, stop_at_think_end=False, progress=False,
              device=None, seed=0):
     budgets = sorted(set(budgets or [max_new_tokens]))
-    settings = SamplingSettings(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max(budgets))
+    settings = SamplingSettings(n=samples, temperature=temperature, top_p=top_p, min_p=min_p,
+                                max_new_tokens=max(budgets))
     per_prompt = sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts, progress, device, seed)
     rows, unscored = score_at_budgets(per_prompt, answers, tokenizer, budgets, stop_at_think_end=stop_at_think_end)
-    return EvalResult(len(prompts) - unscored, unscored, samples, temperature, top_p, rows)
+    return EvalResult(len(prompts) - unscored, unscored, samples, temperature, top_p, rows, min_p)
 
 
 def format_table(results):
@@ -237,8 +245,7 @@ def sample_benchmark(config, problems, tokenizer, device, rank, world_size):
 
     settings = config.eval
     causal_lm = load_causal_lm(config.model, device).eval()
-    sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                                max_new_tokens=max(settings.budgets))
+    sampling = eval_sampling(settings)
     share = list(range(rank, len(problems), world_size))
     prompts = [problems[index][0] for index in share]
     calls = plan_generate_calls([len(p) for p in prompts], settings.samples, sampling.max_new_tokens,
@@ -273,8 +280,8 @@ def run_eval(config):
         problems = problems[: settings.max_problems]
     if rank == 0:
         print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
-              f"temperature {settings.temperature}, top-p {settings.top_p}, budgets {sorted(settings.budgets)}, "
-              f"{world_size} rank(s)", flush=True)
+              f"temperature {settings.temperature}, top-p {settings.top_p}, min-p {settings.min_p}, "
+              f"budgets {sorted(settings.budgets)}, {world_size} rank(s)", flush=True)
     if settings.engine == "vllm":
         from .rollout.vllm import sample_benchmark_with_vllm
 
@@ -288,7 +295,7 @@ def run_eval(config):
                                           stop_at_think_end=settings.stop_at_think_end,
                                           timeout_s=settings.reward_timeout_s)
         result = EvalResult(len(problems) - unscored, unscored, settings.samples, settings.temperature,
-                            settings.top_p, rows)
+                            settings.top_p, rows, settings.min_p)
         write_eval_report(config, result, calls)
     shutdown()
     return result
@@ -315,3 +322,59 @@ def write_eval_report(config, result, generate_calls):
     print(table, flush=True)
     print(f"written: {config.run_dir}/eval.json, eval.md{', accuracy_vs_budget.png' if plot else ''} "
           f"({generate_calls} generate calls)", flush=True)
+
+
+class HeldOutDuringTraining:
+    """eval.every_steps > 0: the policy being trained, sampled on eval.data every that many steps.
+
+    Each rank samples an equal share of the problems (padded with repeats, so that every rank makes
+    the same FSDP-collective generate calls), keyed by problem index as the eval stage keys them;
+    every rank scores the merged completions, so the metrics need no broadcast.
+    """
+
+    def __init__(self, config, tokenizer, rank, world_size):
+        from .grpo_rollouts import load_prompts
+
+        settings = config.eval
+        self.every, self.tokenizer, self.seed = settings.every_steps, tokenizer, config.train.seed
+        self.rank, self.world_size = rank, world_size
+        problems = load_prompts(config, tokenizer, files=[settings.data], answer_field=settings.answer_field,
+                                split=settings.split, what="eval.data")[: settings.max_problems]
+        self.prompts, self.answers = [p for p, _ in problems], [a for _, a in problems]
+        self.budgets, self.sampling = sorted(set(settings.budgets)), eval_sampling(settings)
+        self.max_batch_tokens, self.stop_at_think_end = settings.max_batch_tokens, settings.stop_at_think_end
+        self.timeout_s = settings.reward_timeout_s
+
+    @classmethod
+    def for_stage(cls, config, tokenizer, rank, world_size):
+        return cls(config, tokenizer, rank, world_size) if config.eval.every_steps else None
+
+    def describe(self):
+        return (f"eval: every {self.every} steps, {len(self.prompts)} problems x {self.sampling.n} samples at "
+                f"temperature {self.sampling.temperature}, top-p {self.sampling.top_p}, up to "
+                f"{self.sampling.max_new_tokens} tokens")
+
+    def due(self, step, total_steps):
+        """Whether to evaluate after `step` (1-based): every `every` steps and after the last."""
+        return step % self.every == 0 or step == total_steps
+
+    def __call__(self, root_module, device):
+        """{eval_pass_at_1, eval_maj_at_k, eval_mean_tokens} of the policy now."""
+        from .parallel import all_gather_objects
+
+        count = len(self.prompts)
+        share = list(range(self.rank, count, self.world_size))
+        padded = share + [share[0] if share else 0] * (-(-count // self.world_size) - len(share))
+        engine = HFRolloutEngine(root_module, self.tokenizer, device, max_batch_tokens=self.max_batch_tokens)
+        keys = sequence_keys(self.seed, 0, padded, self.sampling.n)
+        completions = [[] for _ in padded]
+        for completion in engine.generate([self.prompts[i] for i in padded], self.sampling, row_keys=keys):
+            completions[completion.prompt_index].append(completion)
+        merged = {}
+        for indices, part in all_gather_objects((share, completions[: len(share)])):
+            merged.update(zip(indices, part))
+        rows, _ = score_at_budgets([merged[i] for i in range(count)], self.answers, self.tokenizer, self.budgets,
+                                   stop_at_think_end=self.stop_at_think_end, timeout_s=self.timeout_s)
+        final = rows[-1]
+        return {"eval_pass_at_1": final.pass_at_1, "eval_maj_at_k": final.maj_at_k,
+                "eval_mean_tokens": final.mean_tokens}

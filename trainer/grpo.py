@@ -25,6 +25,7 @@ from .grpo_rollouts import (
     step_prompts,
     zero_variance_groups,
 )
+from .grpo_sync_check import SyncCheck
 from .parallel import all_reduce_named
 from .rewards import RewardComputer, RewardSettings
 from .rollout import (
@@ -76,21 +77,26 @@ class GRPOStage:
             self.reference = load_sharded_model(config, engine.device, trainable=False)
             log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
         self.rollout = make_engine(engine, config)
+        self.sync_check = SyncCheck(grpo, self.rollout, config.train.seed)
         self.sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                          min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens,
                                          stop=list(grpo.stop_strings) or None)
 
     def train_step(self, engine, step):
         grpo, config, rank = self.grpo, self.config, engine.rank
-        bucket_bytes = grpo.weight_sync_bucket_mb * 2**20
         started = time.perf_counter()
         # A run's first step, fresh or resumed: an engine with its own weights holds no policy yet.
-        first_sync_bytes = ensure_engine_weights(engine.module, self.rollout, bucket_bytes)
+        first_sync_bytes = ensure_engine_weights(engine.module, self.rollout)
         indices = step_prompts(len(self.prompts), step, self.steps_per_epoch, grpo.prompts_per_step, rank,
                                self.world_size, config.train.seed)
+        prompt_ids = [self.prompts[index][0] for index in indices]
         with rollout_phase(self.rollout):  # awake across the sampling rounds, asleep for training
+            probes = self.sync_check.probe(self.rollout, step, prompt_ids) if self.sync_check.due(step) else None
             batch = sample_groups(indices, step, self.prompts, self.rollout, self.sampling, self.rewards, config, rank)
+        self.sync_check.remember(prompt_ids)
         timings = {"rollout_s": time.perf_counter() - started}
+        if probes is not None:  # the synced copy against the policy it was synced from, before this update
+            timings["sync_logprob_gap"] = self.sync_check.gap(engine, probes, step, config.train.low_memory_loss)
         advantages = step_advantages(batch.rewards, grpo, engine.device, rank, self.world_size)
         packed = pack_step(batch.chosen, batch.completions, advantages, config, engine.tokenizer.pad_token_id,
                            engine.device, self.world_size)
@@ -99,7 +105,7 @@ class GRPOStage:
         engine.scheduler.step()
         timings["train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
-        synced_bytes = first_sync_bytes + sync_weights(engine.module, self.rollout, bucket_bytes)
+        synced_bytes = first_sync_bytes + sync_weights(engine.module, self.rollout)
         timings.update(sync_s=time.perf_counter() - sync_started, synced_MB=synced_bytes / 2**20)
         values = step_metrics(batch, packed, update, grpo, engine.device, self.world_size)
         values.update(timings, reward_failures=sum(self.rewards.counts.values()))
@@ -115,7 +121,7 @@ def step_metrics(batch, packed, update, grpo, device, world_size):
     finite = [v for v in batch.rewards if math.isfinite(v)]
     correct = [a for a in batch.parts["accuracy"] if math.isfinite(a)]
     lengths = [len(c.token_ids) for c in batch.completions]
-    clipped, kl, entropy, loss_tokens = statistics.tolist()
+    clipped, kl, entropy, loss_tokens, tis_deviation = statistics.tolist()
     sums = all_reduce_named({
         "loss": loss, "grad_norm": grad_norm, "reward": sum(finite), "scored": len(finite), "correct": sum(correct),
         "completion_tokens": sum(lengths), "completions": len(batch.completions),
@@ -124,7 +130,8 @@ def step_metrics(batch, packed, update, grpo, device, world_size):
         "clipped_tokens": clipped, "kl": kl, "entropy": entropy, "loss_tokens": loss_tokens,
         "pad_tokens": packed.pad_tokens, "computed_tokens": packed.computed_tokens,
     }, device)
-    extremes = all_reduce_named({"shortest": -min(lengths), "longest": max(lengths)}, device, op="max")
+    extremes = all_reduce_named({"shortest": -min(lengths), "longest": max(lengths), "tis": tis_deviation}, device,
+                                op="max")
     scored, loss_tokens = max(sums["scored"], 1), max(sums["loss_tokens"], 1.0)
     values = {
         "loss": sums["loss"] / world_size, "grad_norm": sums["grad_norm"] / world_size, "lr": lr,
@@ -137,6 +144,8 @@ def step_metrics(batch, packed, update, grpo, device, world_size):
         "entropy": sums["entropy"] / loss_tokens, "sampling_rounds": batch.sampling_rounds,
         "pad_fraction": sums["pad_tokens"] / max(sums["computed_tokens"], 1.0), "micro_batches": len(packed.rows),
     }
+    if grpo.tis_cap > 0:
+        values["tis_weight_max_deviation"] = extremes["tis"]  # largest |TIS weight - 1| over loss tokens
     for name, values_of_reward in batch.parts.items():
         finite_values = [v for v in values_of_reward if math.isfinite(v)]
         values[f"reward_{name}"] = sum(finite_values) / max(len(finite_values), 1)

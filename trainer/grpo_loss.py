@@ -11,6 +11,9 @@ def truncated_importance_weight(trainer_logp, sampling_logp, mask, cap):
     return torch.where(mask > 0, weight, torch.ones_like(weight))
 
 
+STATISTICS = 5  # clipped tokens, KL sum, entropy sum, tokens (summed), largest |TIS weight - 1| (a maximum)
+
+
 def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
     """[clipped tokens, KL sum, entropy sum, tokens] over the masked tokens of one update.
 
@@ -38,7 +41,7 @@ def logprob_head(row, grpo, low_memory, with_entropy=False):
 
 
 def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
-    """The weighted clipped loss of row `index`; adds its token statistics into `statistics`."""
+    """The weighted clipped loss of row `index`; adds its token statistics into `statistics` (STATISTICS)."""
     row, advantages, counted = step.rows[index], step.advantages[index], step.counted[index]
 
     def head(hidden, weight):
@@ -51,9 +54,12 @@ def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
         if step.sampling_logp is not None:
             # The engine sampled from its own copy; weight each token by the truncated ratio of
             # the trainer's probability (at rollout) to the engine's.
-            per_token = per_token * truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.tis_cap)
+            weight = truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.tis_cap)
+            per_token = per_token * weight
+            with torch.no_grad():
+                statistics[4] = torch.maximum(statistics[4], ((weight - 1).abs() * counted).max())
         with torch.no_grad():
-            statistics.add_(token_statistics(logp, old, ref_logp, entropy, advantages, counted, grpo))
+            statistics[:4] += token_statistics(logp, old, ref_logp, entropy, advantages, counted, grpo)
         return (per_token * step.weights[index]).sum()
 
     return head
@@ -74,7 +80,7 @@ def update_policy(engine, reference, step, grpo, low_memory):
         # Several updates per rollout: the ratio is against the policy that sampled.
         old = [engine.module(**row.inputs, head=logprob_head(row, grpo, low_memory))
                if grpo.num_iterations > 1 else None for row in rows]
-    statistics = torch.zeros(4, device=engine.device)  # clipped tokens, KL sum, entropy sum, tokens
+    statistics = torch.zeros(STATISTICS, device=engine.device)
     for _ in range(grpo.num_iterations):
         heads = [loss_head(step, index, old[index], ref[index], grpo, low_memory, statistics)
                  for index in range(len(rows))]

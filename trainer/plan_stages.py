@@ -196,7 +196,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     import torch
 
     from .grpo_batch import MicroBatch, PackedStep
-    from .grpo_loss import logprob_head, loss_head
+    from .grpo_loss import STATISTICS, logprob_head, loss_head
     from .plan_measure import build_sharded_model, local_bytes, measure
 
     grpo, budget = config.grpo, config.train.max_tokens_per_micro_batch
@@ -233,7 +233,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
         reference_flops = measured.flops
         plan.flops.append(("reference forward per row per GPU", reference_flops))
 
-    statistics = torch.zeros(4)
+    statistics = torch.zeros(STATISTICS)
 
     def policy_row():
         policy(**inputs, head=loss_head(step, 0, None, ref_logp, grpo, low_memory, statistics)).backward()

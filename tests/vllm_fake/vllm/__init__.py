@@ -1,21 +1,26 @@
 """A stand-in for vllm 0.33 that records every call and models the behaviour the adapter relies on.
 
 Each call is checked against the real signatures (vllm_fake.check_call) and appended to CALLS.
-What it models, as read from vLLM 0.33.0's source:
-- sleep(level=2) discards the weights and the KV cache and pauses the scheduler;
-  wake_up(tags) wakes those tags, and the scheduler resumes only once nothing is asleep, so
-  generate refuses to run while any tag sleeps, and refuses weights not rewritten since a
-  level-2 sleep (vLLM would compute with garbage);
-- apply_model(func) runs func on the worker's model and returns [result] (one worker per
-  engine under external_launcher); load_weights writes (name, tensor) pairs and returns the
-  names it wrote, and raises KeyError for an unknown name;
+What it models, as read from vLLM 0.33.0's source and measured on its CPU build:
+- LLM(enable_sleep_mode=True) is refused off CUDA (set CUDA = True for a GPU); load_format
+  "dummy" starts on random weights, anything else on the checkpoint's;
+- sleep(level=2) discards the weights and the KV cache, clears the prefix cache and pauses the
+  scheduler; wake_up(tags) wakes those tags, and the scheduler resumes only once nothing is
+  asleep, so generate refuses to run while any tag sleeps; weights woken after a level-2 sleep
+  hold uninitialised memory until they are reloaded, and generate refuses them;
+- collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format": True})
+  reads the iterator one pair at a time (WorkerModel.received), is refused while the weights
+  sleep, and raises KeyError for an unknown name. A layer that received all its tensors holds
+  them; one that received only some holds uninitialised memory; one that received none (a tied
+  head not sent, say) keeps what it held;
+- the prefix cache serves a prompt the blocks computed with the weights of its first request
+  until reset_prefix_cache (or a sleep) clears it;
 - generate returns one RequestOutput per prompt, samples drawn from a generator seeded by
-  SamplingParams.seed, EOS checked before the length limit, stop strings detected on the
-  detokenised text and kept in it only with include_stop_str_in_output; log-probs as
-  list[dict[token id, Logprob]], each dict holding the sampled token and a decoy;
-- prompt_logprobs: [None, {token: Logprob}, ...] over the prompt.
-Tests set TOKENIZER (used to detokenise), PARAMETERS (the model's parameter names) and may
-set SCRIPT(prompt_ids, tokens_so_far, rng) -> next token.
+  SamplingParams.seed and the weights, EOS checked before the length limit, stop strings
+  detected on the detokenised text and kept in it only with include_stop_str_in_output;
+  log-probs as list[dict[token id, Logprob]], each dict holding the sampled token and a decoy.
+Tests set CUDA, TOKENIZER (used to detokenise), PARAMETERS (the model's state-dict names) and
+may set SCRIPT(prompt_ids, tokens_so_far, rng) -> next token.
 """
 
 import dataclasses
@@ -25,6 +30,7 @@ import random
 import vllm_fake
 
 __version__ = "0.33.0"
+CUDA = False  # the platform: sleep mode exists only on CUDA
 SNAPSHOT = vllm_fake.load_snapshot()
 CALLS = []  # Call per API call, and the tests' own events (e.g. torch.cuda.empty_cache)
 OUTPUTS = []  # every RequestOutput generate returned
@@ -75,30 +81,42 @@ class SamplingParams:
             setattr(self, name, value)
 
 
-def prompt_logprob(prefix, token):
-    """The fake model's log-prob of `token` after `prefix`: a fixed function the tests can recompute."""
-    return -((token * 7 + len(prefix) * 3 + sum(prefix)) % 17) / 8.0
+# vLLM's Llama stacks these checkpoint projections into one module each.
+_STACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+            "up_proj": "gate_up_proj"}
 
 
-class FakeModel:
-    """The worker's model: which parameters hold real values, and their fingerprint."""
+def layer_of(name):
+    """The vLLM module a checkpoint tensor loads into."""
+    module = name.rpartition(".")[0]
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{_STACKED[leaf]}" if leaf in _STACKED else module
 
-    def __init__(self, names):
-        self.names, self.values = list(names), {name: 0.0 for name in names}
-        self.written = set(self.names)  # LLM() loaded them from the model path
 
-    def load_weights(self, weights):
-        loaded = set()
+class WorkerModel:
+    """The worker's model: each parameter's fingerprint (the sum of the tensor written into it), None
+    where it holds uninitialised memory."""
+
+    def __init__(self, names, load_format):
+        self.names = list(names)
+        # The fake reads no checkpoint: its values are 0.0, dummy weights random.
+        self.values = {name: random.Random(name).random() if load_format == "dummy" else 0.0 for name in self.names}
+        self.received = []  # (name, tensor) in the order reload_weights read them, over every reload
+
+    def reload(self, weights):
+        layers = {}
         for name, tensor in weights:
             if name not in self.values:
                 raise KeyError(name)
-            self.values[name] = float(tensor.double().sum())
-            loaded.add(name)
-        self.written |= loaded
-        return loaded
+            self.received.append((name, tensor))
+            layers.setdefault(layer_of(name), {})[name] = float(tensor.double().sum())
+        for layer, written in layers.items():
+            members = [name for name in self.names if layer_of(name) == layer]
+            for name in members:
+                self.values[name] = written[name] if len(written) == len(members) else None
 
-    def named_parameters(self):
-        return [(name, self.values[name]) for name in self.names]
+    def uninitialised(self):
+        return [name for name in self.names if self.values[name] is None]
 
     def fingerprint(self):
         return round(sum(self.values.values()), 6)
@@ -108,19 +126,24 @@ class LLM:
     def __init__(self, *args, **kwargs):
         arguments = _record("LLM.__init__", args, kwargs)
         self.options = {**arguments, **arguments.pop("kwargs", {})}
+        if self.options.get("enable_sleep_mode") and not CUDA:
+            raise ValueError("Sleep mode is not supported on current platform.")  # ModelConfig's check
         if self.options.get("distributed_executor_backend") == "external_launcher":
             # ExecutorWithExternalLauncher reads these without a default.
             self.launcher = {name: os.environ[name] for name in ("RANK", "LOCAL_RANK")}
-        self.model, self.asleep, self.rng = FakeModel(PARAMETERS), set(), random.Random(0)
+        self.model = WorkerModel(PARAMETERS, self.options.get("load_format", "auto"))
+        self.asleep, self.rng, self.prefix_cache = set(), random.Random(0), {}
 
     def sleep(self, *args, **kwargs):
         level = _record("LLM.sleep", args, kwargs).get("level", 1)
         if not self.options.get("enable_sleep_mode"):
             raise RuntimeError("Sleep mode is not enabled")
-        if level >= 1:
-            self.asleep = {"weights", "kv_cache"}
+        if level == 0:
+            raise NotImplementedError("the fake models sleep levels 1 and 2")
+        self.asleep = {"weights", "kv_cache"}
+        self.prefix_cache.clear()
         if level == 2:
-            self.model.written = set()
+            self.model.values = dict.fromkeys(self.model.names)
 
     def wake_up(self, *args, **kwargs):
         tags = _record("LLM.wake_up", args, kwargs).get("tags")
@@ -129,24 +152,28 @@ class LLM:
 
     def reset_prefix_cache(self, *args, **kwargs):
         _record("LLM.reset_prefix_cache", args, kwargs)
+        self.prefix_cache.clear()
         return True
 
-    def apply_model(self, *args, **kwargs):
-        func = _record("LLM.apply_model", args, kwargs)["func"]
-        if "weights" in self.asleep:
-            raise RuntimeError("apply_model while the weights sleep: their memory is not mapped")
-        return [func(self.model)]
-
     def collective_rpc(self, *args, **kwargs):
-        _record("LLM.collective_rpc", args, kwargs)
-        raise NotImplementedError("the fake has no worker methods")
+        arguments = _record("LLM.collective_rpc", args, kwargs)
+        if arguments["method"] != "reload_weights":
+            raise NotImplementedError(f"the fake's worker has no {arguments['method']!r}")
+        if "weights" in self.asleep:
+            raise RuntimeError("reload_weights while the weights sleep: their memory is not mapped")
+        return [self._reload_weights(*arguments.get("args", ()), **(arguments.get("kwargs") or {}))]
+
+    def _reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        if weights_iterator is None or not is_checkpoint_format:
+            raise NotImplementedError("the fake reloads checkpoint-format weights from an iterator only")
+        self.model.reload(weights_iterator)
 
     def generate(self, *args, **kwargs):
         arguments = _record("LLM.generate", args, kwargs)
         if self.asleep:
             raise RuntimeError(f"generate while {sorted(self.asleep)} sleep: the scheduler is paused")
-        if self.model.written != set(self.model.names):
-            raise RuntimeError("generate on weights not rewritten since a level-2 sleep: garbage")
+        if self.model.uninitialised():
+            raise RuntimeError(f"generate on uninitialised weights {self.model.uninitialised()}: garbage")
         prompts, params = arguments["prompts"], arguments["sampling_params"]
         params = params if isinstance(params, list) else [params] * len(prompts)
         outputs = [self._request(str(index), prompt, p) for index, (prompt, p) in enumerate(zip(prompts, params))]
@@ -155,7 +182,10 @@ class LLM:
 
     def _request(self, request_id, prompt, params):
         ids = prompt["prompt_token_ids"]
-        rng = self.rng if params.seed is None else random.Random(f"{params.seed}|{ids}|{self.model.fingerprint()}")
+        weights = self.model.fingerprint()
+        if self.options.get("enable_prefix_caching"):
+            weights = self.prefix_cache.setdefault(tuple(ids), weights)
+        rng = self.rng if params.seed is None else random.Random(f"{params.seed}|{ids}|{weights}")
         tokens, positions, finish, text = [], [], "length", ""
         for _ in range(params.max_tokens):
             token = SCRIPT(ids, tokens, rng) if SCRIPT else _draw(rng)
@@ -173,12 +203,8 @@ class LLM:
                 break
         sample = CompletionOutput(index=0, text=text, token_ids=tokens, finish_reason=finish,
                                   logprobs=positions if params.logprobs is not None else None)
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None:
-            prompt_logprobs = [None] + [{ids[i]: Logprob(logprob=prompt_logprob(ids[:i], ids[i]))}
-                                        for i in range(1, len(ids))]
         return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=ids, outputs=[sample],
-                             prompt_logprobs=prompt_logprobs, finished=True)
+                             prompt_logprobs=None, finished=True)
 
 
 def _draw(rng):
