@@ -31,7 +31,8 @@ STAGES = ("sft", "grpo", "eval")
 # Where a config names a Hub model whose files are not here: architectures shipped with the repo.
 SHIPPED_ARCHITECTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 ROWS = ("parameters", "gradients", "optimizer states", "activations", "temporaries", "communication buffers",
-        "reference model", "KV cache", "reserved for vLLM")
+        "reference model", "KV cache", "vLLM weights (bf16, awake)", "the parameter being gathered (bf16)",
+        "reserved for vLLM")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +128,9 @@ def stage_configs(config_path, overrides, stages=None):
 
 
 def format_table(plan, gpu_bytes):
+    named = {name for phase in plan.phases for name in phase.items}
     rows = [row for row in ROWS if any(phase.items.get(row, 0) for phase in plan.phases)]
+    rows += sorted(named - set(ROWS))  # every item has a row: the columns add up to their totals
     headers = ["GiB per GPU"] + [phase.name for phase in plan.phases]
     body = [[row] + [gib(phase.items.get(row, 0)) for phase in plan.phases] for row in rows]
     body.append(["**total**"] + [f"**{gib(phase.total)}**" for phase in plan.phases])

@@ -169,16 +169,16 @@ def grpo_shapes(config):
     return prompt, prompt + grpo.max_new_tokens, grpo.prompts_per_step * grpo.group_size, note
 
 
-def rollout_phase(config, architecture, policy, resident, gpu_bytes):
-    """The rollout phase: the resident training state, plus the engine's memory while it samples."""
+def rollout_phases(config, architecture, policy, resident, gpu_bytes):
+    """The rollout phases: the resident training state, plus the engine's memory while it samples
+    (and, for vLLM, while its weights are synced)."""
     from .rollout.hf import rows_per_generate_call
 
     grpo = config.grpo
     prompt, sequence, sequences, _ = grpo_shapes(config)
-    items = dict(resident)
     if grpo.rollout_engine == "vllm":
-        items["reserved for vLLM"] = grpo.vllm_gpu_memory_utilization * gpu_bytes
-        return Phase("rollout (vLLM awake)", items)
+        return vllm_phases(config, architecture, policy, resident, gpu_bytes, sequence)
+    items = dict(resident)
     # HF generate under FSDP: the root's own parameters stay gathered (embeddings, head), one layer
     # is gathered at a time plus the next one prefetched, and each call's KV cache grows to full
     # length; each decoding step's cache update copies one layer's cache.
@@ -189,7 +189,29 @@ def rollout_phase(config, architecture, policy, resident, gpu_bytes):
     rows = min(sequences, rows_per_generate_call(grpo.max_batch_tokens, prompt, grpo.max_new_tokens) or sequences)
     items["KV cache"] = generate_cache_bytes(architecture, rows, sequence)
     calls = math.ceil(sequences / rows)
-    return Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)
+    return [Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)], []
+
+
+def vllm_phases(config, architecture, policy, resident, gpu_bytes, sequence):
+    """([the weight sync, the rollout], notes) of a colocated vLLM engine: its share of the GPU while it
+    samples; while it is synced, its bf16 weights awake plus the one parameter being gathered whole."""
+    from .rollout.vllm import engine_overhead_bytes, model_shape
+
+    grpo = config.grpo
+    tensor_parallel = grpo.vllm_tensor_parallel_size
+    shape = model_shape(architecture, sum(p.numel() for p in policy.parameters()))
+    weights = shape.parameters * 2 / tensor_parallel
+    overhead, overhead_detail = engine_overhead_bytes(shape, tensor_parallel, grpo.vllm_enforce_eager)
+    share = grpo.vllm_gpu_memory_utilization * gpu_bytes
+    cache_tokens = max(0, share - weights - overhead) / shape.kv_bytes_per_token(tensor_parallel)
+    largest = max(p.numel() for p in policy.parameters()) * 2
+    sync = {**resident, "vLLM weights (bf16, awake)": weights, "the parameter being gathered (bf16)": largest}
+    rollout = {**resident, "reserved for vLLM": share}
+    notes = [f"vLLM's share ({grpo.vllm_gpu_memory_utilization:g} of the GPU, {gib(share)} GiB): {gib(weights)} GiB "
+             f"of bf16 weights at tensor parallel {tensor_parallel}, {gib(overhead)} GiB of its own "
+             f"({overhead_detail}), and a KV cache of {gib(share - weights - overhead)} GiB: {cache_tokens:,.0f} "
+             f"tokens, {cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time"]
+    return [Phase("weight sync (vLLM weights awake)", sync), Phase("rollout (vLLM awake)", rollout)], notes
 
 
 def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
@@ -216,8 +238,8 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     resident = {"parameters": sharded, "optimizer states": states}
     if reference_bytes:
         resident["reference model"] = reference_bytes
-    phases = [rollout_phase(config, architecture, policy, resident, gpu_bytes)]
-    plan = StagePlan("grpo", phases)
+    phases, notes = rollout_phases(config, architecture, policy, resident, gpu_bytes)
+    plan = StagePlan("grpo", phases, notes=notes)
     ref_logp, reference_flops = None, 0
     if reference is not None:
         def reference_logprobs():
@@ -274,10 +296,17 @@ def plan_eval(config, architecture, gpu_bytes, parameters):
                                 settings.batch_prompts, settings.max_batch_tokens)
     rows = max(len(positions) * (end - first) for positions, first, end in calls)
     if settings.engine == "vllm":
-        from .rollout.vllm import EVAL_GPU_MEMORY_UTILIZATION
+        from .rollout.vllm import EVAL_GPU_MEMORY_UTILIZATION, engine_overhead_bytes, model_shape
 
-        items = {"reserved for vLLM": EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes}
-        note = "vLLM holds the weights and its KV cache in its share of the GPU"
+        shape, share = model_shape(architecture, parameters), EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
+        tensor_parallel = config.grpo.vllm_tensor_parallel_size
+        weights = parameters * 2 / tensor_parallel
+        overhead, overhead_detail = engine_overhead_bytes(shape, tensor_parallel, config.grpo.vllm_enforce_eager)
+        cache_tokens = max(0, share - weights - overhead) / shape.kv_bytes_per_token(tensor_parallel)
+        items = {"reserved for vLLM": share}
+        note = (f"vLLM's share ({EVAL_GPU_MEMORY_UTILIZATION:g} of the GPU): {gib(weights)} GiB of bf16 weights, "
+                f"{gib(overhead)} GiB of its own ({overhead_detail}) and a KV cache of {cache_tokens:,.0f} tokens, "
+                f"{cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time")
     else:
         items = {"parameters": parameters * 2, "KV cache": generate_cache_bytes(architecture, rows, sequence)}
         note = (f"one generate call's KV cache: {rows} rows x {sequence} tokens (1024-token prompts; "

@@ -129,10 +129,15 @@ def read_model_shape(model_path, trust_remote_code=False):
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return model_shape(config, sum(p.numel() for p in model.parameters()))
+
+
+def model_shape(config, parameters):
+    """The ModelShape of a Hugging Face model config with `parameters` parameters."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     return ModelShape(
-        parameters=sum(p.numel() for p in model.parameters()), layers=text.num_hidden_layers,
+        parameters=parameters, layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         max_positions=getattr(text, "max_position_embeddings", None), hidden_size=text.hidden_size,
@@ -349,6 +354,8 @@ class VLLMRolloutEngine:
         _set_launcher_environment(device_index)
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+            # Unset, the CPU build drops this process's torch to one thread, and training with it.
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         self.llm = vllm.LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=engine_seed(seed, self.peers.index),
             tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
