@@ -113,10 +113,14 @@ REFERENCE_GRPO = {
     "grpo.scale_rewards": "group", "grpo.reward_weights": {"format": 1.0, "cosine_length": 1.0, "length": 1.0},
     "grpo.cosine_max_len": 30000, "grpo.length_reward_unit": "chars", "grpo.length_reward_scope": "rank_batch",
     "grpo.answer_extraction": "first_match", "grpo.unparseable_gold": "reward_one", "train.seed": 2025,
+    "grpo.rollout_engine": "vllm",
 }
+# The reference's inference example: vLLM at temperature 1.0, top-p 0.9, min-p 0.05.
+REFERENCE_EVAL = {"eval.engine": "vllm", "eval.temperature": 1.0, "eval.top_p": 0.9, "eval.min_p": 0.05}
 
 
-@pytest.mark.parametrize("stage, reference", [("sft", REFERENCE_SFT), ("grpo", REFERENCE_GRPO)])
+@pytest.mark.parametrize("stage, reference", [("sft", REFERENCE_SFT), ("grpo", REFERENCE_GRPO),
+                                              ("eval", REFERENCE_EVAL)])
 def test_the_paper_config_holds_the_reference_scripts_values(stage, reference):
     config = load_config(os.path.join(REPO, "configs", "fast_math_r1_14b.yaml"), [f"stage={stage}"])
     for key, expected in reference.items():
