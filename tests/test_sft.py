@@ -378,3 +378,40 @@ def test_toy_tokenizer_round_trips_multi_digit_numbers(toy):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == text
+
+
+def test_held_out_evaluation_during_training_scores_the_model_as_the_eval_stage_does(toy, tmp_path):
+    """eval.every_steps: pass@1 logged every N steps and at the last; the last equals an independent
+    evaluation of the exported model with the same keyed samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.evaluate import evaluate
+    from trainer.grpo_rollouts import load_prompts
+    from trainer.sft import run_sft
+
+    held_out = write_problems(str(tmp_path / "held_out.jsonl"), 12, seed=7)
+    config = sft_config(toy, str(tmp_path / "run"), "train.max_steps=5", "checkpoint.export_hf=true",
+                        "eval.every_steps=2", f"eval.data={held_out}", "eval.samples=2", "eval.budgets=[6,24]",
+                        "eval.temperature=1.0", "eval.top_p=1.0", "eval.max_problems=10")
+    run_sft(config)
+    records = read_metrics(config.run_dir)
+    assert [r["step"] for r in records if "eval_pass_at_1" in r] == [2, 4, 5]
+    last = records[-1]
+    model_dir = os.path.join(config.run_dir, "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    problems = load_prompts(config, tokenizer, files=[held_out], what="eval.data")[:10]
+    expected = evaluate(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer, [p for p, _ in problems],
+                        [a for _, a in problems], samples=2, temperature=1.0, top_p=1.0, budgets=[6, 24],
+                        seed=config.train.seed)
+    assert last["eval_pass_at_1"] == pytest.approx(expected.final.pass_at_1)
+    assert last["eval_maj_at_k"] == pytest.approx(expected.final.maj_at_k)
+    assert last["eval_mean_tokens"] == pytest.approx(expected.final.mean_tokens)
+    assert expected.final.mean_tokens > 6  # the 24-token budget is the one logged
+    assert os.path.exists(os.path.join(config.run_dir, "eval_pass_at_1.png"))
+
+
+def test_held_out_evaluation_needs_its_data(toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.data: no benchmark file given \(eval.every_steps=10 evaluates"):
+        sft_config(toy, str(tmp_path / "run"), "eval.every_steps=10")
+    with pytest.raises(ConfigError, match="eval.every_steps must be >= 0"):
+        sft_config(toy, str(tmp_path / "run"), "eval.every_steps=-1", "eval.data=x.jsonl")

@@ -58,3 +58,21 @@ def test_the_task_samples_several_traces_per_problem_with_detours_and_slips(tmp_
     assert wrong >= 110  # a slip of 1-3 is carried to the answer (a clamp at 0 can land back on it)
     detoured = rows(1.0, 0.0)
     assert all("wait , check" in r["generation"] and boxed(r) == r["answer"] for r in detoured)
+
+
+def test_the_report_places_the_accuracy_jump_from_the_held_out_curve(tmp_path):
+    import json
+
+    from trainer.toy.recipe import HeldOutCurve
+
+    rows = [{"step": step, "loss": 1.0} for step in range(1, 13)]
+    for step, value in ((3, 0.1), (6, 0.85), (9, 0.93), (12, 0.97)):
+        rows[step - 1]["eval_pass_at_1"] = value
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = HeldOutCurve.read(str(tmp_path))
+    assert (curve.steps, curve.total_steps, curve.first_step_at_mark) == ([3, 6, 9, 12], 12, 9)
+    assert curve.summary() == "held-out pass@1 during SFT first reached 90% at step 9 of 12 (75% of the schedule)"
+    rows[8]["eval_pass_at_1"], rows[11]["eval_pass_at_1"] = 0.5, 0.6
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert HeldOutCurve.read(str(tmp_path)).summary() == (
+        "held-out pass@1 during SFT never reached 90% in 12 steps (best 85.0%)")
