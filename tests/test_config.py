@@ -174,7 +174,7 @@ def test_one_parser_reads_each_shipped_config_and_its_resolved_values_round_trip
 
 def test_the_toy_recipe_is_a_stages_file_with_its_task_settings():
     path = os.path.join(REPO, "configs", "toy.yaml")
-    base = ["model.path=m", "data.train_files=[t.jsonl]"]
+    base = ["model.path=m", "data.train_files=[t.jsonl]", "eval.data=e.jsonl"]
     sft = load_config(path, ["stage=sft", *base])
     grpo = load_config(path, ["stage=grpo", *base])
     assert (sft.recipe, sft.train.epochs, sft.optim.lr, sft.optim.beta2) == ("toy", 15, 3e-3, 0.999)
