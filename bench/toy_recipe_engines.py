@@ -24,8 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start(engine, seed, run_dir, threads):
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    arguments = [sys.executable, "-m", "trainer.run", f"run_dir={run_dir}", f"train.seed={seed}",
+    arguments = [sys.executable, "-m", "trainer.run", "--config", os.path.join(REPO, "configs", "toy.yaml"),
+                 f"run_dir={run_dir}", f"train.seed={seed}",
                  f"stages.grpo.grpo.rollout_engine={engine}", "tracking.tensorboard=false"]
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     log = open(os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.log"), "w")
     return subprocess.Popen(arguments, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
 

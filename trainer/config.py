@@ -106,7 +106,7 @@ class GRPOConfig:
     min_p: float = 0.05
     max_new_tokens: int = 16384
     stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
-    rollout_engine: str = "hf"  # or vllm (pip install -e .[vllm]; CUDA only)
+    rollout_engine: str = "hf"  # or vllm, the engine at 14B (hf gathers the FSDP weights for every token)
     # hf: KV-cache tokens per generate call at most (rows x (longest prompt + max_new_tokens));
     # more rows are sampled in several calls. 131072 is 24 GiB of a 14B Qwen2's bf16 KV cache.
     max_batch_tokens: Optional[int] = 131072
