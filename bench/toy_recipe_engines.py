@@ -50,11 +50,16 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", default=os.path.join(REPO, "runs", "toy_engines"))
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "cpu"))
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="read runs that already wrote report.json instead of running them again")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:
         runs = {engine: os.path.join(args.runs, f"{engine}_seed{seed}") for engine in ("hf", "vllm")}
-        processes = {engine: start(engine, seed, run_dir, threads=1) for engine, run_dir in runs.items()}
+        finished = {engine for engine, run_dir in runs.items()
+                    if args.reuse_finished and os.path.exists(os.path.join(run_dir, "report.json"))}
+        processes = {engine: start(engine, seed, run_dir, threads=1) for engine, run_dir in runs.items()
+                     if engine not in finished}
         for engine, process in processes.items():
             if process.wait() != 0:
                 raise SystemExit(f"the recipe with grpo.rollout_engine={engine} failed: see {runs[engine]}.log")

@@ -20,6 +20,7 @@ vllm installed.
 import copy
 import functools
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -171,7 +172,7 @@ def test_the_snapshot_is_vllm_0_33_0_read_from_its_wheel():
                                  "collective_rpc")} <= set(snapshot["methods"])
     engine_fields = {f["name"] for f in snapshot["fields"]["EngineArgs"]}
     assert {"enable_sleep_mode", "logprobs_mode", "distributed_executor_backend", "enable_prefix_caching",
-            "max_model_len", "load_format"} <= engine_fields
+            "max_model_len", "load_format", "enable_chunked_prefill", "max_num_batched_tokens"} <= engine_fields
     assert "processed_logprobs" in snapshot["literals"]["LogprobsMode"]
     assert "external_launcher" in snapshot["literals"]["DistributedExecutorBackend"]
     assert {"dummy", "auto"} <= set(snapshot["literals"]["LoadFormats"])
@@ -199,7 +200,8 @@ def test_start_up_on_cpu_reads_no_weights_and_never_sleeps(fake_vllm):
         model="toy/model", tokenizer="toy/model", dtype="float32", seed=7_000_021, tensor_parallel_size=1,
         distributed_executor_backend="external_launcher", gpu_memory_utilization=0.4, max_model_len=None,
         enable_prefix_caching=True, enable_sleep_mode=False, logprobs_mode="processed_logprobs",
-        trust_remote_code=False, enforce_eager=True, load_format="dummy"))]
+        trust_remote_code=False, enforce_eager=True, load_format="dummy",
+        enable_chunked_prefill=False, max_num_batched_tokens=8192))]  # whole prefills: CPU generators cannot rewind
     # One process without torchrun: a world of one, the engine core in this process, a 1 GiB KV cache.
     assert engine.llm.launcher == {"RANK": "0", "LOCAL_RANK": "0"}
     assert os.environ["WORLD_SIZE"] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
@@ -847,3 +849,12 @@ def test_the_engine_follows_the_trainer_on_a_gpu(tmp_path, real_vllm_process):
     stale = completion_logprobs_of(before, prompt, tokens)
     assert (expected - stale).abs().max().item() > 5 * tolerance  # the step moved the policy: stale weights fail
     assert (engine_logprobs - expected).abs().max().item() <= tolerance
+
+
+def test_on_cpu_every_prompt_is_prefilled_in_one_engine_step(tmp_path):
+    from trainer.rollout.vllm import _whole_prefills
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+    assert _whole_prefills(str(tmp_path), None) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 32768}
+    assert _whole_prefills(str(tmp_path), 300) == {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+    assert _whole_prefills(str(tmp_path), 20000)["max_num_batched_tokens"] == 20000

@@ -111,6 +111,19 @@ def test_keyed_sampling_repeats_whatever_the_batch(toy, engine, policy):
     assert [c.token_ids for c in other] != [c.token_ids for c in first]
 
 
+def test_a_rollout_whose_prompts_exceed_one_engine_step_repeats(toy, engine, policy):
+    # The toy recipe's GRPO step: 16 prompts x 8 samples, more prompt tokens than vLLM's default
+    # 4096 per step, where a chunked prefill would rewind a seeded generator.
+    prompts = chat_prompts(toy.tokenizer, 16, problems_each=2)
+    assert 8 * sum(len(p) for p in prompts) > 4096
+    settings = SamplingSettings(n=8, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    keys = sequence_keys(0, 3, range(16), 8)
+    first = engine.generate(prompts, settings, row_keys=keys)
+    alone = engine.generate(prompts[15:], settings, row_keys=keys[120:])
+    assert len(first) == 128 and all(len(c.token_ids) > 0 for c in first)
+    assert [c.token_ids for c in first[120:]] == [c.token_ids for c in alone]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_the_engines_logprobs_of_its_samples_equal_the_trainers(toy, engine, policy, temperature):
     prompts = chat_prompts(toy.tokenizer, 3)

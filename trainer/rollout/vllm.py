@@ -56,6 +56,7 @@ runs one engine: its ranks pool their prompts, generate them together and keep t
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -80,6 +81,7 @@ PROFILED_TOKENS, SAMPLED_SEQUENCES = 16384, 1024
 CUDA_GRAPH_BYTES = 1 * GIB  # captured graphs' private pool (none with enforce_eager)
 NON_TORCH_BYTES = GIB // 2  # cuBLAS and NCCL workspaces that vLLM counts inside its share
 CPU_KV_CACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE when unset: the CPU build's default takes 11 GiB
+CPU_STEP_TOKENS = 8192  # tokens per engine step on CPU, at least max_model_len (prefills are never chunked there)
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -330,6 +332,20 @@ def sampled_logprobs(token_ids, positions):
     return [position[token].logprob for token, position in zip(token_ids, positions)]
 
 
+def _whole_prefills(model_path, max_model_len):
+    """The CPU build's scheduler settings: every prompt prefilled in one step.
+
+    A chunked prefill makes vLLM rewind the request's seeded generator, which CPU generators cannot
+    do ("CPU Generator does not use offset"): any call whose prompts exceed one step's token budget
+    (4096 by default, e.g. 128 rows of 45 tokens) would fail.
+    """
+    config_file = os.path.join(str(model_path), "config.json")
+    if max_model_len is None and os.path.isfile(config_file):  # vLLM's default: the model's own limit
+        with open(config_file) as handle:
+            max_model_len = json.load(handle).get("max_position_embeddings")
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(CPU_STEP_TOKENS, max_model_len or 0)}
+
+
 class VLLMRolloutEngine:
     """A vllm.LLM behind the rollout-engine interface.
 
@@ -362,6 +378,7 @@ class VLLMRolloutEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, enable_prefix_caching=True,
             enable_sleep_mode=self.sleeps, logprobs_mode=LOGPROBS_MODE, trust_remote_code=trust_remote_code,
             enforce_eager=enforce_eager or not on_gpu, load_format="dummy" if colocated else "auto",
+            **({} if on_gpu else _whole_prefills(model_path, max_model_len)),
         )
         # A colocated engine starts on random weights: the policy is sent before its first rollout.
         self.weights_current, self.weights_resident, self._generating = not colocated, True, False
