@@ -13,8 +13,11 @@ both engines generate the same number of tokens. Medians of warm repeats, taken 
 import argparse
 import contextlib
 import functools
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,6 +25,7 @@ import torch
 
 from .common import RESULTS_DIR, write_results
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["model", "parameters_M", "engine", "rollout_s", "tokens", "tokens_per_s", "vs_hf", "weight_sync_ms"]
 # (name, hidden, layers, heads, kv heads): the toy recipe's model, and one 40x its size.
 MODELS = [("toy", 128, 4, 4, 2), ("small", 512, 8, 8, 4)]
@@ -125,12 +129,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.bench_rollout", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "cpu"))
+    parser.add_argument("--model", choices=[m[0] for m in MODELS], help="measure this model only")
+    parser.add_argument("--rows-file", help="with --model: write its rows there as JSON")
     args = parser.parse_args(argv)
+    if args.model and not args.rows_file:
+        parser.error("--model needs --rows-file")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.model:
+        name, *shape = next(m for m in MODELS if m[0] == args.model)
+        with tempfile.TemporaryDirectory() as directory:
+            rows = measure(name, build(os.path.join(directory, name), *shape), args.repeats)
+        with open(args.rows_file, "w") as handle:
+            json.dump(rows, handle)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        for name, *shape in MODELS:
-            rows += measure(name, build(os.path.join(directory, name), *shape), args.repeats)
+        for name, *_ in MODELS:  # a process per model: one vLLM engine per process, as the trainer runs it
+            rows_file = os.path.join(directory, f"{name}.json")
+            command = [sys.executable, "-m", "bench.bench_rollout", "--model", name, "--repeats", str(args.repeats),
+                       "--rows-file", rows_file]
+            if subprocess.run(command, cwd=REPO).returncode != 0:
+                raise SystemExit(f"bench_rollout: measuring {name} failed")
+            with open(rows_file) as handle:
+                rows += json.load(handle)
     print(write_results("rollout_engines", rows, COLUMNS, "cpu", args.out))
 
 

@@ -48,8 +48,19 @@ def git_commit():
 def device_description(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    processor = platform.processor() or platform.machine()
-    return f"{processor} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model():
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): floating-point sums differ by CPU."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def header_line(device):
@@ -59,12 +70,12 @@ def header_line(device):
     )
 
 
-def write_results(name, rows, columns, device, out_dir):
-    """Writes <name>.csv and <name>.md under out_dir; returns the Markdown text."""
+def write_results(name, rows, columns, device, out_dir, note=None):
+    """Writes <name>.csv and <name>.md under out_dir; returns the Markdown text. note: how the rows were run."""
     os.makedirs(out_dir, exist_ok=True)
-    header = header_line(device)
+    header = header_line(device) + (f"\n\n{note}" if note else "")
     with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as handle:
-        handle.write(f"# {header}\n")
+        handle.writelines(f"# {line}\n" for line in header.splitlines() if line)
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

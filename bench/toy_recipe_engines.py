@@ -64,7 +64,9 @@ def main(argv=None):
             if process.wait() != 0:
                 raise SystemExit(f"the recipe with grpo.rollout_engine={engine} failed: see {runs[engine]}.log")
         rows += [row(engine, seed, run_dir) for engine, run_dir in runs.items()]
-    print(write_results("toy_recipe_engines", rows, COLUMNS, "cpu", args.out))
+    note = ("Each recipe ran with 1 torch thread, the two engines' recipes side by side; grpo_s and recipe_s "
+            "are indicative (bench.bench_rollout measures speed).")
+    print(write_results("toy_recipe_engines", rows, COLUMNS, "cpu", args.out, note=note))
 
 
 if __name__ == "__main__":
