@@ -76,3 +76,43 @@ def test_the_report_places_the_accuracy_jump_from_the_held_out_curve(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert HeldOutCurve.read(str(tmp_path)).summary() == (
         "held-out pass@1 during SFT never reached 90% in 12 steps (best 85.0%)")
+
+
+def test_the_tasks_arithmetic_can_be_narrowed_and_every_answer_still_follows_its_steps(tmp_path):
+    import json
+    import re
+
+    import pytest
+
+    from trainer.config import ConfigError
+    from trainer.toy.task import Arithmetic, write_problems
+
+    step = re.compile(r"(\d+) ([-+x]) (\d+) = (\d+) \.")
+
+    def steps(arithmetic):
+        path = write_problems(str(tmp_path / "p.jsonl"), 400, seed=5, arithmetic=arithmetic)
+        problems = [json.loads(line) for line in open(path)]
+        found = []
+        for problem in problems:
+            chain = step.findall(problem["solution"])
+            for (a, symbol, b, result), following in zip(chain, chain[1:] + [None]):
+                a, b, result = int(a), int(b), int(result)
+                assert result == {"+": a + b, "-": a - b, "x": a * b}[symbol] and 0 <= result <= 99
+                if following is not None:
+                    assert int(following[0]) == result  # each step starts from the last one's result
+            assert chain[-1][3] == problem["answer"]
+            found += [(symbol, int(b)) for _, symbol, b, _ in chain]
+        return found
+
+    everything = steps(Arithmetic())
+    assert {b for s, b in everything if s == "x"} == {2, 3} and max(b for s, b in everything if s != "x") == 9
+    narrow = steps(Arithmetic(max_operand=6, factors=()))
+    assert {s for s, _ in narrow} == {"+", "-"} and max(b for _, b in narrow) == 6
+    assert {b for s, b in steps(Arithmetic(factors=(3,))) if s == "x"} == {3}
+
+    base = ["model.path=m", "data.train_files=[t.jsonl]", "recipe=toy"]
+    assert load_config(None, [*base, "toy.task.factors=[]", "toy.task.max_operand=6"]).toy.task.factors == []
+    with pytest.raises(ConfigError, match="toy.task.max_operand"):
+        load_config(None, [*base, "toy.task.max_operand=12"])
+    with pytest.raises(ConfigError, match="toy.task.factors"):
+        load_config(None, [*base, "toy.task.factors=[4]"])

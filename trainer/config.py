@@ -170,6 +170,8 @@ class ToyTaskConfig:
     detour_probability: float = 0.6  # share of training traces that re-check some of their steps
     traces_per_problem: int = 1  # sampled traces per training problem; curation keeps the shortest correct
     wrong_trace_probability: float = 0.0  # share of traces that slip on one step (a wrong answer)
+    max_operand: int = 9  # "gets N more" / "gives away N": N in 1..max_operand
+    factors: list = dataclasses.field(default_factory=lambda: [2, 3])  # "doubles them", "triples them"; [] for none
 
 
 @dataclasses.dataclass
@@ -388,6 +390,11 @@ def _validate_recipe(config):
     for key in ("detour_probability", "wrong_trace_probability"):
         if not 0 <= getattr(task, key) <= 1:
             raise ConfigError(f"toy.task.{key} must be in [0, 1], got {getattr(task, key)}")
+    if isinstance(task.max_operand, bool) or task.max_operand not in range(1, 10):
+        raise ConfigError(f"toy.task.max_operand must be an integer in 1..9, got {task.max_operand!r}")
+    if not isinstance(task.factors, list) or not set(task.factors) <= {2, 3} or any(
+            isinstance(f, bool) for f in task.factors):
+        raise ConfigError(f"toy.task.factors: expected a list of 2 and/or 3 (or []), got {task.factors!r}")
     ablation = config.toy.epoch_ablation
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in ablation):
         raise ConfigError(f"toy.epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")

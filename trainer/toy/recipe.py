@@ -17,7 +17,7 @@ import time
 from ..config import ConfigError, load_config, read_yaml
 from ..metrics import pyplot, read_metrics, save_figure
 from .model_dir import build_model_dir
-from .task import WORDS, write_problems, write_traces
+from .task import WORDS, Arithmetic, write_problems, write_traces
 
 DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
 PLACEHOLDER = "(made by the recipe)"
@@ -107,9 +107,10 @@ def _prepare(recipe):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     os.makedirs(recipe.run_dir, exist_ok=True)
     task, seed, paths = recipe.shared.toy.task, recipe.shared.train.seed, recipe.paths()
+    arithmetic = Arithmetic(task.max_operand, tuple(sorted(set(task.factors))))
     write_traces(paths["traces_file"], task.train_problems, seed, task.detour_probability, task.traces_per_problem,
-                 task.wrong_trace_probability)
-    write_problems(paths["eval_file"], task.eval_problems, seed + 1)  # their solutions are never read
+                 task.wrong_trace_probability, arithmetic)
+    write_problems(paths["eval_file"], task.eval_problems, seed + 1, arithmetic=arithmetic)  # solutions never read
     build_model_dir(paths["base_model"], WORDS, seed=seed, **dataclasses.asdict(recipe.shared.toy.model))
     # The paper's stage-1 data construction: the shortest correct trace of each problem.
     _, counts = curate([paths["traces_file"]], AutoTokenizer.from_pretrained(paths["base_model"]),

@@ -7,6 +7,7 @@ learn to drop.
 Every intermediate result stays in 0..99; numbers are written with one token per digit.
 """
 
+import dataclasses
 import json
 import random
 
@@ -19,27 +20,39 @@ WORDS = (
 )
 
 
-def _operation(rng, value):
+@dataclasses.dataclass(frozen=True)
+class Arithmetic:
+    """Which steps a story takes: add or subtract 1..max_operand, multiply by one of factors."""
+
+    max_operand: int = 9
+    factors: tuple = (2, 3)
+
+
+def _operation(rng, value, arithmetic):
     """(text, symbol, operand, result) of one step that keeps the result in 0..99."""
+    largest = arithmetic.max_operand
     choices = []
-    if value <= 90:
+    if value <= 99 - largest:
         choices.append("add")
     if value >= 1:
         choices.append("sub")
-    if value <= 33:
+    if value <= 33 and arithmetic.factors:
         choices.append("mul")
     kind = rng.choice(choices)
     if kind == "add":
-        operand = rng.randint(1, min(9, 99 - value))
+        operand = rng.randint(1, min(largest, 99 - value))
         return f"gets {operand} more", "+", operand, value + operand
     if kind == "sub":
-        operand = rng.randint(1, min(9, value))
+        operand = rng.randint(1, min(largest, value))
         return f"gives away {operand}", "-", operand, value - operand
-    factor = 2 if value > 24 or rng.random() < 0.5 else 3
+    if len(arithmetic.factors) == 1:
+        factor = arithmetic.factors[0]
+    else:
+        factor = 2 if value > 24 or rng.random() < 0.5 else 3
     return ("doubles them" if factor == 2 else "triples them"), "x", factor, value * factor
 
 
-def _story(rng):
+def _story(rng, arithmetic):
     """(problem text, [(value, symbol, operand)] steps, answer) of one problem."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     pronoun = "she" if name in ("ann", "eve") else "he"
@@ -47,7 +60,7 @@ def _story(rng):
     sentences = [f"{name} has {value} {item} ."]
     steps = []
     for _ in range(rng.randint(2, 3)):
-        text, symbol, operand, result = _operation(rng, value)
+        text, symbol, operand, result = _operation(rng, value, arithmetic)
         sentences.append(f"{pronoun} {text} .")
         steps.append((value, symbol, operand))
         value = result
@@ -77,16 +90,16 @@ def _trace(rng, steps, detour_probability, slip_at=None):
     return " ".join(lines + detours) + f" \\boxed{{ {value} }} </think>"
 
 
-def make_problem(rng, detour_probability=0.0):
+def make_problem(rng, detour_probability=0.0, arithmetic=Arithmetic()):
     """One problem; with detour_probability the solution re-checks 1-3 of its steps ("wait , ...")."""
-    problem, steps, answer = _story(rng)
+    problem, steps, answer = _story(rng, arithmetic)
     return {"problem": problem, "solution": _trace(rng, steps, detour_probability), "answer": str(answer)}
 
 
-def make_traced_problem(rng, traces, detour_probability, wrong_probability):
+def make_traced_problem(rng, traces, detour_probability, wrong_probability, arithmetic=Arithmetic()):
     """One problem with several sampled traces, as rows {problem, generation, answer}: each trace
     re-checks steps with detour_probability and slips on one step (a wrong answer) with wrong_probability."""
-    problem, steps, answer = _story(rng)
+    problem, steps, answer = _story(rng, arithmetic)
     rows = []
     for _ in range(traces):
         slip_at = rng.randrange(len(steps)) if rng.random() < wrong_probability else None
@@ -95,19 +108,21 @@ def make_traced_problem(rng, traces, detour_probability, wrong_probability):
     return rows
 
 
-def write_traces(path, count, seed, detour_probability, traces_per_problem, wrong_probability):
+def write_traces(path, count, seed, detour_probability, traces_per_problem, wrong_probability,
+                 arithmetic=Arithmetic()):
     """count problems with traces_per_problem traces each, as rows of problem, generation, answer."""
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(count):
-            for row in make_traced_problem(rng, traces_per_problem, detour_probability, wrong_probability):
+            for row in make_traced_problem(rng, traces_per_problem, detour_probability, wrong_probability,
+                                           arithmetic):
                 handle.write(json.dumps(row) + "\n")
     return path
 
 
-def write_problems(path, count, seed, detour_probability=0.0):
+def write_problems(path, count, seed, detour_probability=0.0, arithmetic=Arithmetic()):
     rng = random.Random(seed)
     with open(path, "w") as handle:
         for _ in range(count):
-            handle.write(json.dumps(make_problem(rng, detour_probability)) + "\n")
+            handle.write(json.dumps(make_problem(rng, detour_probability, arithmetic)) + "\n")
     return path
