@@ -87,7 +87,7 @@ def test_the_tasks_arithmetic_can_be_narrowed_and_every_answer_still_follows_its
     from trainer.config import ConfigError
     from trainer.toy.task import Arithmetic, write_problems
 
-    step = re.compile(r"(\d+) ([-+x]) (\d+) = (\d+) \.")
+    step = re.compile(r"(\d\d) ([-+x]) (\d) = (\d\d) \.")  # two-digit numbers: a digit's place never moves
 
     def steps(arithmetic):
         path = write_problems(str(tmp_path / "p.jsonl"), 400, seed=5, arithmetic=arithmetic)
@@ -100,7 +100,7 @@ def test_the_tasks_arithmetic_can_be_narrowed_and_every_answer_still_follows_its
                 assert result == {"+": a + b, "-": a - b, "x": a * b}[symbol] and 0 <= result <= 99
                 if following is not None:
                     assert int(following[0]) == result  # each step starts from the last one's result
-            assert chain[-1][3] == problem["answer"]
+            assert int(chain[-1][3]) == int(problem["answer"]) and problem["solution"].count(" = ") == len(chain)
             found += [(symbol, int(b)) for _, symbol, b, _ in chain]
         return found
 

@@ -2,9 +2,10 @@
 
 "tom has 37 apples . he gets 5 more . he gives away 8 . how many apples does he have ?"
 -> solution "37 + 5 = 42 . 42 - 8 = 34 . \\boxed{ 34 } </think>", answer "34"; with detours the
-solution re-checks steps first ("wait , check 37 + 5 = 42 . yes . so 42 ."), which GRPO should
+solution re-checks steps first ("wait , check 37 + 5 = 42 . yes . so 34 ."), which GRPO should
 learn to drop.
-Every intermediate result stays in 0..99; numbers are written with one token per digit.
+Every intermediate result stays in 0..99; numbers are written with one token per digit, and the
+worked steps write each number with two digits ("08 + 5 = 13"), so a digit's place never moves.
 """
 
 import dataclasses
@@ -80,12 +81,12 @@ def _trace(rng, steps, detour_probability, slip_at=None):
         if index == slip_at:
             result += rng.choice([-3, -2, -1, 1, 2, 3])
         result = max(0, result)  # a slip carried on stays a count (never so on a right trace)
-        lines.append(f"{value} {symbol} {operand} = {result} .")
+        lines.append(f"{value:02d} {symbol} {operand} = {result:02d} .")
         value = result
     detours = []
     if rng.random() < detour_probability:
         for step in rng.sample(lines, k=rng.randint(1, len(lines))):
-            detours.append(f"wait , check {step} yes . so {value} .")
+            detours.append(f"wait , check {step} yes . so {value:02d} .")
     # The answer comes before </think>, the form the format reward asks for.
     return " ".join(lines + detours) + f" \\boxed{{ {value} }} </think>"
 
