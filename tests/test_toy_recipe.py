@@ -101,17 +101,26 @@ def test_the_tasks_arithmetic_can_be_narrowed_and_every_answer_still_follows_its
                 if following is not None:
                     assert int(following[0]) == result  # each step starts from the last one's result
             assert int(chain[-1][3]) == int(problem["answer"]) and problem["solution"].count(" = ") == len(chain)
-            found += [(symbol, int(b)) for _, symbol, b, _ in chain]
+            found += [(int(a), symbol, int(b)) for a, symbol, b, _ in chain]
         return found
 
+    def carried(a, symbol, b):
+        units = {"+": a % 10 + b, "-": a % 10 - b, "x": (a % 10) * b}[symbol]
+        return not 0 <= units <= 9 or (symbol == "x" and (a // 10) * b > 9)
+
     everything = steps(Arithmetic())
-    assert {b for s, b in everything if s == "x"} == {2, 3} and max(b for s, b in everything if s != "x") == 9
+    assert {b for _, s, b in everything if s == "x"} == {2, 3} and max(b for _, s, b in everything if s != "x") == 9
+    assert not any(carried(a, s, b) for a, s, b in everything)
+    with_carries = steps(Arithmetic(carries=True))
+    assert sum(carried(a, s, b) for a, s, b in with_carries) > len(with_carries) / 4
     narrow = steps(Arithmetic(max_operand=6, factors=()))
-    assert {s for s, _ in narrow} == {"+", "-"} and max(b for _, b in narrow) == 6
-    assert {b for s, b in steps(Arithmetic(factors=(3,))) if s == "x"} == {3}
+    assert {s for _, s, _ in narrow} == {"+", "-"} and max(b for _, _, b in narrow) == 6
+    assert {b for _, s, b in steps(Arithmetic(factors=(3,))) if s == "x"} == {3}
 
     base = ["model.path=m", "data.train_files=[t.jsonl]", "recipe=toy"]
     assert load_config(None, [*base, "toy.task.factors=[]", "toy.task.max_operand=6"]).toy.task.factors == []
+    with pytest.raises(ConfigError, match="toy.task.carries"):
+        load_config(None, [*base, "toy.task.carries=3"])
     with pytest.raises(ConfigError, match="toy.task.max_operand"):
         load_config(None, [*base, "toy.task.max_operand=12"])
     with pytest.raises(ConfigError, match="toy.task.factors"):

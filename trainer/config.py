@@ -172,6 +172,7 @@ class ToyTaskConfig:
     wrong_trace_probability: float = 0.0  # share of traces that slip on one step (a wrong answer)
     max_operand: int = 9  # "gets N more" / "gives away N": N in 1..max_operand
     factors: list = dataclasses.field(default_factory=lambda: [2, 3])  # "doubles them", "triples them"; [] for none
+    carries: bool = False  # whether a step may carry or borrow ("37 + 5 = 42")
 
 
 @dataclasses.dataclass

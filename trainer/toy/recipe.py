@@ -107,7 +107,7 @@ def _prepare(recipe):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     os.makedirs(recipe.run_dir, exist_ok=True)
     task, seed, paths = recipe.shared.toy.task, recipe.shared.train.seed, recipe.paths()
-    arithmetic = Arithmetic(task.max_operand, tuple(sorted(set(task.factors))))
+    arithmetic = Arithmetic(task.max_operand, tuple(sorted(set(task.factors))), task.carries)
     write_traces(paths["traces_file"], task.train_problems, seed, task.detour_probability, task.traces_per_problem,
                  task.wrong_trace_probability, arithmetic)
     write_problems(paths["eval_file"], task.eval_problems, seed + 1, arithmetic=arithmetic)  # solutions never read

@@ -1,11 +1,13 @@
 """Word problems on small numbers with a short chain of thought, as jsonl in the recipe's fields.
 
-"tom has 37 apples . he gets 5 more . he gives away 8 . how many apples does he have ?"
--> solution "37 + 5 = 42 . 42 - 8 = 34 . \\boxed{ 34 } </think>", answer "34"; with detours the
-solution re-checks steps first ("wait , check 37 + 5 = 42 . yes . so 34 ."), which GRPO should
+"tom has 37 apples . he gets 2 more . he gives away 5 . how many apples does he have ?"
+-> solution "37 + 2 = 39 . 39 - 5 = 34 . \\boxed{ 34 } </think>", answer "34"; with detours the
+solution re-checks steps first ("wait , check 37 + 2 = 39 . yes . so 34 ."), which GRPO should
 learn to drop.
 Every intermediate result stays in 0..99; numbers are written with one token per digit, and the
-worked steps write each number with two digits ("08 + 5 = 13"), so a digit's place never moves.
+worked steps write each number with two digits ("06 - 4 = 02"), so a digit's place never moves.
+By default no step carries or borrows: a tiny model then learns the digit facts steadily instead
+of waiting, for a run of steps that varies widely between seeds and machines, to discover carrying.
 """
 
 import dataclasses
@@ -23,33 +25,39 @@ WORDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Arithmetic:
-    """Which steps a story takes: add or subtract 1..max_operand, multiply by one of factors."""
+    """Which steps a story takes: add or subtract 1..max_operand, multiply by one of factors; with
+    carries False no step carries or borrows (each digit's own sum, difference or product stays in 0..9)."""
 
     max_operand: int = 9
     factors: tuple = (2, 3)
+    carries: bool = False
+
+
+def _digits_allow(value, factor):
+    return all(int(digit) * factor <= 9 for digit in str(value))
 
 
 def _operation(rng, value, arithmetic):
     """(text, symbol, operand, result) of one step that keeps the result in 0..99."""
-    largest = arithmetic.max_operand
-    choices = []
-    if value <= 99 - largest:
-        choices.append("add")
-    if value >= 1:
-        choices.append("sub")
-    if value <= 33 and arithmetic.factors:
-        choices.append("mul")
+    units = value % 10
+    largest_add = min(arithmetic.max_operand, 99 - value if arithmetic.carries else 9 - units)
+    largest_sub = min(arithmetic.max_operand, value if arithmetic.carries else units)
+    factors = [f for f in arithmetic.factors if value <= 33 and (arithmetic.carries or _digits_allow(value, f))]
+    can_add = value <= 99 - arithmetic.max_operand if arithmetic.carries else largest_add >= 1
+    choices = [kind for kind, possible in (("add", can_add), ("sub", largest_sub >= 1), ("mul", factors)) if possible]
     kind = rng.choice(choices)
     if kind == "add":
-        operand = rng.randint(1, min(largest, 99 - value))
+        operand = rng.randint(1, largest_add)
         return f"gets {operand} more", "+", operand, value + operand
     if kind == "sub":
-        operand = rng.randint(1, min(largest, value))
+        operand = rng.randint(1, largest_sub)
         return f"gives away {operand}", "-", operand, value - operand
-    if len(arithmetic.factors) == 1:
-        factor = arithmetic.factors[0]
-    else:
+    if len(factors) == 1:
+        factor = factors[0]
+    elif arithmetic.carries:
         factor = 2 if value > 24 or rng.random() < 0.5 else 3
+    else:
+        factor = rng.choice(factors)
     return ("doubles them" if factor == 2 else "triples them"), "x", factor, value * factor
 
 
