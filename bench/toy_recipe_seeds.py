@@ -56,18 +56,25 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "cpu"))
     parser.add_argument("--reuse-finished", action="store_true",
                         help="read runs that already wrote report.json instead of running them again")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: tabulate the runs that finished and name the ones that did not")
     args = parser.parse_args(argv)
     runs = {(seed, threads): os.path.join(args.runs, f"seed{seed}_threads{threads}")
             for threads in args.threads for seed in args.seeds}
-    pending = [key for key, run_dir in runs.items() if not (args.reuse_finished and is_finished(run_dir))]
+    reuse = args.reuse_finished or args.table_only
+    pending = [key for key, run_dir in runs.items() if not (reuse and is_finished(run_dir))]
+    missing = pending if args.table_only else []
+    pending = [] if args.table_only else pending
     alone = [key for key in pending if key[1] > 1]
     paired = [key for key in pending if key[1] == 1]
     batches = [[key] for key in alone] + [paired[i:i + 2] for i in range(0, len(paired), 2)]
     for batch in batches:
         print(f"running {', '.join(f'seed {s} with {t} thread(s)' for s, t in batch)}", flush=True)
         wait_all({runs[key]: start_recipe(runs[key], key[1], [f"train.seed={key[0]}"]) for key in batch})
-    rows = [row(seed, threads, run_dir) for (seed, threads), run_dir in runs.items()]
-    note = ("Two-thread recipes ran alone; one-thread recipes ran two at a time, one per core.\n\n" + spread(rows))
+    rows = [row(*key, run_dir) for key, run_dir in runs.items() if key not in missing]
+    not_run = f" Not yet run: {', '.join(f'seed {s} with {t} thread(s)' for s, t in missing)}." if missing else ""
+    note = ("Each run's torch threads are in its threads column (the header's count is this script's). Two-thread "
+            "recipes ran alone; one-thread recipes ran two at a time, one per core." + not_run + "\n\n" + spread(rows))
     print(write_results("toy_recipe_seeds", rows, COLUMNS, "cpu", args.out, note=note))
 
 
