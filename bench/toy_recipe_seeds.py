@@ -62,9 +62,8 @@ def main(argv=None):
     runs = {(seed, threads): os.path.join(args.runs, f"seed{seed}_threads{threads}")
             for threads in args.threads for seed in args.seeds}
     reuse = args.reuse_finished or args.table_only
-    pending = [key for key, run_dir in runs.items() if not (reuse and is_finished(run_dir))]
-    missing = pending if args.table_only else []
-    pending = [] if args.table_only else pending
+    unfinished = [key for key, run_dir in runs.items() if not (reuse and is_finished(run_dir))]
+    missing, pending = (unfinished, []) if args.table_only else ([], unfinished)
     alone = [key for key in pending if key[1] > 1]
     paired = [key for key in pending if key[1] == 1]
     batches = [[key] for key in alone] + [paired[i:i + 2] for i in range(0, len(paired), 2)]

@@ -14,8 +14,8 @@ def start_recipe(run_dir, threads, overrides=()):
     arguments = [sys.executable, "-m", "trainer.run", "--config", os.path.join(REPO, "configs", "toy.yaml"),
                  f"run_dir={run_dir}", "tracking.tensorboard=false", *overrides]
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    log = open(f"{run_dir}.log", "w")
-    return subprocess.Popen(arguments, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    with open(f"{run_dir}.log", "w") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen(arguments, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_all(processes):
