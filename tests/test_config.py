@@ -177,10 +177,10 @@ def test_the_toy_recipe_is_a_stages_file_with_its_task_settings():
     base = ["model.path=m", "data.train_files=[t.jsonl]", "eval.data=e.jsonl"]
     sft = load_config(path, ["stage=sft", *base])
     grpo = load_config(path, ["stage=grpo", *base])
-    assert (sft.recipe, sft.train.epochs, sft.optim.lr, sft.optim.beta2) == ("toy", 15, 3e-3, 0.999)
-    assert (grpo.train.max_steps, grpo.optim.lr, grpo.optim.beta2, grpo.grpo.beta) == (30, 1e-4, 0.95, 0.04)
+    assert (sft.recipe, sft.train.epochs, sft.optim.lr, sft.optim.beta2) == ("toy", 15, 1.5e-3, 0.999)
+    assert (grpo.train.max_steps, grpo.optim.lr, grpo.optim.beta2, grpo.grpo.beta) == (30, 5e-5, 0.95, 0.04)
     assert (sft.toy.task.train_problems, sft.toy.task.carries, sft.toy.model.heads, sft.toy.epoch_ablation) == (
-        3300, False, 8, [1, 3])
+        2200, False, 8, [1, 3])
     # A stages.<stage> override reaches one stage; a plain one reaches whichever stage runs.
     assert load_config(path, ["stage=sft", *base, "stages.sft.train.epochs=2"]).train.epochs == 2
     assert load_config(path, ["stage=grpo", *base, "stages.sft.train.epochs=2"]).train.epochs == 1
