@@ -4,7 +4,7 @@
 
 Floating-point sums differ between thread counts (and CPUs), so each run trains a different
 model; the recipe's claims must hold for all of them. Two-thread runs run alone; one-thread runs
-run two at a time, one per core, so their recipe_s is a little pessimistic. Each row has the SFT
+run two at a time, one per core (an odd one out alone), so their recipe_s is a little pessimistic. Each row has the SFT
 and SFT+GRPO accuracy, the length ratio, the step at which held-out pass@1 during SFT first
 reached 90% and its fraction of the schedule, and the whole recipe's wall time
 (bench/results/cpu/toy_recipe_seeds.md).
@@ -73,7 +73,8 @@ def main(argv=None):
     rows = [row(*key, run_dir) for key, run_dir in runs.items() if key not in missing]
     not_run = f" Not yet run: {', '.join(f'seed {s} with {t} thread(s)' for s, t in missing)}." if missing else ""
     note = ("Each run's torch threads are in its threads column (the header's count is this script's). Two-thread "
-            "recipes ran alone; one-thread recipes ran two at a time, one per core." + not_run + "\n\n" + spread(rows))
+            "recipes ran alone; one-thread recipes ran two at a time, one per core (an odd one out alone)."
+            + not_run + "\n\n" + spread(rows))
     print(write_results("toy_recipe_seeds", rows, COLUMNS, "cpu", args.out, note=note))
 
 
