@@ -4,10 +4,10 @@
 
 Floating-point sums differ between thread counts (and CPUs), so each run trains a different
 model; the recipe's claims must hold for all of them. Two-thread runs run alone; one-thread runs
-run two at a time, one per core (an odd one out alone), so their recipe_s is a little pessimistic. Each row has the SFT
-and SFT+GRPO accuracy, the length ratio, the step at which held-out pass@1 during SFT first
-reached 90% and its fraction of the schedule, and the whole recipe's wall time
-(bench/results/cpu/toy_recipe_seeds.md).
+run two at a time, one per core (an odd one out alone), so their recipe_s is a little
+pessimistic. Each row has the SFT and SFT+GRPO accuracy, the length ratio, the step at which
+held-out pass@1 during SFT first reached 90% and its fraction of the schedule, and the whole
+recipe's wall time (bench/results/cpu/toy_recipe_seeds.md).
 """
 
 import argparse
@@ -47,6 +47,10 @@ def spread(rows):
             f"({span('recipe_s', unit=' s')}).")
 
 
+def describe(runs):
+    return ", ".join(f"seed {seed} with {threads} thread(s)" for seed, threads in runs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.toy_recipe_seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,10 +72,12 @@ def main(argv=None):
     paired = [key for key in pending if key[1] == 1]
     batches = [[key] for key in alone] + [paired[i:i + 2] for i in range(0, len(paired), 2)]
     for batch in batches:
-        print(f"running {', '.join(f'seed {s} with {t} thread(s)' for s, t in batch)}", flush=True)
+        print(f"running {describe(batch)}", flush=True)
         wait_all({runs[key]: start_recipe(runs[key], key[1], [f"train.seed={key[0]}"]) for key in batch})
     rows = [row(*key, run_dir) for key, run_dir in runs.items() if key not in missing]
-    not_run = f" Not yet run: {', '.join(f'seed {s} with {t} thread(s)' for s, t in missing)}." if missing else ""
+    if not rows:
+        raise SystemExit(f"no finished runs in {args.runs} to tabulate (not yet run: {describe(missing)})")
+    not_run = f" Not yet run: {describe(missing)}." if missing else ""
     note = ("Each run's torch threads are in its threads column (the header's count is this script's). Two-thread "
             "recipes ran alone; one-thread recipes ran two at a time, one per core (an odd one out alone)."
             + not_run + "\n\n" + spread(rows))
