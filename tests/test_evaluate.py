@@ -63,8 +63,8 @@ def test_a_completion_cut_at_the_largest_budget_is_unfinished_there():
 def test_unfinished_fraction_of_sampled_completions_counts_those_without_an_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import sample_completions
     from trainer.rollout import SamplingSettings
+    from trainer.rollout.hf import sample_completions
 
     model_dir = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -145,7 +145,7 @@ def test_eval_command_rejects_a_bad_budget_before_loading_anything(tmp_path):
 
 
 def test_the_kv_cache_budget_plans_more_calls_that_cover_every_sample():
-    from trainer.evaluate import plan_generate_calls
+    from trainer.rollout.hf import plan_generate_calls
 
     lengths = [10, 30, 20, 5]
     assert plan_generate_calls(lengths, 4, 90, batch_prompts=32) == [([0, 1, 2, 3], 0, 4)]

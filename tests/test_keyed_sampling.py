@@ -59,8 +59,8 @@ def test_top_p_and_min_p_filters():
 def test_generated_completions_do_not_depend_on_the_batch(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import sample_completions
     from trainer.rollout import SamplingSettings
+    from trainer.rollout.hf import sample_completions
     from trainer.toy.model_dir import build_model_dir
     from trainer.toy.task import WORDS
 

@@ -19,6 +19,7 @@ import pytest
 
 from trainer.answers import CORRECT, judge
 from trainer.rewards import RewardComputer, RewardSettings, format_reward
+from trainer.rollout import RolloutEngine
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -309,7 +310,7 @@ def test_the_stage_builds_the_recipe_rewards_and_left_truncates_long_prompts(tmp
     assert any(f"1 of 3 prompts were longer than grpo.max_prompt_tokens={limit}" in m for m in messages), messages
 
 
-class ScriptedRollout:
+class ScriptedRollout(RolloutEngine):
     """Returns the given completion texts, group_size per prompt, in the order the prompts come."""
 
     def __init__(self, texts_per_prompt):

@@ -1,19 +1,30 @@
-"""Rollout engines: stop strings and the weight sync (the vLLM engine: test_vllm_engine.py, test_vllm_contract.py)."""
+"""Rollout engines: the contract and its registry, stop strings and the weight sync (the vLLM engine:
+test_vllm_engine.py, test_vllm_contract.py)."""
 
+import json
 import os
 import tempfile
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from trainer.model import CausalLMLoss
-from trainer.rollout import SamplingSettings, sync_weights
+from trainer.rollout import (
+    ENGINES,
+    Completion,
+    RolloutEngine,
+    SamplingSettings,
+    eval_sampling,
+    register_engine,
+    sync_weights,
+)
 from trainer.rollout.hf import HFRolloutEngine
 from trainer.toy.model_dir import build_model_dir
 from trainer.toy.task import WORDS
 
 
-class RecordingEngine:
+class RecordingEngine(RolloutEngine):
     """Stands in for an engine's weight store: keeps what sync_weights sends, sync by sync."""
 
     holds_weights = True
@@ -21,7 +32,7 @@ class RecordingEngine:
     def __init__(self):
         self.syncs = []
 
-    def load_weights(self, named_tensors):
+    def sync(self, named_tensors):
         self.syncs.append([(name, tensor.clone()) for name, tensor in named_tensors])
 
 
@@ -166,3 +177,126 @@ def test_every_rank_makes_the_same_generate_calls_under_a_kv_budget(tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.spawn(rows_per_call_on_two_ranks, args=(init_file, str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)] == [1000 // 200] * 2  # 90 + 110 tokens
+
+
+@register_engine("fixed_answer")
+class FixedAnswerEngine(RolloutEngine):
+    """An engine without a model: every sample of every prompt is FIXED_TEXT. What GRPO, evaluation
+    and the planner then report follows from the text and the gold answers alone."""
+
+    FIXED_TEXT = "so \\boxed{ 7 } </think>"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids = tokenizer.encode(self.FIXED_TEXT, add_special_tokens=False) + [tokenizer.eos_token_id]
+        self.prompts_seen = 0
+
+    def generate(self, prompt_ids, settings, row_keys=None):
+        self.prompts_seen += len(prompt_ids)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)
+        return [Completion(index, list(self.token_ids), text, "stop")
+                for index in range(len(prompt_ids)) for _ in range(settings.n)]
+
+    @classmethod
+    def for_training(cls, trainer, config):
+        return cls(trainer.tokenizer)
+
+    @classmethod
+    def sample_benchmark(cls, config, problems, tokenizer, device, rank, world_size):
+        engine = cls(tokenizer)
+        per_prompt = [[] for _ in problems]
+        for completion in engine.generate([prompt for prompt, _ in problems], eval_sampling(config.eval)):
+            per_prompt[completion.prompt_index].append(completion)
+        return per_prompt, 1
+
+    @classmethod
+    def plan_rollout(cls, config, architecture, policy, resident, gpu_bytes, shape):
+        held = {**resident, "fixed answers": shape.sequences * shape.sequence_tokens * 8}
+        return [("rollout (fixed answers)", held)], [f"{shape.sequences} fixed answers"]
+
+
+def fixed_answer_tokens(model):
+    """The fixed answer's length: its tokens and the end-of-sequence token."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return len(tokenizer.encode(FixedAnswerEngine.FIXED_TEXT, add_special_tokens=False)) + 1
+
+
+def write_benchmark(path, answers):
+    with open(path, "w") as handle:
+        for answer in answers:
+            handle.write(json.dumps({"problem": "tom has 3 apples . he gets 4 more . how many apples does he have ?",
+                                     "answer": answer}) + "\n")
+    return str(path)
+
+
+def test_a_registered_engine_is_a_choice_of_both_keys_and_unknown_names_are_refused(tmp_path):
+    from trainer.config import ConfigError, load_config
+
+    assert ENGINES["fixed_answer"] is FixedAnswerEngine and FixedAnswerEngine.name == "fixed_answer"
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    data = write_benchmark(tmp_path / "prompts.jsonl", ["7"])
+    grpo = ["stage=grpo", f"model.path={model}", f"data.train_files={data}"]
+    config = load_config(None, [*grpo, "grpo.rollout_engine=fixed_answer", "eval.engine=fixed_answer"])
+    assert config.grpo.rollout_engine == config.eval.engine == "fixed_answer"
+    with pytest.raises(ConfigError, match=r"grpo.rollout_engine: 'fixed_answers' is not one of .*fixed_answer"):
+        load_config(None, [*grpo, "grpo.rollout_engine=fixed_answers"])
+    with pytest.raises(ValueError, match="registered twice"):
+        register_engine("hf")(FixedAnswerEngine)
+
+
+def test_the_eval_stage_scores_what_a_registered_engine_returns(tmp_path):
+    from trainer.config import load_config
+    from trainer.evaluate import run_eval
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    data = write_benchmark(tmp_path / "bench.jsonl", ["7", "7", "12", "3"])
+    run_eval(load_config(None, ["stage=eval", f"model.path={model}", f"eval.data={data}", "eval.engine=fixed_answer",
+                                "eval.samples=3", "eval.budgets=3,16", f"run_dir={tmp_path / 'eval'}"]))
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    small, large = result["rows"]
+    length = fixed_answer_tokens(model)
+    assert result["problems"] == 4 and result["samples_per_problem"] == 3
+    # Within 16 tokens every sample answers 7: two of the four gold answers.
+    assert large["pass_at_1"] == large["maj_at_k"] == 0.5 and large["mean_tokens"] == length
+    assert large["unfinished_fraction"] == 0.0
+    # Cut at 3 tokens ("so \boxed{ 7"), no sample has a closed box or an end.
+    assert small["pass_at_1"] == 0.0 and small["mean_tokens"] == 3 and small["unfinished_fraction"] == 1.0
+
+
+def test_grpo_trains_on_what_a_registered_engine_samples(tmp_path):
+    from trainer.config import load_config
+    from trainer.grpo import run_grpo
+    from trainer.metrics import read_metrics
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    data = write_benchmark(tmp_path / "prompts.jsonl", ["7"] * 8)
+    config = load_config(None, [
+        "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
+        "grpo.rollout_engine=fixed_answer", "grpo.prompts_per_step=4", "grpo.group_size=3", "grpo.max_new_tokens=12",
+        "train.max_steps=2", "checkpoint.export_hf=false",
+    ])
+    run_grpo(config)
+    records = read_metrics(config.run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        # Every sample is the fixed, correct answer: each group has one reward, so no advantage.
+        assert record["accuracy"] == 1.0 and record["completion_tokens"] == fixed_answer_tokens(model)
+        assert record["zero_variance_groups"] == 1.0 and record["loss"] == 0.0
+
+
+def test_the_planner_asks_the_configured_engine_for_its_rollout_memory(tmp_path):
+    from trainer.config import load_config
+    from trainer.plan_stages import grpo_shapes, rollout_phases
+
+    model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
+    data = write_benchmark(tmp_path / "prompts.jsonl", ["7"])
+    config = load_config(None, ["stage=grpo", f"model.path={model}", f"data.train_files={data}",
+                                "grpo.rollout_engine=fixed_answer",
+                                "grpo.max_prompt_tokens=100", "grpo.max_new_tokens=28", "grpo.prompts_per_step=2",
+                                "grpo.group_size=4"])
+    shape, note = grpo_shapes(config)
+    assert (shape.prompt_tokens, shape.sequence_tokens, shape.sequences, note) == (100, 128, 8, None)
+    phases, notes = rollout_phases(config, None, None, {"parameters": 1000}, 80 * 2**30, shape)
+    assert [(p.name, p.items, p.total) for p in phases] == [
+        ("rollout (fixed answers)", {"parameters": 1000, "fixed answers": 8 * 128 * 8}, 1000 + 8192)]
+    assert notes == ["8 fixed answers"]

@@ -29,18 +29,18 @@ import pytest
 import torch
 import vllm_fake
 
-from trainer import rollout
 from trainer.config import ConfigError, RunConfig
 from trainer.rollout import (
     SamplingSettings,
-    check_rollout_startup,
+    engine_class,
     ensure_engine_weights,
     merge_shares,
     rank_share,
-    rollout_phase,
     sample_problems,
     sync_weights,
 )
+from trainer.rollout import shares as rollout_shares
+from trainer.rollout import weights as rollout_weights
 from trainer.rollout.keyed_sampling import sequence_keys
 from trainer.toy.model_dir import build_tokenizer
 from trainer.toy.task import WORDS
@@ -258,13 +258,13 @@ def test_a_sync_on_cpu_is_one_reload_of_every_tensor_then_a_prefix_cache_reset(f
 def test_the_engine_reads_each_tensor_as_it_is_gathered(fake_vllm, monkeypatch):
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
-    received, read_before, gather = engine.llm.model.received, [], rollout._full_tensor
+    received, read_before, gather = engine.llm.model.received, [], rollout_weights._full_tensor
 
     def recording(tensor, dtype, device):
         read_before.append(len(received))
         return gather(tensor, dtype, device)
 
-    monkeypatch.setattr(rollout, "_full_tensor", recording)
+    monkeypatch.setattr(rollout_weights, "_full_tensor", recording)
     sync_weights(root, engine)
     # When tensor i is gathered the engine has read the i before it: one gathered tensor at a time.
     assert read_before == list(range(len(fake_vllm.PARAMETERS)))
@@ -295,7 +295,7 @@ def test_a_sync_that_sends_nothing_or_cannot_reset_the_prefix_cache_fails(fake_v
     root = policy(fake_vllm)
     engine = make_engine(fake_vllm)
     with pytest.raises(RuntimeError, match="sent no tensors"):
-        engine.load_weights(iter(()))
+        engine.sync(iter(()))
     assert engine.needs_weights and engine_calls(fake_vllm)[1:] == [RELOAD]
     monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: False)
     with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
@@ -308,7 +308,7 @@ def test_a_sync_inside_a_rollout_is_refused(fake_vllm):
     engine = make_engine(fake_vllm)
     ensure_engine_weights(root, engine)
     fake_vllm.CALLS.clear()
-    with rollout_phase(engine):
+    with engine.phase():
         with pytest.raises(RuntimeError, match="inside a rollout"):
             sync_weights(root, engine)
     assert fake_vllm.CALLS == []
@@ -321,9 +321,9 @@ def test_every_tensor_is_sent_because_a_layer_sent_in_part_is_garbage_and_a_head
     values, old_head = engine.llm.model.values, engine.llm.model.values["lm_head.weight"]
     move(root, 1.0)  # the embedding and the head it is tied to move together
     state = root.causal_lm.state_dict()
-    engine.load_weights((name, tensor) for name, tensor in state.items() if name != "lm_head.weight")
+    engine.sync((name, tensor) for name, tensor in state.items() if name != "lm_head.weight")
     assert values["lm_head.weight"] == old_head != values["model.embed_tokens.weight"]
-    engine.load_weights((name, tensor) for name, tensor in state.items() if ".0.self_attn.k_proj." not in name)
+    engine.sync((name, tensor) for name, tensor in state.items() if ".0.self_attn.k_proj." not in name)
     assert engine.llm.model.uninitialised() == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
     with pytest.raises(RuntimeError, match="uninitialised"):
         engine.generate(prompts_of("tom has 3 apples ."), SamplingSettings(n=1, max_new_tokens=2))
@@ -376,7 +376,7 @@ def test_a_steps_sampling_rounds_share_one_wake(fake_vllm, monkeypatch):
     engine = cuda_engine(fake_vllm, monkeypatch)
     ensure_engine_weights(root, engine)
     fake_vllm.CALLS.clear()
-    with rollout_phase(engine):
+    with engine.phase():
         for sampling_round in range(2):
             engine.generate(prompts_of("ann gets 5 pears ."), SamplingSettings(n=2, max_new_tokens=4),
                             row_keys=sequence_keys(0, sampling_round << 32, [1], 2))
@@ -466,7 +466,7 @@ def run_whole_session(fake, monkeypatch, platform):
     engine.generate(prompts_of("tom has 3 apples ."), SamplingSettings(n=2, stop=["."], max_new_tokens=5),
                     row_keys=sequence_keys(0, 0, [0], 2))
     sync_weights(root, engine)
-    with rollout_phase(engine):
+    with engine.phase():
         engine.generate(prompts_of("ann gets 5 pears ."), SamplingSettings(n=1, temperature=0.0, max_new_tokens=3))
         engine.generate(prompts_of("how many"), SamplingSettings(n=2, top_p=0.5, max_new_tokens=3))
 
@@ -619,14 +619,14 @@ def test_on_cpu_the_start_up_check_takes_the_cpu_build_and_checks_no_memory(fake
     config = recipe_config()
     config.grpo.rollout_engine, config.grpo.vllm_gpu_memory_utilization = "vllm", 0.99  # no GPU to split
     monkeypatch.setattr(adapter, "read_model_shape", lambda *args, **kwargs: pytest.fail("read on a CPU"))
-    check_rollout_startup(config, world_size=1)
+    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=1)
     config.grpo.vllm_tensor_parallel_size = 3
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
-        check_rollout_startup(config, world_size=8)
+        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     config.grpo.vllm_tensor_parallel_size = 1
     monkeypatch.setattr(fake_vllm, "__version__", "0.33.0")
     with pytest.raises(ConfigError, match=r"grpo.rollout_engine=vllm: vllm 0\.33\.0 is installed, but on cpu"):
-        check_rollout_startup(config, world_size=1)
+        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=1)
     assert fake_vllm.CALLS == []  # nothing started
 
 
@@ -638,21 +638,21 @@ def test_the_rollout_start_up_check_runs_before_any_engine(fake_vllm, monkeypatc
     config.grpo.rollout_engine, config.grpo.max_prompt_tokens = "vllm", 512
     config.grpo.vllm_gpu_memory_utilization = 0.5
     monkeypatch.setattr(adapter, "read_model_shape", lambda path, trust_remote_code: adapter.ModelShape(**QWEN_14B))
-    check_rollout_startup(config, world_size=8)
+    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     config.grpo.vllm_gpu_memory_utilization = 0.9
     with pytest.raises(ConfigError, match=r"grpo.vllm_gpu_memory_utilization=0.9: it leaves 8.0 GiB"):
-        check_rollout_startup(config, world_size=8)
+        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     config.grpo.vllm_gpu_memory_utilization = 0.44  # 512 + 16384 tokens: fits without CUDA graphs only
     with pytest.raises(ConfigError, match=r"=0.44: .*1.0 GiB CUDA graphs.*at least 0.45"):
-        check_rollout_startup(config, world_size=8)
+        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     config.grpo.vllm_enforce_eager = True
-    check_rollout_startup(config, world_size=8)
+    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     config.grpo.vllm_tensor_parallel_size = 3
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
-        check_rollout_startup(config, world_size=8)
+        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
     assert fake_vllm.CALLS == []  # nothing started
     config.grpo.rollout_engine = "hf"
-    check_rollout_startup(config, world_size=8)
+    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
 
 
 def test_tensor_parallel_groups_pool_their_rows_and_keep_their_own():
@@ -718,14 +718,14 @@ def test_evaluation_split_across_ranks_samples_what_one_rank_samples(fake_vllm, 
     settings = SamplingSettings(n=2, temperature=0.6, top_p=0.95, max_new_tokens=6)
     whole = sample_problems(engine, prompts, settings, seed=5)
     shares = []
-    monkeypatch.setattr(rollout, "gather_shares", lambda indices, items, count: shares.append((indices, items)))
+    monkeypatch.setattr(rollout_shares, "gather_shares", lambda indices, items, count: shares.append((indices, items)))
     fake_vllm.CALLS.clear()
     for rank in range(3):
         sample_problems(engine, prompts, settings, seed=5, rank=rank, world_size=3)
     merged = merge_shares(shares, len(prompts))
     assert [[c.token_ids for c in group] for group in merged] == [[c.token_ids for c in group] for group in whole]
     assert [[c.prompt_index for c in group] for group in merged] == [[i, i] for i in range(len(prompts))]
-    # Dealt rank, rank + 3, ... and keyed as evaluate.sample_completions keys problem i: (seed, step 0, i, sample).
+    # Dealt rank, rank + 3, ... and keyed as rollout.hf.sample_completions keys problem i: (seed, step 0, i, sample).
     seeds = [call.kwargs["seed"] for call in fake_vllm.CALLS if call.name == "SamplingParams"]
     dealt = [0, 3, 6, 1, 4, 2, 5]
     assert seeds == [int(k) & SEED_MASK for k in sequence_keys(5, 0, dealt, 2).tolist()]
@@ -740,11 +740,12 @@ def test_eval_with_vllm_builds_one_awake_engine_on_the_checkpoint_and_returns_ev
 
     on_platform(fake_vllm, monkeypatch, platform)
     checked = []
-    monkeypatch.setattr(adapter, "check_startup", lambda *args, **kwargs: checked.append(kwargs))
+    monkeypatch.setattr(adapter, "check_vllm_startup", lambda *args, **kwargs: checked.append(kwargs))
     config = RunConfig()
     config.model.path, config.eval.samples, config.eval.budgets = "toy/model", 3, [8, 16]
     problems = [(prompt, "3") for prompt in prompts_of("tom has 3 apples .", "how many")]
-    per_prompt, calls = adapter.sample_benchmark_with_vllm(config, problems, toy_tokenizer(), rank=0, world_size=1)
+    per_prompt, calls = adapter.VLLMRolloutEngine.sample_benchmark(config, problems, toy_tokenizer(), None, rank=0,
+                                                                      world_size=1)
     assert [len(group) for group in per_prompt] == [3, 3] and calls == 1
     options = fake_vllm.CALLS[0].kwargs
     assert options["load_format"] == "auto" and options["enable_sleep_mode"] is False  # model.path's weights

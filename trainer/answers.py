@@ -19,15 +19,14 @@ import functools
 import logging
 import re
 
+from .errors import UnparseableGold
+
 ANSWER_EXTRACTIONS = ("last_boxed", "first_match")
 CORRECT, WRONG, NO_ANSWER = "correct", "wrong", "no_answer"
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _EQUATIONS_WARNING = "equations=True in NormalizationConfig is deprecated"
 
-
-class UnparseableGold(ValueError):
-    pass
 
 
 def last_boxed(text):

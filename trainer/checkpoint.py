@@ -26,8 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .config import ConfigError
-from .data import DataError
+from .errors import ConfigError, UnsafeCheckpoint
 from .parallel import all_gather_objects, barrier, world_size
 
 MANIFEST = "manifest.json"
@@ -183,9 +182,6 @@ def _prune(root, keep):
     for name in complete[:-keep]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
-
-class UnsafeCheckpoint(DataError):
-    """A checkpoint file that would run code when loaded."""
 
 
 class _MetadataOnly(pickle.Unpickler):

@@ -13,11 +13,8 @@ from typing import Optional
 
 import yaml
 
-from .rollout import ROLLOUT_ENGINES
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported in one line naming the key."""
+from .errors import ConfigError
+from .rollout import ENGINES
 
 
 @dataclasses.dataclass
@@ -213,8 +210,8 @@ RECIPES = ("toy",)
 
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
-    "grpo.rollout_engine": ROLLOUT_ENGINES,
-    "eval.engine": ("hf", "vllm"),
+    "grpo.rollout_engine": ENGINES,  # the registry itself: an engine registered later is a choice too
+    "eval.engine": ENGINES,
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "grpo.unparseable_gold": ("no_signal", "reward_one"),

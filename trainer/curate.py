@@ -25,9 +25,10 @@ import os
 import sys
 import tempfile
 
-from .answers import ANSWER_EXTRACTIONS, CORRECT, NO_ANSWER, UnparseableGold, judge
+from .answers import ANSWER_EXTRACTIONS, CORRECT, NO_ANSWER, judge
 from .config import DataConfig, GRPOConfig
-from .data import DataError, load_records
+from .data import load_records
+from .errors import DataError, UnparseableGold
 
 
 @dataclasses.dataclass

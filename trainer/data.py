@@ -13,13 +13,11 @@ import os
 import torch
 
 from .attention import document_boundaries
+from .errors import DataError
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
-
-class DataError(ValueError):
-    """Bad input data, reported in one line naming the file and line or field."""
 
 
 @dataclasses.dataclass

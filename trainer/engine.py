@@ -12,7 +12,8 @@ import time
 import torch
 
 from .checkpoint import check_no_earlier_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, config_as_dict, save_config
+from .config import config_as_dict, save_config
+from .errors import ConfigError, TrainingError
 from .evaluate import HeldOutDuringTraining
 from .export import export_hf
 from .metrics import MetricsLogger, plot_loss
@@ -25,10 +26,6 @@ from .model import (
     load_tokenizer,
 )
 from .parallel import all_reduce_sum, apply_fsdp, init_distributed, is_distributed, shutdown
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (for example a non-finite loss); the message says why."""
 
 
 def warmup_cosine(total_steps, warmup_ratio, min_lr_ratio):

@@ -12,10 +12,11 @@ import dataclasses
 
 import torch
 
+from .errors import UnparseableGold
 from .metrics import pyplot, save_figure
-from .rewards import THINK_END, UnparseableGold, last_boxed, verify_answer
-from .rollout import SamplingSettings
-from .rollout.hf import HFRolloutEngine
+from .rewards import THINK_END, last_boxed, verify_answer
+from .rollout import SamplingSettings, engine_class, eval_sampling
+from .rollout.hf import HFRolloutEngine, sample_completions
 from .rollout.keyed_sampling import sequence_keys
 
 
@@ -52,67 +53,6 @@ class EvalResult:
 
     def as_dict(self):
         return {**dataclasses.asdict(self), "accuracy": self.accuracy, "mean_tokens": self.mean_tokens}
-
-
-class _PlainRoot(torch.nn.Module):
-    """The rollout engine's view of an unwrapped model."""
-
-    def __init__(self, causal_lm):
-        super().__init__()
-        self.causal_lm = causal_lm
-
-
-def plan_generate_calls(prompt_lengths, samples, max_new_tokens, batch_prompts, max_batch_tokens=None):
-    """[(prompt positions, first sample, end sample)]: the generate calls that sample every prompt.
-
-    A call holds at most batch_prompts prompts and, with max_batch_tokens, at most that many
-    tokens of KV cache (rows x (longest prompt + max_new_tokens)); a prompt whose samples alone
-    exceed it is sampled in several calls of fewer samples each.
-    """
-    calls, current = [], []
-
-    def cache_tokens(positions, rows_per_prompt):
-        return len(positions) * rows_per_prompt * (max(prompt_lengths[p] for p in positions) + max_new_tokens)
-
-    for position in range(len(prompt_lengths)):
-        candidate = current + [position]
-        fits = max_batch_tokens is None or cache_tokens(candidate, samples) <= max_batch_tokens
-        if current and (len(candidate) > batch_prompts or not fits):
-            calls.append((current, 0, samples))
-            current, candidate = [], [position]
-        if max_batch_tokens is not None and cache_tokens(candidate, samples) > max_batch_tokens:
-            per_call = max(1, max_batch_tokens // cache_tokens(candidate, 1))
-            calls.extend(([position], first, min(first + per_call, samples)) for first in range(0, samples, per_call))
-            continue
-        current = candidate
-    if current:
-        calls.append((current, 0, samples))
-    return calls
-
-
-def sample_completions(causal_lm, tokenizer, prompts, settings, batch_prompts=32, progress=True, device=None, seed=0,
-                       prompt_keys=None, max_batch_tokens=None):
-    """settings.n completions for every prompt: a list (per prompt) of lists of Completion.
-
-    Sampling is keyed by (seed, prompt key, sample index), so results depend neither on how the
-    prompts are batched (batch_prompts, max_batch_tokens) nor on which rank samples them.
-    prompt_keys: one per prompt, default its position (a share of a benchmark passes its indices).
-    """
-    from tqdm import tqdm
-
-    device = device or next(causal_lm.parameters()).device
-    engine = HFRolloutEngine(_PlainRoot(causal_lm), tokenizer, device)
-    prompt_keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
-    per_prompt = [[] for _ in prompts]
-    calls = plan_generate_calls([len(p) for p in prompts], settings.n, settings.max_new_tokens, batch_prompts,
-                                max_batch_tokens)
-    for positions, first, end in tqdm(calls, desc="sampling", unit="call", disable=not progress, dynamic_ncols=True):
-        keys = sequence_keys(seed, 0, [prompt_keys[p] for p in positions], settings.n).view(len(positions), -1)
-        call_settings = dataclasses.replace(settings, n=end - first)
-        batch = [prompts[p] for p in positions]
-        for completion in engine.generate(batch, call_settings, row_keys=keys[:, first:end].reshape(-1)):
-            per_prompt[positions[completion.prompt_index]].append(completion)
-    return per_prompt
 
 
 def _think_end_token(tokenizer):
@@ -193,12 +133,6 @@ def score_at_budgets(per_prompt, answers, tokenizer, budgets, *, stop_at_think_e
     return rows, len(per_prompt) - len(scorable)
 
 
-def eval_sampling(settings):
-    """The SamplingSettings of an EvalConfig: its k samples, filters and largest budget."""
-    return SamplingSettings(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                            min_p=settings.min_p, max_new_tokens=max(settings.budgets))
-
-
 def evaluate(causal_lm, tokenizer, prompts, answers, *, samples=1, temperature=1.0, top_p=1.0, min_p=0.0,
              max_new_tokens=128, budgets=None, batch_prompts=64, stop_at_think_end=False, progress=False,
              device=None, seed=0):
@@ -234,32 +168,6 @@ def plot_accuracy_vs_budget(results, path, title="accuracy against token budget"
     return save_figure(figure, axis, path, "token budget", "pass@1 (%)", title)
 
 
-def sample_benchmark(config, problems, tokenizer, device, rank, world_size):
-    """Every problem's completions on rank 0 (None elsewhere); each rank samples problems rank, rank + N, ...
-
-    Completions are keyed by the problem's index in the benchmark, so N ranks sample what one
-    process would.
-    """
-    from .model import load_causal_lm
-    from .parallel import all_gather_objects
-
-    settings = config.eval
-    causal_lm = load_causal_lm(config.model, device).eval()
-    sampling = eval_sampling(settings)
-    share = list(range(rank, len(problems), world_size))
-    prompts = [problems[index][0] for index in share]
-    calls = plan_generate_calls([len(p) for p in prompts], settings.samples, sampling.max_new_tokens,
-                                settings.batch_prompts, settings.max_batch_tokens)
-    completions = sample_completions(causal_lm, tokenizer, prompts, sampling, settings.batch_prompts,
-                                     progress=rank == 0, device=device, seed=config.train.seed, prompt_keys=share,
-                                     max_batch_tokens=settings.max_batch_tokens)
-    gathered = all_gather_objects((dict(zip(share, completions)), len(calls)))
-    if rank != 0:
-        return None, None
-    merged = {index: value for part, _ in gathered for index, value in part.items()}
-    return [merged[index] for index in range(len(problems))], sum(count for _, count in gathered)
-
-
 def run_eval(config):
     """The eval stage: model.path sampled on eval.data; table, JSON and plot written to run_dir.
 
@@ -282,12 +190,8 @@ def run_eval(config):
         print(f"eval: {len(problems)} problems from {settings.data}, {settings.samples} samples each, "
               f"temperature {settings.temperature}, top-p {settings.top_p}, min-p {settings.min_p}, "
               f"budgets {sorted(settings.budgets)}, {world_size} rank(s)", flush=True)
-    if settings.engine == "vllm":
-        from .rollout.vllm import sample_benchmark_with_vllm
-
-        per_prompt, calls = sample_benchmark_with_vllm(config, problems, tokenizer, rank, world_size)
-    else:
-        per_prompt, calls = sample_benchmark(config, problems, tokenizer, device, rank, world_size)
+    sample = engine_class(settings.engine, key="eval.engine").sample_benchmark
+    per_prompt, calls = sample(config, problems, tokenizer, device, rank, world_size)
     result = None
     if rank == 0:
         budgets = sorted(set(settings.budgets))

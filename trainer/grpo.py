@@ -12,8 +12,8 @@ train.max_tokens_per_micro_batch tokens (grpo_batch.py).
 import math
 import time
 
-from .data import DataError
 from .engine import load_sharded_model, run_stage
+from .errors import DataError
 from .grpo_batch import pack_step
 from .grpo_loss import update_policy
 from .grpo_rollouts import (
@@ -28,14 +28,7 @@ from .grpo_rollouts import (
 from .grpo_sync_check import SyncCheck
 from .parallel import all_reduce_named
 from .rewards import RewardComputer, RewardSettings
-from .rollout import (
-    SamplingSettings,
-    check_rollout_startup,
-    ensure_engine_weights,
-    make_engine,
-    rollout_phase,
-    sync_weights,
-)
+from .rollout import SamplingSettings, engine_class, ensure_engine_weights, sync_weights
 
 
 class GRPOStage:
@@ -47,7 +40,7 @@ class GRPOStage:
     def __init__(self, config):
         self.config, self.grpo = config, config.grpo
         self.prompts = self.rewards = self.reference = self.rollout = None
-        self.world_size = self.steps_per_epoch = None
+        self.world_size = self.steps_per_epoch = self.rollout_engine_class = None
 
     def prepare(self, tokenizer, world_size, log):
         grpo = self.grpo
@@ -56,7 +49,8 @@ class GRPOStage:
             log(f"grpo: {truncated} of {len(self.prompts)} prompts were longer than grpo.max_prompt_tokens="
                 f"{grpo.max_prompt_tokens} and keep only their last {grpo.max_prompt_tokens} tokens")
         check_token_budget(self.prompts, self.config)
-        check_rollout_startup(self.config, world_size)  # vllm there and 0.33, its memory share fits: before loading
+        self.rollout_engine_class = engine_class(grpo.rollout_engine)
+        self.rollout_engine_class.check_startup(self.config, world_size)  # it can start here: before loading
         self.world_size = world_size
         self.steps_per_epoch = len(self.prompts) // (grpo.prompts_per_step * world_size)
         if self.steps_per_epoch == 0:
@@ -76,7 +70,7 @@ class GRPOStage:
         if grpo.beta > 0:
             self.reference = load_sharded_model(config, engine.device, trainable=False)
             log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
-        self.rollout = make_engine(engine, config)
+        self.rollout = self.rollout_engine_class.for_training(engine, config)
         self.sync_check = SyncCheck(grpo, self.rollout, config.train.seed)
         self.sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                          min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens,
@@ -90,7 +84,7 @@ class GRPOStage:
         indices = step_prompts(len(self.prompts), step, self.steps_per_epoch, grpo.prompts_per_step, rank,
                                self.world_size, config.train.seed)
         prompt_ids = [self.prompts[index][0] for index in indices]
-        with rollout_phase(self.rollout):  # awake across the sampling rounds, asleep for training
+        with self.rollout.phase():  # awake across the sampling rounds, asleep for training
             probes = self.sync_check.probe(self.rollout, step, prompt_ids) if self.sync_check.due(step) else None
             batch = sample_groups(indices, step, self.prompts, self.rollout, self.sampling, self.rewards, config, rank)
         self.sync_check.remember(prompt_ids)

@@ -13,11 +13,8 @@ import dataclasses
 import torch
 
 from .attention import document_boundaries
+from .errors import BudgetError
 from .parallel import all_reduce_max, all_reduce_sum
-
-
-class BudgetError(ValueError):
-    """A sequence longer than the micro-batch token budget."""
 
 
 def first_fit_decreasing(lengths, capacity):

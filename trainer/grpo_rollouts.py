@@ -7,8 +7,8 @@ import torch
 
 from fastmath_kernels import group_advantages
 
-from .config import ConfigError
-from .data import DataError, epoch_order, load_records, to_messages
+from .data import epoch_order, load_records, to_messages
+from .errors import ConfigError, DataError
 from .parallel import all_gather_concat, all_reduce_max
 from .rollout.keyed_sampling import sequence_keys
 

@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from .errors import SyncCheckError
 from .grpo_batch import pack_rollouts, sampling_logprobs
 from .grpo_loss import logprob_head
 from .parallel import all_reduce_named
@@ -35,13 +36,10 @@ DEFAULT_MAX_GAP_16_BIT = 1.0
 _PROBE_STREAM = 1 << 40  # keeps the probe's sampling keys apart from every rollout round's
 
 
-class SyncCheckError(RuntimeError):
-    """The engine's log-probs differ from the trainer's beyond grpo.sync_check_max_gap."""
-
 
 class SyncCheck:
     def __init__(self, grpo, rollout_engine, seed):
-        self.every = grpo.sync_check_every if getattr(rollout_engine, "holds_weights", False) else 0
+        self.every = grpo.sync_check_every if rollout_engine.holds_weights else 0
         dtype = getattr(rollout_engine, "weight_dtype", torch.float32)
         self.max_gap = grpo.sync_check_max_gap or DEFAULT_MAX_GAP.get(dtype, DEFAULT_MAX_GAP_16_BIT)
         self.settings = SamplingSettings(n=1, temperature=grpo.temperature, top_p=1.0, min_p=0.0,

@@ -9,7 +9,7 @@ the cache only. Each failure is one line naming the name and what to do.
 import os
 import re
 
-from .data import DataError
+from .errors import DataError
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a causal LM directory needs: configs, weights, tokenizer files, and code for trust_remote_code.

@@ -16,7 +16,7 @@ from torch import nn
 from fastmath_kernels import linear_cross_entropy
 
 from .attention import DOCUMENT_MASKED, register_document_attention
-from .data import DataError
+from .errors import DataError
 
 
 def resolve_dtype(name, device, trainable=False):

@@ -22,8 +22,8 @@ import os
 import sys
 import time
 
-from .config import ConfigError, load_config, read_yaml
-from .data import DataError
+from .config import load_config, read_yaml
+from .errors import ConfigError, DataError
 from .plan_stages import GIB, gib, plan_stage
 
 FIT_FRACTION = 0.9  # a stage fits when its peak is at most this share of the GPU

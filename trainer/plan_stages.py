@@ -4,9 +4,9 @@ FLOPs. `python -m trainer.plan` (trainer/plan.py) reads the configuration and pr
 """
 
 import dataclasses
-import math
 
 GIB = 2**30
+PLANNED_PROMPT_TOKENS = 1024  # prompts of evaluation, and of GRPO without grpo.max_prompt_tokens
 
 
 @dataclasses.dataclass
@@ -40,21 +40,6 @@ class StagePlan:
 
 def gib(size):
     return f"{size / GIB:.1f}"
-
-
-def generate_cache_bytes(architecture, rows, sequence):
-    """The KV cache of one HF generate call growing to `sequence` tokens in `rows` rows: each decoding
-    step's cache update copies one layer's cache, so one layer's worth more at the end."""
-    layers = architecture.num_hidden_layers
-    return rows * sequence * kv_bytes_per_token(architecture) * (layers + 1) / layers
-
-
-def kv_bytes_per_token(architecture, dtype_bytes=2):
-    text = architecture.get_text_config() if hasattr(architecture, "get_text_config") else architecture
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,59 +144,26 @@ def plan_sft(config, architecture, mesh, world_size):
 
 
 def grpo_shapes(config):
-    """(prompt tokens, sequence tokens, sequences per GPU, note) of the configured rollouts."""
+    """(one rank's RolloutShape, note) of the configured rollouts."""
+    from .rollout import RolloutShape
+
     grpo = config.grpo
     prompt = grpo.max_prompt_tokens
     note = None
     if prompt is None:
-        prompt = 1024
-        note = "grpo.max_prompt_tokens is unset: planned with 1024-token prompts"
-    return prompt, prompt + grpo.max_new_tokens, grpo.prompts_per_step * grpo.group_size, note
+        prompt = PLANNED_PROMPT_TOKENS
+        note = f"grpo.max_prompt_tokens is unset: planned with {PLANNED_PROMPT_TOKENS}-token prompts"
+    return RolloutShape(prompt, prompt + grpo.max_new_tokens, grpo.prompts_per_step * grpo.group_size), note
 
 
-def rollout_phases(config, architecture, policy, resident, gpu_bytes):
-    """The rollout phases: the resident training state, plus the engine's memory while it samples
-    (and, for vLLM, while its weights are synced)."""
-    from .rollout.hf import rows_per_generate_call
+def rollout_phases(config, architecture, policy, resident, gpu_bytes, shape):
+    """([the phases while the configured engine samples a step], notes): the resident training state
+    plus what the engine holds (rollout.base.RolloutEngine.plan_rollout)."""
+    from .rollout import engine_class
 
-    grpo = config.grpo
-    prompt, sequence, sequences, _ = grpo_shapes(config)
-    if grpo.rollout_engine == "vllm":
-        return vllm_phases(config, architecture, policy, resident, gpu_bytes, sequence)
-    items = dict(resident)
-    # HF generate under FSDP: the root's own parameters stay gathered (embeddings, head), one layer
-    # is gathered at a time plus the next one prefetched, and each call's KV cache grows to full
-    # length; each decoding step's cache update copies one layer's cache.
-    layer_parameters = sum(p.numel() for p in policy.causal_lm.model.layers[0].parameters())
-    all_parameters = sum(p.numel() for p in policy.parameters())
-    root_parameters = all_parameters - layer_parameters * len(policy.causal_lm.model.layers)
-    items["parameters"] = items.get("parameters", 0) + (root_parameters + 2 * layer_parameters) * 2
-    rows = min(sequences, rows_per_generate_call(grpo.max_batch_tokens, prompt, grpo.max_new_tokens) or sequences)
-    items["KV cache"] = generate_cache_bytes(architecture, rows, sequence)
-    calls = math.ceil(sequences / rows)
-    return [Phase(f"rollout (HF generate, {calls} calls of {rows} x {sequence} tokens)", items)], []
-
-
-def vllm_phases(config, architecture, policy, resident, gpu_bytes, sequence):
-    """([the weight sync, the rollout], notes) of a colocated vLLM engine: its share of the GPU while it
-    samples; while it is synced, its bf16 weights awake plus the one parameter being gathered whole."""
-    from .rollout.vllm import engine_overhead_bytes, model_shape
-
-    grpo = config.grpo
-    tensor_parallel = grpo.vllm_tensor_parallel_size
-    shape = model_shape(architecture, sum(p.numel() for p in policy.parameters()))
-    weights = shape.parameters * 2 / tensor_parallel
-    overhead, overhead_detail = engine_overhead_bytes(shape, tensor_parallel, grpo.vllm_enforce_eager)
-    share = grpo.vllm_gpu_memory_utilization * gpu_bytes
-    cache_tokens = max(0, share - weights - overhead) / shape.kv_bytes_per_token(tensor_parallel)
-    largest = max(p.numel() for p in policy.parameters()) * 2
-    sync = {**resident, "vLLM weights (bf16, awake)": weights, "the parameter being gathered (bf16)": largest}
-    rollout = {**resident, "reserved for vLLM": share}
-    notes = [f"vLLM's share ({grpo.vllm_gpu_memory_utilization:g} of the GPU, {gib(share)} GiB): {gib(weights)} GiB "
-             f"of bf16 weights at tensor parallel {tensor_parallel}, {gib(overhead)} GiB of its own "
-             f"({overhead_detail}), and a KV cache of {gib(share - weights - overhead)} GiB: {cache_tokens:,.0f} "
-             f"tokens, {cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time"]
-    return [Phase("weight sync (vLLM weights awake)", sync), Phase("rollout (vLLM awake)", rollout)], notes
+    planned, notes = engine_class(config.grpo.rollout_engine).plan_rollout(config, architecture, policy, resident,
+                                                                             gpu_bytes, shape)
+    return [Phase(name, items) for name, items in planned], notes
 
 
 def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
@@ -222,7 +174,8 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     from .plan_measure import build_sharded_model, local_bytes, measure
 
     grpo, budget = config.grpo, config.train.max_tokens_per_micro_batch
-    _, sequence, sequences, shape_note = grpo_shapes(config)
+    shape, shape_note = grpo_shapes(config)
+    sequence, sequences = shape.sequence_tokens, shape.sequences
     policy, sharded, states, optimizer_temporaries = _training_state(config, architecture, mesh)
     reference = build_sharded_model(architecture, config, mesh, trainable=False) if grpo.beta > 0 else None
     reference_bytes = local_bytes(reference.parameters()) if reference is not None else 0
@@ -238,7 +191,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     resident = {"parameters": sharded, "optimizer states": states}
     if reference_bytes:
         resident["reference model"] = reference_bytes
-    phases, notes = rollout_phases(config, architecture, policy, resident, gpu_bytes)
+    phases, notes = rollout_phases(config, architecture, policy, resident, gpu_bytes, shape)
     plan = StagePlan("grpo", phases, notes=notes)
     ref_logp, reference_flops = None, 0
     if reference is not None:
@@ -286,31 +239,11 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
 
 
 def plan_eval(config, architecture, gpu_bytes, parameters):
-    """Evaluation: every GPU holds the bf16 model whole and one generate call's KV cache."""
-    from .evaluate import plan_generate_calls
+    """Evaluation: what the eval.engine holds while it samples PLANNED_PROMPT_TOKENS-token prompts."""
+    from .rollout import engine_class
 
-    settings = config.eval
-    prompt = 1024
-    sequence = prompt + max(settings.budgets)
-    calls = plan_generate_calls([prompt] * settings.batch_prompts, settings.samples, max(settings.budgets),
-                                settings.batch_prompts, settings.max_batch_tokens)
-    rows = max(len(positions) * (end - first) for positions, first, end in calls)
-    if settings.engine == "vllm":
-        from .rollout.vllm import EVAL_GPU_MEMORY_UTILIZATION, engine_overhead_bytes, model_shape
-
-        shape, share = model_shape(architecture, parameters), EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
-        tensor_parallel = config.grpo.vllm_tensor_parallel_size
-        weights = parameters * 2 / tensor_parallel
-        overhead, overhead_detail = engine_overhead_bytes(shape, tensor_parallel, config.grpo.vllm_enforce_eager)
-        cache_tokens = max(0, share - weights - overhead) / shape.kv_bytes_per_token(tensor_parallel)
-        items = {"reserved for vLLM": share}
-        note = (f"vLLM's share ({EVAL_GPU_MEMORY_UTILIZATION:g} of the GPU): {gib(weights)} GiB of bf16 weights, "
-                f"{gib(overhead)} GiB of its own ({overhead_detail}) and a KV cache of {cache_tokens:,.0f} tokens, "
-                f"{cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time")
-    else:
-        items = {"parameters": parameters * 2, "KV cache": generate_cache_bytes(architecture, rows, sequence)}
-        note = (f"one generate call's KV cache: {rows} rows x {sequence} tokens (1024-token prompts; "
-                f"eval.max_batch_tokens={settings.max_batch_tokens})")
+    items, note = engine_class(config.eval.engine, key="eval.engine").plan_evaluation(
+        config, architecture, gpu_bytes, parameters, PLANNED_PROMPT_TOKENS)
     return StagePlan("eval", [Phase("generation", items)], notes=[note])
 
 

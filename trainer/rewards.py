@@ -21,9 +21,9 @@ import math
 import signal
 import threading
 
-from .answers import ANSWER_EXTRACTIONS, CORRECT, UnparseableGold, gold_is_parseable, judge, last_boxed
+from .answers import ANSWER_EXTRACTIONS, CORRECT, gold_is_parseable, judge, last_boxed
 from .answers import verify_answer as verify_answer  # part of this module's interface (evaluation uses it)
-from .config import ConfigError
+from .errors import ConfigError, UnparseableGold
 
 THINK_END = "</think>"
 

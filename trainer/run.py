@@ -9,9 +9,8 @@ a config with `recipe: toy` runs the toy recipe with those settings.
 import argparse
 import sys
 
-from .config import ConfigError, load_config
-from .data import DataError
-from .engine import TrainingError
+from .config import load_config
+from .errors import ConfigError, DataError, TrainingError
 from .hub import local_model_dir
 
 

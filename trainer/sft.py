@@ -1,7 +1,8 @@
 """Stage 1: supervised fine-tuning on packed chat sequences, loss on completions only."""
 
-from .data import DataError, build_documents, collate, epoch_order, load_records, pack_documents
+from .data import build_documents, collate, epoch_order, load_records, pack_documents
 from .engine import run_stage
+from .errors import DataError
 
 
 class SFTData:

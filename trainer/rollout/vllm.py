@@ -17,14 +17,14 @@ Lifecycle of a colocated engine (GRPO):
   config and tokenizer but none of its weights: the trainer sends them before the first rollout
   of every run (fresh or resumed), so `needs_weights` starts True. On a GPU it then sleeps at
   level 2, which frees all its memory.
-- weight sync (`load_weights`, driven by sync_weights after every optimizer step): on a GPU one
+- weight sync (`sync`, driven by sync_weights after every optimizer step): on a GPU one
   `wake_up(tags=["weights"])`; then one `collective_rpc("reload_weights")` whose iterator
   gathers each parameter from its FSDP shards as vLLM consumes it, so the model never exists
   twice on one device; then `reset_prefix_cache()`, because cached KV blocks were computed with
   the old weights. Every tensor of the state dict is sent, the tied `lm_head.weight` included:
   vLLM's reload leaves a layer it receives only partly holding uninitialised memory, and keeps
   an old head that it is not sent (measured on the CPU build).
-- rollout (`generating`): on a GPU `wake_up(tags=["kv_cache"])`, the generate calls, then
+- rollout (`phase`): on a GPU `wake_up(tags=["kv_cache"])`, the generate calls, then
   `sleep(level=2)`, which gives training the memory back and discards the weights again.
 - a run-time check (trainer/grpo_sync_check.py) compares the log-probs of tokens the engine
   samples after a sync with the trainer's own: a stale, partial or corrupted copy stops the run.
@@ -64,8 +64,9 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError
-from . import Completion, sample_problems
+from ..errors import ConfigError
+from .base import Completion, RolloutEngine, eval_sampling, register_engine
+from .shares import sample_problems
 
 # The release of each platform this adapter is written and tested against: 0.33 by its signatures
 # (tests/test_vllm_contract.py), 0.32's CPU build against the real engine (the tests marked vllm).
@@ -232,7 +233,7 @@ def check_tensor_parallel(size, world_size, local_world_size):
                           f"({local_world_size} of {world_size}); each {size} consecutive ranks share an engine")
 
 
-def check_startup(config, world_size, *, key, utilization, max_model_len, training=True):
+def check_vllm_startup(config, world_size, *, key, utilization, max_model_len, training=True):
     """Before any model loads: vllm imports and is this platform's release, the tensor-parallel layout
     fits the ranks, and on a GPU the memory split leaves room for the engine and, beside it, for training."""
     import_vllm(key)
@@ -346,8 +347,9 @@ def _whole_prefills(model_path, max_model_len):
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(CPU_STEP_TOKENS, max_model_len or 0)}
 
 
-class VLLMRolloutEngine:
-    """A vllm.LLM behind the rollout-engine interface.
+@register_engine("vllm")
+class VLLMRolloutEngine(RolloutEngine):
+    """A vllm.LLM behind the rollout-engine contract.
 
     colocated=True (GRPO): started without reading weights, synced by the trainer, asleep between
     rollouts where sleep mode exists. colocated=False (evaluation): loads model.path and stays awake.
@@ -385,6 +387,72 @@ class VLLMRolloutEngine:
         if self.sleeps:
             self._sleep()
 
+    @classmethod
+    def for_training(cls, trainer, config):
+        grpo = config.grpo
+        return cls(
+            config.model.path, trainer.tokenizer, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
+            tensor_parallel_size=grpo.vllm_tensor_parallel_size, seed=config.train.seed,
+            max_model_len=rollout_max_model_len(config), trust_remote_code=config.model.trust_remote_code,
+            enforce_eager=grpo.vllm_enforce_eager,
+        )
+
+    @classmethod
+    def check_startup(cls, config, world_size):
+        """vllm imports and is this platform's release, and on a GPU grpo.vllm_gpu_memory_utilization
+        leaves room for it and for this rank's training."""
+        check_vllm_startup(config, world_size, key="grpo.rollout_engine",
+                           utilization=config.grpo.vllm_gpu_memory_utilization,
+                           max_model_len=rollout_max_model_len(config))
+
+    @classmethod
+    def sample_benchmark(cls, config, problems, tokenizer, device, rank, world_size):
+        """eval.engine=vllm: each rank samples problems rank, rank + N, ... keyed by their index in the
+        benchmark, with one generate call (vLLM schedules the batch)."""
+        prompts = [prompt for prompt, _ in problems]
+        sampling = eval_sampling(config.eval)
+        max_model_len = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
+        check_vllm_startup(config, world_size, key="eval.engine", utilization=EVAL_GPU_MEMORY_UTILIZATION,
+                           max_model_len=max_model_len, training=False)
+        engine = evaluation_engine(config, tokenizer, max_model_len)
+        per_prompt = sample_problems(engine, prompts, sampling, config.train.seed, rank, world_size)
+        return (per_prompt if rank == 0 else None), world_size
+
+    @classmethod
+    def plan_rollout(cls, config, architecture, policy, resident, gpu_bytes, shape):
+        """A colocated engine: its share of the GPU while it samples; while it is synced, its bf16
+        weights awake plus the one parameter being gathered whole."""
+        grpo = config.grpo
+        tensor_parallel = grpo.vllm_tensor_parallel_size
+        model = model_shape(architecture, sum(p.numel() for p in policy.parameters()))
+        weights = model.parameters * 2 / tensor_parallel
+        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, grpo.vllm_enforce_eager)
+        share = grpo.vllm_gpu_memory_utilization * gpu_bytes
+        cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
+        largest = max(p.numel() for p in policy.parameters()) * 2
+        sync = {**resident, "vLLM weights (bf16, awake)": weights, "the parameter being gathered (bf16)": largest}
+        rollout = {**resident, "reserved for vLLM": share}
+        sequence = shape.sequence_tokens
+        notes = [f"vLLM's share ({grpo.vllm_gpu_memory_utilization:g} of the GPU, {_gib(share)}): {_gib(weights)} "
+                 f"of bf16 weights at tensor parallel {tensor_parallel}, {_gib(overhead)} of its own "
+                 f"({overhead_detail}), and a KV cache of {_gib(share - weights - overhead)}: {cache_tokens:,.0f} "
+                 f"tokens, {cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time"]
+        return [("weight sync (vLLM weights awake)", sync), ("rollout (vLLM awake)", rollout)], notes
+
+    @classmethod
+    def plan_evaluation(cls, config, architecture, gpu_bytes, parameters, prompt_tokens):
+        """An engine on model.path with the GPU to itself: EVAL_GPU_MEMORY_UTILIZATION of it reserved."""
+        sequence = prompt_tokens + max(config.eval.budgets)
+        model, share = model_shape(architecture, parameters), EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
+        tensor_parallel = config.grpo.vllm_tensor_parallel_size
+        weights = parameters * 2 / tensor_parallel
+        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, config.grpo.vllm_enforce_eager)
+        cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
+        note = (f"vLLM's share ({EVAL_GPU_MEMORY_UTILIZATION:g} of the GPU): {_gib(weights)} of bf16 weights, "
+                f"{_gib(overhead)} of its own ({overhead_detail}) and a KV cache of {cache_tokens:,.0f} tokens, "
+                f"{cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time")
+        return {"reserved for vLLM": share}, note
+
     @property
     def needs_weights(self):
         """True while the engine holds no complete copy of the policy (at start, after a level-2 sleep)."""
@@ -400,7 +468,7 @@ class VLLMRolloutEngine:
         if tag == "weights":
             self.weights_resident = True
 
-    def load_weights(self, named_tensors):
+    def sync(self, named_tensors):
         """One full weight sync: (Hugging Face name, full tensor) pairs, every tensor of the model's state dict.
 
         vLLM reads the iterator lazily, layer by layer, so each tensor can be gathered as it is
@@ -420,7 +488,7 @@ class VLLMRolloutEngine:
         self.weights_current = True
 
     @contextlib.contextmanager
-    def generating(self):
+    def phase(self):
         """Keeps the KV cache awake across the generate calls inside (a step's sampling rounds), then
         sleeps at level 2 so that training gets the memory back (where sleep mode exists)."""
         if self._generating:
@@ -458,7 +526,7 @@ class VLLMRolloutEngine:
             max_tokens=settings.max_new_tokens, stop=list(settings.stop) if settings.stop else None,
             include_stop_str_in_output=True, skip_special_tokens=False, logprobs=0,
         ) for _, seed in everyone]
-        with self.generating():
+        with self.phase():
             outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in everyone], params, use_tqdm=False)
         return [self._completion(row // settings.n, output) for row, output in enumerate(outputs[mine])]
 
@@ -497,21 +565,3 @@ def evaluation_engine(config, tokenizer, max_model_len):
         max_model_len=max_model_len, colocated=False, trust_remote_code=config.model.trust_remote_code,
         enforce_eager=config.grpo.vllm_enforce_eager, key="eval.engine",
     )
-
-
-def sample_benchmark_with_vllm(config, problems, tokenizer, rank, world_size):
-    """eval.engine=vllm: (every problem's completions on rank 0, None elsewhere; generate calls made).
-
-    The counterpart of evaluate.sample_benchmark: each rank samples problems rank, rank + N, ...
-    keyed by their index in the benchmark, with one generate call (vLLM schedules the batch).
-    """
-    from ..evaluate import eval_sampling
-
-    prompts = [prompt for prompt, _ in problems]
-    sampling = eval_sampling(config.eval)
-    max_model_len = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
-    check_startup(config, world_size, key="eval.engine", utilization=EVAL_GPU_MEMORY_UTILIZATION,
-                  max_model_len=max_model_len, training=False)
-    engine = evaluation_engine(config, tokenizer, max_model_len)
-    per_prompt = sample_problems(engine, prompts, sampling, config.train.seed, rank, world_size)
-    return (per_prompt if rank == 0 else None), world_size

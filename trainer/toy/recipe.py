@@ -14,7 +14,8 @@ import os
 import shutil
 import time
 
-from ..config import ConfigError, load_config, read_yaml
+from ..config import load_config, read_yaml
+from ..errors import ConfigError
 from ..metrics import pyplot, read_metrics, save_figure
 from .model_dir import build_model_dir
 from .task import WORDS, Arithmetic, write_problems, write_traces
