@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.grpo_batch import (
-    BudgetError,
-    aggregation_weights,
-    first_fit_decreasing,
-    kept_sequences,
-    pack_rollouts,
-    rollout_sequences,
-)
+from trainer.errors import BudgetError
+from trainer.grpo_batch import first_fit_decreasing, kept_sequences, pack_rollouts, pack_step, rollout_sequences
+from trainer.grpo_loss import StepTokens, aggregation, aggregation_weights
 from trainer.grpo_rollouts import zero_variance_groups
 from trainer.metrics import read_metrics
 from trainer.rollout import Completion
@@ -61,9 +56,10 @@ def test_zero_variance_groups_count_groups_with_equal_finite_rewards():
 def aggregate(loss, mask, method, max_new_tokens, global_tokens=None, world_size=1):
     """A rank's aggregated loss of [B, L] token losses, through the per-token weights the trainer uses."""
     rows, length = mask.shape
-    weights = aggregation_weights(mask.flatten(), torch.arange(rows).repeat_interleave(length), rows, method,
-                                  max_new_tokens, global_tokens, world_size)
-    return (weights * loss.flatten()).sum()
+    global_tokens = mask.sum() if global_tokens is None else global_tokens
+    tokens = StepTokens(mask.flatten(), torch.arange(rows).repeat_interleave(length), rows, max_new_tokens,
+                        global_tokens, world_size)
+    return (aggregation_weights(method, tokens) * loss.flatten()).sum()
 
 
 def test_loss_aggregations():
@@ -73,8 +69,8 @@ def test_loss_aggregations():
     assert aggregate(loss, mask, "bnpo", 10).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "grpo", 10).item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate(loss, mask, "dr_grpo", 10).item() == pytest.approx(10 / (2 * 10))
-    with pytest.raises(ValueError, match="dapo normalises by the tokens of every rank"):
-        aggregate(loss, mask, "dapo", 10)
+    with pytest.raises(ValueError, match="grpo.loss_aggregation: unknown aggregation 'dapo2'; available: grpo, bnpo"):
+        aggregate(loss, mask, "dapo2", 10)
 
 
 def _direct_aggregations(loss, mask, max_new_tokens, ranks):
@@ -111,6 +107,30 @@ def test_aggregations_match_their_formulas_in_float64(ranks):
             for r in range(ranks)
         ]
         assert (sum(rank_losses) / ranks).item() == pytest.approx(expected[method], rel=1e-5, abs=1e-6), method
+
+
+@aggregation("seq_mean_token_sum")
+def _sum_per_sequence(tokens):
+    """Each sequence's summed token loss, averaged over the sequences."""
+    return tokens.counted / tokens.sequences
+
+
+def test_a_registered_aggregation_weights_every_token_of_the_packed_step(tmp_path):
+    config = toy_grpo_config(tmp_path, "grpo.loss_aggregation=seq_mean_token_sum",
+                             "train.max_tokens_per_micro_batch=8")
+    chosen = [([5, 6, 7], "1"), ([8, 9], "2")]
+    lengths = [2, 1, 3, 4]
+    completions = [Completion(prompt, list(range(10, 10 + length)), "", "stop")
+                   for prompt, length in zip([0, 0, 1, 1], lengths)]
+    step = pack_step(chosen, completions, torch.ones(4), config, 0, torch.device("cpu"), world_size=1)
+    assert len(step.rows) > 1  # the 8-token budget splits the step: the weights still cover all of it
+    weights, counted = torch.cat(step.weights), torch.cat(step.counted)
+    assert counted.sum().item() == sum(lengths)
+    assert torch.equal(weights, counted / 4)  # 1/4 on each of the 10 completion tokens, 0 elsewhere
+    # The built-in per-sequence mean weights the same tokens by 1 / (4 x their sequence's length).
+    config.grpo.loss_aggregation = "grpo"
+    per_sequence = torch.cat(pack_step(chosen, completions, torch.ones(4), config, 0, torch.device("cpu"), 1).weights)
+    assert sorted(set(per_sequence[per_sequence > 0].tolist())) == pytest.approx(sorted({1 / (4 * n) for n in lengths}))
 
 
 @pytest.mark.slow

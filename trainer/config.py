@@ -14,6 +14,7 @@ from typing import Optional
 import yaml
 
 from .errors import ConfigError
+from .grpo_loss import AGGREGATIONS
 from .rollout import ENGINES
 
 
@@ -213,7 +214,7 @@ CHOICES = {
     "grpo.rollout_engine": ENGINES,  # the registry itself: an engine registered later is a choice too
     "eval.engine": ENGINES,
     "grpo.scale_rewards": ("group", "batch", "none"),
-    "grpo.loss_aggregation": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "grpo.loss_aggregation": AGGREGATIONS,
     "grpo.unparseable_gold": ("no_signal", "reward_one"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),

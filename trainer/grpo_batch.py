@@ -14,6 +14,7 @@ import torch
 
 from .attention import document_boundaries
 from .errors import BudgetError
+from .grpo_loss import StepTokens, aggregation_weights
 from .parallel import all_reduce_max, all_reduce_sum
 
 
@@ -89,31 +90,6 @@ def pack_rollouts(sequences, completion_starts, budget):
     return [_row(sequences, completion_starts, sorted(members)) for members in bins]
 
 
-def aggregation_weights(counted, token_sequence, num_sequences, method, max_new_tokens, global_tokens=None,
-                        world_size=1):
-    """Per-token weights w with sum(w * loss) equal to the aggregated loss of this rank.
-
-    counted [T]: 1 on tokens in the loss; token_sequence [T]: their sequence. The normalisers
-    cover the whole step on this rank (and, for dapo, every rank), never one micro-batch:
-    grpo: 1 / (tokens of the sequence x sequences); bnpo: 1 / tokens of the rank; dr_grpo:
-    1 / (sequences x max_new_tokens); dapo: world_size / tokens of every rank (FSDP averages the
-    ranks' gradients).
-    """
-    if method == "grpo":
-        per_sequence = torch.zeros(num_sequences, dtype=counted.dtype, device=counted.device)
-        per_sequence.index_add_(0, token_sequence, counted)
-        return counted / (per_sequence.clamp_min(1)[token_sequence] * num_sequences)
-    if method == "dr_grpo":
-        return counted / (num_sequences * max_new_tokens)
-    if method == "dapo":
-        if global_tokens is None:
-            raise ValueError("dapo normalises by the tokens of every rank: pass global_tokens")
-        return counted * world_size / global_tokens.clamp_min(1)
-    if method == "bnpo":
-        return counted / counted.sum().clamp_min(1)
-    raise ValueError(f"unknown loss aggregation {method!r}")
-
-
 def step_tokens(rows, name):
     """The concatenation of one per-token field over the step's rows."""
     return torch.cat([getattr(row, name) for row in rows])
@@ -158,7 +134,7 @@ class PackedStep:
 
 
 def pack_step(chosen, completions, advantages, config, pad_token_id, device, world_size):
-    """Packs the rollouts and turns the loss aggregation into per-token weights over the whole step."""
+    """Packs the rollouts; grpo.loss_aggregation (grpo_loss.AGGREGATIONS) weights their tokens over the whole step."""
     grpo = config.grpo
     sequences, starts = rollout_sequences(chosen, completions)
     rows = pack_rollouts(sequences, starts, config.train.max_tokens_per_micro_batch)
@@ -168,9 +144,9 @@ def pack_step(chosen, completions, advantages, config, pad_token_id, device, wor
     kept = kept_sequences(completions, grpo.mask_truncated).to(device)
     counted = [row.completion_targets * kept[row.token_sequence] for row in rows]
     all_counted = torch.cat(counted)
-    weights = aggregation_weights(all_counted, step_tokens(rows, "token_sequence"), len(sequences),
-                                  grpo.loss_aggregation, grpo.max_new_tokens, all_reduce_sum(all_counted.sum()),
-                                  world_size)
+    tokens = StepTokens(all_counted, step_tokens(rows, "token_sequence"), len(sequences), grpo.max_new_tokens,
+                        all_reduce_sum(all_counted.sum()), world_size)
+    weights = aggregation_weights(grpo.loss_aggregation, tokens)
     sizes = [row.tokens for row in rows]
     sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if grpo.tis_cap > 0 else None
     return PackedStep(

@@ -1,8 +1,73 @@
-"""GRPO's update: log-prob and loss heads on packed rows, and the policy update over a step's rows."""
+"""GRPO's update: the loss aggregations, log-prob and loss heads on packed rows, and the policy update
+over a step's rows."""
+
+import dataclasses
 
 import torch
 
 from fastmath_kernels import grpo_token_loss, linear_token_logprobs
+
+
+@dataclasses.dataclass
+class StepTokens:
+    """What an aggregation may normalise by: the step's loss tokens on this rank, and across ranks.
+
+    The normalisers cover the whole step, never one micro-batch, so splitting the step into rows
+    changes no weight.
+    """
+
+    counted: torch.Tensor  # [T] 1.0 on tokens in the loss
+    token_sequence: torch.Tensor  # [T] the sequence (0 .. sequences - 1) each token belongs to
+    sequences: int  # sequences on this rank
+    max_new_tokens: int
+    global_tokens: torch.Tensor  # loss tokens of every rank, summed (a 0-dim tensor)
+    world_size: int
+
+
+# grpo.loss_aggregation name -> function(StepTokens) -> [T] per-token weights w, with sum(w * loss)
+# this rank's aggregated loss (FSDP then averages the ranks' gradients).
+AGGREGATIONS = {}
+
+
+def aggregation(name):
+    """Function decorator: grpo.loss_aggregation accepts `name` and weights the loss tokens with it."""
+    def register(weights):
+        AGGREGATIONS[name] = weights
+        return weights
+
+    return register
+
+
+@aggregation("grpo")
+def _mean_per_sequence(tokens):
+    """Each sequence's mean token loss, averaged over the sequences."""
+    per_sequence = torch.zeros(tokens.sequences, dtype=tokens.counted.dtype, device=tokens.counted.device)
+    per_sequence.index_add_(0, tokens.token_sequence, tokens.counted)
+    return tokens.counted / (per_sequence.clamp_min(1)[tokens.token_sequence] * tokens.sequences)
+
+
+@aggregation("bnpo")
+def _mean_over_rank_tokens(tokens):
+    return tokens.counted / tokens.counted.sum().clamp_min(1)
+
+
+@aggregation("dr_grpo")
+def _sum_over_a_constant(tokens):
+    """Dr. GRPO: summed token losses over sequences x max_new_tokens, so no length is favoured."""
+    return tokens.counted / (tokens.sequences * tokens.max_new_tokens)
+
+
+@aggregation("dapo")
+def _mean_over_every_rank_tokens(tokens):
+    """DAPO: the mean over every rank's loss tokens (world_size undoes FSDP's average of the ranks)."""
+    return tokens.counted * tokens.world_size / tokens.global_tokens.clamp_min(1)
+
+
+def aggregation_weights(method, tokens):
+    """Per-token weights of grpo.loss_aggregation=method over a step's StepTokens."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"grpo.loss_aggregation: unknown aggregation {method!r}; available: {', '.join(AGGREGATIONS)}")
+    return AGGREGATIONS[method](tokens)
 
 
 def truncated_importance_weight(trainer_logp, sampling_logp, mask, cap):
