@@ -66,9 +66,9 @@ def load_on_this_rank(mode, model_dir):
     import torch
 
     from trainer.config import load_config
-    from trainer.engine import load_sharded_model
     from trainer.model import CausalLMLoss, load_causal_lm
     from trainer.parallel import apply_fsdp, init_distributed, shutdown
+    from trainer.training import load_sharded_model
 
     rank, _, device = init_distributed()
     config = load_config(None, [f"model.path={model_dir}", "data.train_files=[unused.jsonl]"])

@@ -59,23 +59,23 @@ def fixed_rollouts(completions, lengths, vocab_size, seed=0):
     return prompts, rollouts, torch.randn(completions, generator=generator)
 
 
-def packed_training(engine, prompts, rollouts, advantages, config):
+def packed_training(trainer, prompts, rollouts, advantages, config):
     from trainer.grpo_batch import pack_step
     from trainer.grpo_loss import update_policy
 
-    packed = pack_step(prompts, rollouts, advantages, config, engine.tokenizer.pad_token_id, engine.device, 1)
-    loss, _, _, _ = update_policy(engine, None, packed, config.grpo, low_memory=False)
+    packed = pack_step(prompts, rollouts, advantages, config, trainer.tokenizer.pad_token_id, trainer.device, 1)
+    loss, _, _, _ = update_policy(trainer, None, packed, config.grpo, low_memory=False)
     return loss, packed.computed_tokens, packed.pad_tokens, len(packed.rows)
 
 
-def padded_training(engine, prompts, rollouts, advantages, config):
+def padded_training(trainer, prompts, rollouts, advantages, config):
     """The right-padded formulation: one [B, L_max] batch, a padding mask, the same token loss and aggregation."""
     from fastmath_kernels import grpo_token_loss, linear_token_logprobs
 
     grpo = config.grpo
     sequences = [prompts[c.prompt_index][0] + c.token_ids for c in rollouts]
     length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), engine.tokenizer.pad_token_id)
+    input_ids = torch.full((len(sequences), length), trainer.tokenizer.pad_token_id)
     attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
     completion = torch.zeros(len(sequences), length)
     for row, (sequence, rollout) in enumerate(zip(sequences, rollouts)):
@@ -90,14 +90,14 @@ def padded_training(engine, prompts, rollouts, advantages, config):
         per_token = grpo_token_loss(logp, logp.detach(), advantages, eps_low=grpo.eps_low, eps_high=grpo.eps_high)
         return (per_token * mask).sum() / mask.sum()
 
-    loss = engine.module(input_ids, position_ids, attention_mask, head=head)
+    loss = trainer.module(input_ids, position_ids, attention_mask, head=head)
     loss.backward()
-    loss_value, _, _ = engine.optimizer_step(loss)
+    loss_value, _, _ = trainer.optimizer_step(loss)
     return loss_value, input_ids.numel(), int(input_ids.numel() - attention_mask.sum()), 1
 
 
 def speed(model, vocab_size, repeats):
-    from trainer.engine import Engine
+    from trainer.training import Trainer
 
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(16, 513, (32,), generator=generator).tolist()
@@ -106,15 +106,15 @@ def speed(model, vocab_size, repeats):
     with tempfile.TemporaryDirectory() as workdir:
         for layout, train in (("padded [B, L_max]", padded_training), ("packed rows", packed_training)):
             config = grpo_config(model, os.path.join(workdir, layout[:6]), GRPO_BUDGET)
-            engine = Engine(config)
-            engine.set_schedule(repeats + 1)
-            runs[layout] = (engine, config, train)
+            trainer = Trainer(config)
+            trainer.set_schedule(repeats + 1)
+            runs[layout] = (trainer, config, train)
         samples = {layout: [] for layout in runs}
         first = {}
         for repeat in range(repeats + 1):  # the first round warms up; its loss is compared
-            for layout, (engine, config, train) in runs.items():
+            for layout, (trainer, config, train) in runs.items():
                 started = time.perf_counter()
-                result = train(engine, prompts, rollouts, advantages, config)
+                result = train(trainer, prompts, rollouts, advantages, config)
                 elapsed = time.perf_counter() - started
                 if repeat == 0:
                     first[layout] = result
@@ -133,7 +133,7 @@ def speed(model, vocab_size, repeats):
 
 def memory_case(stage, size, model, workdir):
     """Peak extra resident memory (bytes) of one case, in this process (run it in a fresh one)."""
-    from trainer.engine import Engine
+    from trainer.training import Trainer
 
     if stage == "sft":
         from trainer.config import load_config
@@ -141,22 +141,22 @@ def memory_case(stage, size, model, workdir):
 
         config = load_config(None, [f"run_dir={workdir}/sft", f"model.path={model}", "data.train_files=[unused]",
                                     f"data.max_seq_len={size}"])
-        engine = Engine(config)
-        engine.set_schedule(1)
+        trainer = Trainer(config)
+        trainer.set_schedule(1)
         document = size // 8
-        ids = torch.randint(30, engine.module.causal_lm.config.vocab_size, (size,)).tolist()
+        ids = torch.randint(30, trainer.module.causal_lm.config.vocab_size, (size,)).tolist()
         pack = Pack(ids, ids[1:] + [-100], [i % document for i in range(size)], [document] * 8)
-        batch = collate([pack], engine.tokenizer.pad_token_id)
+        batch = collate([pack], trainer.tokenizer.pad_token_id)
         before = _reset_peak()
-        engine.train_step([batch])
+        trainer.train_step([batch])
         return 1024 * (_read_status_kib("VmHWM") - before), size, 1
     config = grpo_config(model, f"{workdir}/grpo", MEMORY_BUDGET)
-    engine = Engine(config)
-    engine.set_schedule(1)
+    trainer = Trainer(config)
+    trainer.set_schedule(1)
     prompts, rollouts, advantages = fixed_rollouts(size, [GRPO_COMPLETION] * size,
-                                                   engine.module.causal_lm.config.vocab_size)
+                                                   trainer.module.causal_lm.config.vocab_size)
     before = _reset_peak()
-    _, computed, _, micro_batches = packed_training(engine, prompts, rollouts, advantages, config)
+    _, computed, _, micro_batches = packed_training(trainer, prompts, rollouts, advantages, config)
     return 1024 * (_read_status_kib("VmHWM") - before), computed, micro_batches
 
 

@@ -45,8 +45,8 @@ def _reset_peak():
 
 def run_fastmath(model, data, steps, workdir):
     from trainer.config import load_config
-    from trainer.engine import Engine
     from trainer.sft import SFTData
+    from trainer.training import Trainer
 
     config = load_config(None, [
         f"run_dir={workdir}/fastmath_run", f"model.path={model}", f"data.train_files={data}",
@@ -54,12 +54,12 @@ def run_fastmath(model, data, steps, workdir):
         f"optim.warmup_ratio={WARMUP_STEPS / steps}",
         f"train.micro_batch_size={BATCH}", f"train.max_steps={steps}",
     ])
-    engine = Engine(config)
-    sft_data = SFTData(config, engine.tokenizer, 1, lambda *_: None)
-    engine.set_schedule(steps)
+    trainer = Trainer(config)
+    sft_data = SFTData(config, trainer.tokenizer, 1, lambda *_: None)
+    trainer.set_schedule(steps)
     before = _reset_peak()
     started = time.perf_counter()
-    losses = [engine.train_step(sft_data.micro_batches(step, 0))["loss"] for step in range(steps)]
+    losses = [trainer.train_step(sft_data.micro_batches(step, 0))["loss"] for step in range(steps)]
     return time.perf_counter() - started, 1024 * (_read_status_kib("VmHWM") - before), losses
 
 

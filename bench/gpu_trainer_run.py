@@ -6,7 +6,7 @@ initialised. It is saved as a Llama-architecture directory (the same layers; Lla
 option adds one to o_proj too, 5120 numbers a layer) because AutoTokenizer maps the qwen2
 model type to a byte-level BPE class, which would replace the word-level tokenizer written here. It trains
 with fp32 master weights and bf16 compute, activation checkpointing and the document-masked
-attention, through the trainer's own Engine, data packing and GRPO loop. Reported per stage:
+attention, through the trainer's own Trainer, data packing and GRPO loop. Reported per stage:
 tokens per second, model FLOPs utilisation (model FLOPs only: no recomputation, no pads)
 against the bf16 matmul rate measured in the same run, and peak GPU memory.
 
@@ -149,10 +149,10 @@ def planned_peak_gb(run, workdir, device, overrides=()):
 
 
 def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
-    """Engine + SFTData, as `python -m trainer.run` drives them; the first step is warm-up."""
+    """Trainer + SFTData, as `python -m trainer.run` drives them; the first step is warm-up."""
     from trainer.config import load_config
-    from trainer.engine import Engine
     from trainer.sft import SFTData
+    from trainer.training import Trainer
 
     steps = args.sft_steps + 1
     run = load_config(None, [
@@ -163,9 +163,9 @@ def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
     ])
     planned = planned_peak_gb(run, workdir, device)
     reset_memory(device)
-    engine = Engine(run)
-    data = SFTData(run, engine.tokenizer, 1, print)
-    engine.set_schedule(steps)
+    trainer = Trainer(run)
+    data = SFTData(run, trainer.tokenizer, 1, print)
+    trainer.set_schedule(steps)
     times, flops, tokens = [], [], []
     for step in range(steps):
         batches = data.micro_batches(step, 0)
@@ -174,7 +174,7 @@ def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        values = engine.train_step(batches)
+        values = trainer.train_step(batches)
         if device.type == "cuda":
             torch.cuda.synchronize()
         print(f"sft step {step}: {time.perf_counter() - started:.3f} s, loss {values['loss']:.4f}, "
@@ -184,7 +184,7 @@ def run_sft(model_path, data_path, workdir, args, config, device, ceiling):
             flops.append(training_flops(config, lengths))
             tokens.append(sum(lengths))
     peak, reserved = memory_gb(device)
-    del engine
+    del trainer
     return summarise("sft", config, times, flops, tokens, peak, reserved, ceiling, planned,
                      f"{args.seq_len}-token packed rows, micro-batch 1, fp32 master weights, bf16 compute, "
                      "activation checkpointing, document-masked attention")

@@ -1,6 +1,6 @@
 """One GRPO policy update on fixed rollouts: its loss and the gradients of every optimizer step.
 
-The trainer's own path (Engine, pack_step, update_policy), with an SGD optimizer that records
+The trainer's own path (Trainer, pack_step, update_policy), with an SGD optimizer that records
 the whole gradient each time it steps (AdamW's first step would hide the gradients' size).
 Imported by
 tests/test_grpo_microbatch.py, and run by it under torchrun for the two-rank case:
@@ -68,22 +68,22 @@ class RecordingSGD(torch.optim.SGD):
 def policy_update(model, run_dir, aggregation, budget, num_iterations, beta=BETA):
     """One step on this rank's fixed rollouts: the last update's loss, each update's gradients,
     the rows run and their padding tokens."""
-    from trainer.engine import Engine, load_sharded_model
     from trainer.grpo_batch import pack_step
     from trainer.grpo_loss import update_policy
     from trainer.parallel import init_distributed
+    from trainer.training import Trainer, load_sharded_model
 
     rank, world_size, device = init_distributed()
     config = config_for(model, run_dir, aggregation, budget, num_iterations, beta)
-    engine = Engine(config)
-    engine.optimizer = RecordingSGD(engine.parameters, lr=LEARNING_RATE)
-    engine.set_schedule(1)
+    trainer = Trainer(config)
+    trainer.optimizer = RecordingSGD(trainer.parameters, lr=LEARNING_RATE)
+    trainer.set_schedule(1)
     reference = load_sharded_model(config, device, trainable=False) if beta > 0 else None
     chosen, completions, advantages = fixed_rollouts(rank)
-    packed = pack_step(chosen, completions, advantages.to(device), config, engine.tokenizer.pad_token_id, device,
+    packed = pack_step(chosen, completions, advantages.to(device), config, trainer.tokenizer.pad_token_id, device,
                        world_size)
-    loss, _, _, _ = update_policy(engine, reference, packed, config.grpo, low_memory=False)
-    return {"loss": loss, "gradients": engine.optimizer.recorded, "rows": len(packed.rows),
+    loss, _, _, _ = update_policy(trainer, reference, packed, config.grpo, low_memory=False)
+    return {"loss": loss, "gradients": trainer.optimizer.recorded, "rows": len(packed.rows),
             "pad_tokens": packed.pad_tokens}
 
 

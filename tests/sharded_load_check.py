@@ -57,9 +57,9 @@ def compare(path, rank, world_size, device):
     from torch.distributed.tensor import DTensor, Shard
 
     from trainer.config import load_config
-    from trainer.engine import load_sharded_model
     from trainer.model import CausalLMLoss, load_causal_lm
     from trainer.parallel import apply_fsdp
+    from trainer.training import load_sharded_model
 
     config = load_config(None, [f"model.path={path}", "data.train_files=[unused.jsonl]"])
     sharded = load_sharded_model(config, device, trainable=True)
@@ -117,9 +117,9 @@ def peak_extra_mb(load):
 
 def measure(path, device):
     from trainer.config import load_config
-    from trainer.engine import load_sharded_model
     from trainer.model import CausalLMLoss, load_causal_lm
     from trainer.parallel import apply_fsdp
+    from trainer.training import load_sharded_model
 
     config = load_config(None, [f"model.path={path}", "data.train_files=[unused.jsonl]"])
     sharded = peak_extra_mb(lambda: load_sharded_model(config, device, trainable=True))

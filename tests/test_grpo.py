@@ -247,7 +247,7 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path, scale_rewards):
 
 
 def test_check_finite_raises_on_a_non_finite_loss_or_gradient_norm():
-    from trainer.engine import TrainingError, check_finite
+    from trainer.training import TrainingError, check_finite
 
     check_finite(torch.tensor(0.25), torch.tensor(3.0), what="GRPO loss")
     for loss, norm in ((float("nan"), 1.0), (0.5, float("inf"))):
@@ -300,14 +300,14 @@ def test_dynamic_sampling_and_the_importance_weight(tmp_path):
 
 
 def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    import trainer.engine
     import trainer.grpo
+    import trainer.training
     from trainer.config import ConfigError
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the budget was checked")
 
-    monkeypatch.setattr(trainer.engine, "Engine", no_model)
+    monkeypatch.setattr(trainer.training, "Trainer", no_model)
     config = toy_grpo_config(tmp_path, "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50")
     with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch=50 cannot hold the longest prompt \((\d+) "
                                           r"tokens\) plus grpo.max_new_tokens=40"):

@@ -136,8 +136,8 @@ def scheduled_lr(lr, step, total_steps, warmup_ratio):
 
 
 def test_resume_follows_the_configured_lr_and_epochs(toy, tmp_path, capsys):
-    from trainer.engine import Engine
     from trainer.sft import run_sft
+    from trainer.training import Trainer
 
     run_dir = str(tmp_path / "run")
     common = ("train.micro_batch_size=4", "train.grad_accum=2", "checkpoint.every_steps=2", "checkpoint.keep=5")
@@ -163,13 +163,13 @@ def test_resume_follows_the_configured_lr_and_epochs(toy, tmp_path, capsys):
     # The optimizer itself carries the configured settings after a resume, not the checkpoint's.
     config = sft_config(toy, run_dir, "train.epochs=3", "optim.lr=5e-4", "optim.weight_decay=0.1",
                         "optim.beta2=0.99", "checkpoint.resume=auto")
-    engine = Engine(config)
-    engine.set_schedule(21)
-    assert engine.resume(lambda _: None) == 14
-    for group in engine.optimizer.param_groups:
+    trainer = Trainer(config)
+    trainer.set_schedule(21)
+    assert trainer.resume(lambda _: None) == 14
+    for group in trainer.optimizer.param_groups:
         assert group["lr"] == pytest.approx(scheduled_lr(5e-4, 14, 21, 0.1), rel=1e-12)
         assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"])) == (5e-4, 0.1, (0.9, 0.99))
-    assert engine.scheduler.base_lrs == [5e-4] * len(engine.optimizer.param_groups)
+    assert trainer.scheduler.base_lrs == [5e-4] * len(trainer.optimizer.param_groups)
 
     # A configuration that ends before the checkpoint's step cannot continue it.
     with pytest.raises(ConfigError, match="step_00000014 is at step 14, beyond the 7 steps"):

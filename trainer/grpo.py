@@ -1,4 +1,4 @@
-"""Stage 2: GRPO. A stage of the engine's loop: rollouts, rewards, and a clipped policy update.
+"""Stage 2: GRPO. A stage of the trainer's loop: rollouts, rewards, and a clipped policy update.
 
 Each step: sample group_size completions for each prompt, score them with the recipe's rewards
 (grpo_rollouts.py), normalise rewards within groups (group_advantages), then num_iterations
@@ -12,7 +12,6 @@ train.max_tokens_per_micro_batch tokens (grpo_batch.py).
 import math
 import time
 
-from .engine import load_sharded_model, run_stage
 from .errors import DataError
 from .grpo_batch import pack_step
 from .grpo_loss import update_policy
@@ -29,10 +28,11 @@ from .grpo_sync_check import SyncCheck
 from .parallel import all_reduce_named
 from .rewards import RewardComputer, RewardSettings
 from .rollout import SamplingSettings, engine_class, ensure_engine_weights, sync_weights
+from .training import load_sharded_model, run_stage
 
 
 class GRPOStage:
-    """Stage 2 for the engine's loop; train_step returns the step's named metrics."""
+    """Stage 2 for the trainer's loop; train_step returns the step's named metrics."""
 
     plots = [("reward", "reward.png", "GRPO reward"),
              ("completion_tokens", "completion_tokens.png", "GRPO completion_tokens")]
@@ -65,22 +65,22 @@ class GRPOStage:
             f"{grpo.group_size} samples per prompt")
         return self.steps_per_epoch
 
-    def start(self, engine, log):
+    def start(self, trainer, log):
         grpo, config = self.grpo, self.config
         if grpo.beta > 0:
-            self.reference = load_sharded_model(config, engine.device, trainable=False)
+            self.reference = load_sharded_model(config, trainer.device, trainable=False)
             log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
-        self.rollout = self.rollout_engine_class.for_training(engine, config)
+        self.rollout = self.rollout_engine_class.for_training(trainer, config)
         self.sync_check = SyncCheck(grpo, self.rollout, config.train.seed)
         self.sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                                          min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens,
                                          stop=list(grpo.stop_strings) or None)
 
-    def train_step(self, engine, step):
-        grpo, config, rank = self.grpo, self.config, engine.rank
+    def train_step(self, trainer, step):
+        grpo, config, rank = self.grpo, self.config, trainer.rank
         started = time.perf_counter()
         # A run's first step, fresh or resumed: an engine with its own weights holds no policy yet.
-        first_sync_bytes = ensure_engine_weights(engine.module, self.rollout)
+        first_sync_bytes = ensure_engine_weights(trainer.module, self.rollout)
         indices = step_prompts(len(self.prompts), step, self.steps_per_epoch, grpo.prompts_per_step, rank,
                                self.world_size, config.train.seed)
         prompt_ids = [self.prompts[index][0] for index in indices]
@@ -90,18 +90,18 @@ class GRPOStage:
         self.sync_check.remember(prompt_ids)
         timings = {"rollout_s": time.perf_counter() - started}
         if probes is not None:  # the synced copy against the policy it was synced from, before this update
-            timings["sync_logprob_gap"] = self.sync_check.gap(engine, probes, step, config.train.low_memory_loss)
-        advantages = step_advantages(batch.rewards, grpo, engine.device, rank, self.world_size)
-        packed = pack_step(batch.chosen, batch.completions, advantages, config, engine.tokenizer.pad_token_id,
-                           engine.device, self.world_size)
+            timings["sync_logprob_gap"] = self.sync_check.gap(trainer, probes, step, config.train.low_memory_loss)
+        advantages = step_advantages(batch.rewards, grpo, trainer.device, rank, self.world_size)
+        packed = pack_step(batch.chosen, batch.completions, advantages, config, trainer.tokenizer.pad_token_id,
+                           trainer.device, self.world_size)
         train_started = time.perf_counter()
-        update = update_policy(engine, self.reference, packed, grpo, config.train.low_memory_loss)
-        engine.scheduler.step()
+        update = update_policy(trainer, self.reference, packed, grpo, config.train.low_memory_loss)
+        trainer.scheduler.step()
         timings["train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
-        synced_bytes = first_sync_bytes + sync_weights(engine.module, self.rollout)
+        synced_bytes = first_sync_bytes + sync_weights(trainer.module, self.rollout)
         timings.update(sync_s=time.perf_counter() - sync_started, synced_MB=synced_bytes / 2**20)
-        values = step_metrics(batch, packed, update, grpo, engine.device, self.world_size)
+        values = step_metrics(batch, packed, update, grpo, trainer.device, self.world_size)
         values.update(timings, reward_failures=sum(self.rewards.counts.values()))
         return values
 

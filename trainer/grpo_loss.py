@@ -130,7 +130,7 @@ def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
     return head
 
 
-def update_policy(engine, reference, step, grpo, low_memory):
+def update_policy(trainer, reference, step, grpo, low_memory):
     """grpo.num_iterations optimizer steps, each over every packed row; returns (loss, grad norm, lr, statistics).
 
     The reference and old-policy log-probs come first, row by row under no_grad. Each row is
@@ -143,12 +143,12 @@ def update_policy(engine, reference, step, grpo, low_memory):
         ref = [reference(**row.inputs, head=logprob_head(row, grpo, low_memory)) if reference is not None else None
                for row in rows]
         # Several updates per rollout: the ratio is against the policy that sampled.
-        old = [engine.module(**row.inputs, head=logprob_head(row, grpo, low_memory))
+        old = [trainer.module(**row.inputs, head=logprob_head(row, grpo, low_memory))
                if grpo.num_iterations > 1 else None for row in rows]
-    statistics = torch.zeros(STATISTICS, device=engine.device)
+    statistics = torch.zeros(STATISTICS, device=trainer.device)
     for _ in range(grpo.num_iterations):
         heads = [loss_head(step, index, old[index], ref[index], grpo, low_memory, statistics)
                  for index in range(len(rows))]
-        step_loss = engine.accumulate_gradients([row.inputs for row in rows], heads)
-        loss_value, grad_norm, lr = engine.optimizer_step(step_loss, what="GRPO loss", hint="check the rewards")
+        step_loss = trainer.accumulate_gradients([row.inputs for row in rows], heads)
+        loss_value, grad_norm, lr = trainer.optimizer_step(step_loss, what="GRPO loss", hint="check the rewards")
     return loss_value, grad_norm, lr, statistics

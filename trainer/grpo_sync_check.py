@@ -67,7 +67,7 @@ class SyncCheck:
         self.previous_prompts = [list(ids) for ids in prompts[:PROBE_PROMPTS]]
 
     @torch.no_grad()
-    def gap(self, engine, probes, step, low_memory=False):
+    def gap(self, trainer, probes, step, low_memory=False):
         """The largest |engine - trainer| log-prob over the probed tokens of every rank; raises SyncCheckError
         above the limit. Every rank calls it at the same step: the trainer's forward is collective under FSDP."""
         completions = [dataclasses.replace(completion, prompt_index=index)
@@ -75,11 +75,11 @@ class SyncCheck:
         sequences = [list(prompt) + list(c.token_ids) for (prompt, _), c in zip(probes, completions)]
         starts = [len(prompt) for prompt, _ in probes]
         (row,) = pack_rollouts(sequences, starts, None)
-        engine_logp = sampling_logprobs(completions, starts, row).to(engine.device)
-        row = row.to(engine.device)
-        trainer_logp = engine.module(**row.inputs, head=logprob_head(row, self.grpo, low_memory))
+        engine_logp = sampling_logprobs(completions, starts, row).to(trainer.device)
+        row = row.to(trainer.device)
+        trainer_logp = trainer.module(**row.inputs, head=logprob_head(row, self.grpo, low_memory))
         largest = float(((trainer_logp.float() - engine_logp).abs() * row.completion_targets).max())
-        value = all_reduce_named({"gap": largest}, engine.device, op="max")["gap"]
+        value = all_reduce_named({"gap": largest}, trainer.device, op="max")["gap"]
         if value > self.max_gap:
             raise SyncCheckError(
                 f"step {step + 1}: after the weight sync, the rollout engine's log-probs of tokens it sampled differ "

@@ -1,8 +1,8 @@
 """Stage 1: supervised fine-tuning on packed chat sequences, loss on completions only."""
 
 from .data import build_documents, collate, epoch_order, load_records, pack_documents
-from .engine import run_stage
 from .errors import DataError
+from .training import run_stage
 
 
 class SFTData:
@@ -51,7 +51,7 @@ class SFTData:
 
 
 class SFTStage:
-    """Stage 1 for the engine's loop: each step trains on this rank's packs of that step."""
+    """Stage 1 for the trainer's loop: each step trains on this rank's packs of that step."""
 
     plots = [("loss", "loss.png", "SFT loss")]
 
@@ -62,11 +62,11 @@ class SFTStage:
         self.data = SFTData(self.config, tokenizer, world_size, log)
         return self.data.steps_per_epoch
 
-    def start(self, engine, log):
+    def start(self, trainer, log):
         pass
 
-    def train_step(self, engine, step):
-        values = engine.train_step(self.data.micro_batches(step, engine.rank))
+    def train_step(self, trainer, step):
+        values = trainer.train_step(self.data.micro_batches(step, trainer.rank))
         values["epoch"] = step // self.data.steps_per_epoch
         return values
 

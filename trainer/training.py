@@ -84,7 +84,7 @@ def load_sharded_model(config, device, trainable):
     return root
 
 
-class Engine:
+class Trainer:
     def __init__(self, config, tokenizer=None):
         """tokenizer: already loaded (stages load it first, to check their data before the model)."""
         self.config = config
@@ -255,8 +255,8 @@ def run_stage(config, stage):
     """Runs a training stage from its first (or resumed) step to the end; returns config.run_dir.
 
     stage supplies: prepare(tokenizer, world_size, log) -> steps per epoch, called before the
-    model loads so that bad data fails in seconds; start(engine, log) once the engine exists;
-    train_step(engine, step) -> {metric name: number}; closing_messages(); and plots, a list
+    model loads so that bad data fails in seconds; start(trainer, log) once the trainer exists;
+    train_step(trainer, step) -> {metric name: number}; closing_messages(); and plots, a list
     of (metric, file name, title).
     """
     check_no_earlier_checkpoints(config)
@@ -267,29 +267,29 @@ def run_stage(config, stage):
     held_out = HeldOutDuringTraining.for_stage(config, tokenizer, rank, world_size)
     if held_out is not None:
         log(held_out.describe())
-    engine = Engine(config, tokenizer)
-    engine.set_schedule(total_steps)
+    trainer = Trainer(config, tokenizer)
+    trainer.set_schedule(total_steps)
     if rank == 0:
         os.makedirs(config.run_dir, exist_ok=True)
         save_config(config, os.path.join(config.run_dir, "config.yaml"))  # every resolved value of this run
-    stage.start(engine, log)
-    start_step = engine.resume(log)
+    stage.start(trainer, log)
+    start_step = trainer.resume(log)
     metrics = MetricsLogger(config.run_dir, rank, total_steps, start_step, description=config.stage,
                             tracking=config.tracking, run_config=config_as_dict(config))
     try:
         for step in range(start_step, total_steps):
             started = time.perf_counter()
-            values = stage.train_step(engine, step)
+            values = stage.train_step(trainer, step)
             values["step_s"] = time.perf_counter() - started
             if held_out is not None and held_out.due(step + 1, total_steps):
-                values.update(held_out(engine.module, engine.device))
+                values.update(held_out(trainer.module, trainer.device))
             if "tokens" in values:
                 values["tokens_per_s"] = values["tokens"] / max(values["step_s"], 1e-9)
-            if (peak := engine.peak_memory_gb()) is not None:
+            if (peak := trainer.peak_memory_gb()) is not None:
                 values["peak_memory_GB"] = peak
             metrics.log_step(step + 1, values)
-            engine.after_step(step + 1, total_steps)
-        engine.finish(start_step, total_steps, metrics.message)
+            trainer.after_step(step + 1, total_steps)
+        trainer.finish(start_step, total_steps, metrics.message)
         for message in stage.closing_messages():
             metrics.message(message)
     finally:
