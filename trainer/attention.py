@@ -37,6 +37,14 @@ def document_boundaries(lengths, device=None):
     return torch.tensor(cumulative, dtype=torch.int32, device=device), max(lengths)
 
 
+def packed_inputs(input_ids, position_ids, document_lengths):
+    """The model inputs of packed rows: token and position ids with the boundaries of the documents
+    laid end to end over the flattened rows (what document-masked attention reads)."""
+    cumulative, longest = document_boundaries(document_lengths)
+    return {"input_ids": input_ids, "position_ids": position_ids, "document_boundaries": cumulative,
+            "longest_document": longest}
+
+
 def boundaries_from_positions(position_ids, batch, length, device):
     """Document boundaries of the flattened [B * L] tokens: a document starts where its position is 0.
 

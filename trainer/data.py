@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .attention import document_boundaries
+from .attention import packed_inputs
 from .errors import DataError
 
 IGNORE_INDEX = -100
@@ -251,12 +251,8 @@ def collate(packs, pad_token_id):
         position_ids[row, :size] = torch.tensor(pack.position_ids)
         position_ids[row, size:] = torch.arange(length - size)
         lengths.extend(pack.document_lengths + ([length - size] if size < length else []))
-    cumulative, longest = document_boundaries(lengths)
-    return {
-        "input_ids": input_ids, "position_ids": position_ids, "targets": targets,
-        "document_boundaries": cumulative, "longest_document": longest,
-        "pad_tokens": input_ids.numel() - sum(len(p.input_ids) for p in packs),
-    }
+    return {**packed_inputs(input_ids, position_ids, lengths), "targets": targets,
+            "pad_tokens": input_ids.numel() - sum(len(p.input_ids) for p in packs)}
 
 
 def epoch_order(num_packs, epoch, seed):

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .attention import document_boundaries
+from .attention import packed_inputs
 from .errors import BudgetError
 from .grpo_loss import StepTokens, aggregation_weights
 from .parallel import all_reduce_max, all_reduce_sum
@@ -69,16 +69,13 @@ def _row(sequences, completion_starts, members):
         # Position i predicts token i + 1: counted where that token belongs to the completion.
         counted.extend(float(i + 1 >= start and i + 1 < len(sequence)) for i in range(len(sequence)))
     lengths = [len(sequences[index]) for index in members]
-    cumulative, longest = document_boundaries(lengths)
-    inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-              "document_boundaries": cumulative, "longest_document": longest}
+    inputs = packed_inputs(torch.tensor([ids]), torch.tensor([positions]), lengths)
     return MicroBatch(list(members), inputs, torch.tensor(targets), torch.tensor(owner), torch.tensor(counted))
 
 
 def padding_row(pad_token_id):
     """A one-token row that adds nothing: it keeps a rank with fewer rows in step with the others."""
-    inputs = {"input_ids": torch.tensor([[pad_token_id]]), "position_ids": torch.zeros(1, 1, dtype=torch.long),
-              "document_boundaries": torch.tensor([0, 1], dtype=torch.int32), "longest_document": 1}
+    inputs = packed_inputs(torch.tensor([[pad_token_id]]), torch.zeros(1, 1, dtype=torch.long), [1])
     return MicroBatch([], inputs, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                       torch.zeros(1), pad_tokens=1)
 

@@ -58,13 +58,10 @@ def packed_row(lengths, batch=1):
     """Model inputs of `batch` rows each holding documents of these lengths, as the trainer packs them."""
     import torch
 
-    from .attention import document_boundaries
+    from .attention import packed_inputs
 
-    tokens = sum(lengths)
     positions = torch.cat([torch.arange(length) for length in lengths]).repeat(batch, 1)
-    cumulative, longest = document_boundaries(lengths * batch)
-    return {"input_ids": torch.zeros(batch, tokens, dtype=torch.long), "position_ids": positions,
-            "document_boundaries": cumulative, "longest_document": longest}
+    return packed_inputs(torch.zeros(batch, sum(lengths), dtype=torch.long), positions, lengths * batch)
 
 
 def training_rows(peak):
