@@ -54,14 +54,33 @@ def fill_row(budget, longest, available):
     return lengths + ([tokens % longest] if tokens % longest else [])
 
 
-def packed_row(lengths, batch=1):
-    """Model inputs of `batch` rows each holding documents of these lengths, as the trainer packs them."""
+def packed_documents(lengths, capacity):
+    """The model inputs SFT's own packer (data.pack_documents, collate) makes of documents of these
+    lengths with `capacity` tokens a row: every token a completion token."""
+    from .data import Document, collate, pack_documents
+
+    documents = [Document([0] * length, [True] * length) for length in lengths]
+    batch = collate(pack_documents(documents, capacity), pad_token_id=0)
+    batch.pop("pad_tokens")
+    return batch
+
+
+def packed_rollouts(lengths, prompt_tokens, config, world_size):
+    """The PackedStep GRPO's own packer (grpo_batch.pack_step) makes of rollouts with these sequence
+    lengths: prompts of up to prompt_tokens tokens, the rest completion. Packed on real tensors (the
+    packer reads its counts), then measured on fake ones."""
     import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from .attention import packed_inputs
+    from .grpo_batch import pack_step
+    from .rollout import Completion
 
-    positions = torch.cat([torch.arange(length) for length in lengths]).repeat(batch, 1)
-    return packed_inputs(torch.zeros(batch, sum(lengths), dtype=torch.long), positions, lengths * batch)
+    prompts = [([0] * min(prompt_tokens, length - 1), "0") for length in lengths]
+    completions = [Completion(index, [0] * (length - len(prompts[index][0])), "", "stop",
+                              logprobs=[0.0] * (length - len(prompts[index][0])))
+                   for index, length in enumerate(lengths)]
+    with unset_fake_temporarily():
+        return pack_step(prompts, completions, torch.ones(len(lengths)), config, 0, torch.device("cpu"), world_size)
 
 
 def training_rows(peak):
@@ -113,18 +132,16 @@ def plan_sft(config, architecture, mesh, world_size):
 
     data, train = config.data, config.train
     policy, sharded, states, optimizer_temporaries = _training_state(config, architecture, mesh)
-    if train.max_tokens_per_micro_batch:
-        lengths, batch = fill_row(train.max_tokens_per_micro_batch, data.max_seq_len,
-                                  train.max_tokens_per_micro_batch), 1
+    budget = train.max_tokens_per_micro_batch
+    if budget:
+        lengths, batch = fill_row(budget, data.max_seq_len, budget), 1
     else:
         lengths, batch = [data.max_seq_len], train.micro_batch_size
-    inputs = packed_row(lengths, batch)
+    inputs = packed_documents(lengths * batch, budget or data.max_seq_len)
     tokens = batch * sum(lengths)
 
     def micro_batch():
-        import torch
-
-        policy(**inputs, targets=torch.zeros_like(inputs["input_ids"])).backward()
+        policy(**inputs).backward()
 
     # Two micro-batches: the second runs with the first one's gradients held.
     measured = measure(policy, micro_batch, repeats=2, checkpoints=decoder_checkpoints(policy))
@@ -166,7 +183,6 @@ def rollout_phases(config, architecture, policy, resident, gpu_bytes, shape):
 def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     import torch
 
-    from .grpo_batch import MicroBatch, PackedStep
     from .grpo_loss import STATISTICS, logprob_head, loss_head
     from .plan_measure import build_sharded_model, local_bytes, measure
 
@@ -177,13 +193,9 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     reference = build_sharded_model(architecture, config, mesh, trainable=False) if grpo.beta > 0 else None
     reference_bytes = local_bytes(reference.parameters()) if reference is not None else 0
     lengths = fill_row(budget, sequence, sequences * sequence)
-    tokens = sum(lengths)
-    inputs = packed_row(lengths)
-    row = MicroBatch(list(range(len(lengths))), inputs, torch.zeros(tokens, dtype=torch.long),
-                     torch.zeros(tokens, dtype=torch.long), torch.ones(tokens))
-    step = PackedStep(rows=[row], weights=[torch.ones(tokens)], advantages=[torch.ones(tokens)],
-                      counted=[torch.ones(tokens)], sampling_logp=[torch.zeros(tokens)] if grpo.tis_cap > 0 else None,
-                      pad_tokens=0, computed_tokens=tokens)
+    step = packed_rollouts(lengths, shape.prompt_tokens, config, world_size)
+    row, tokens = step.rows[0], sum(lengths)
+    inputs = row.inputs
     low_memory = config.train.low_memory_loss
     resident = {"parameters": sharded, "optimizer states": states}
     if reference_bytes:
