@@ -6,7 +6,7 @@ The compiled extension is optional: without it, HAS_CUDA_EXT is False and the Tr
 torch backends still work.
 """
 
-from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends
+from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends, preferred_backend
 from ._planning import device_type as planned_device_type
 from ._planning import is_planning, planning_as_gpu
 from ._registry import backend_names
@@ -28,6 +28,7 @@ __all__ = [
     "linear_token_logprobs",
     "planned_device_type",
     "planning_as_gpu",
+    "preferred_backend",
     "token_logprobs",
 ]
 

@@ -8,6 +8,7 @@ On a machine without a GPU, Triton kernels run through the Triton interpreter, w
 fastmath_kernels.triton switches on before it defines any kernel.
 """
 
+import contextlib
 import importlib.util
 import os
 
@@ -102,6 +103,32 @@ def available_backends():
     return [name for name in backend_names() if any(cannot_run_on(name, device) is None for device in devices)]
 
 
+# (name, where it was set) of the innermost preferred_backend block; FASTMATH_BACKEND outside any.
+_preferences = []
+
+
+@contextlib.contextmanager
+def preferred_backend(name, source="preferred_backend"):
+    """Within the block, `name` replaces the automatic choice as FASTMATH_BACKEND does, and wins over
+    that variable; an explicit backend= argument still wins over both. None: no change.
+
+    source names the setting in errors (the trainer passes "kernels.backend")."""
+    if name is None:
+        yield
+        return
+    _check_backend_name(name, source, None)
+    _preferences.append((name, source))
+    try:
+        yield
+    finally:
+        _preferences.pop()
+
+
+def _preference():
+    """(preferred backend or None, the setting it came from)."""
+    return _preferences[-1] if _preferences else (os.environ.get(BACKEND_ENV), BACKEND_ENV)
+
+
 def _check_backend_name(name, source, op):
     accepted = name in backend_names() if op is None else is_registered(op, name)
     if accepted:
@@ -142,11 +169,11 @@ def resolve_backend(backend, tensor, gpu_preference=DEFAULT_GPU_PREFERENCE, op=N
     kernels do not take tensor's dtype hands over to the automatic choice among those that do.
     """
     if backend is None:
-        # FASTMATH_BACKEND is a preference for the whole process: it applies where that
-        # backend can run on the tensor's device; elsewhere the automatic choice stands.
-        preferred = os.environ.get(BACKEND_ENV)
+        # A preference (preferred_backend, else FASTMATH_BACKEND) applies where that backend can
+        # run on the tensor's device; elsewhere the automatic choice stands.
+        preferred, source = _preference()
         if preferred:
-            _check_backend_name(preferred, BACKEND_ENV, None)
+            _check_backend_name(preferred, source, None)
             if _runs_on(preferred, tensor, op):
                 return _taking_dtype(preferred, tensor, gpu_preference, op)
         return _taking_dtype(_automatic_choice(tensor, gpu_preference, op), tensor, gpu_preference, op)

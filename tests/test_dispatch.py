@@ -64,3 +64,22 @@ def test_extension_flag_matches_the_compiled_module():
     assert fk.HAS_CUDA_EXT == loaded
     if loaded:
         assert hasattr(torch.ops.fastmath, "group_advantages")
+
+
+@needs_cpu_only
+def test_a_preferred_backend_block_wins_over_the_environment_and_ends_with_the_block(monkeypatch):
+    monkeypatch.setenv("FASTMATH_BACKEND", "torch")
+    rewards = torch.randn(12)
+    with fk.preferred_backend("triton", "kernels.backend"):
+        assert resolve_backend(None, rewards, op="group_advantages") == "triton"
+        with fk.preferred_backend("torch"):
+            assert resolve_backend(None, rewards, op="group_advantages") == "torch"
+        assert resolve_backend(None, rewards, op="group_advantages") == "triton"
+        assert resolve_backend("torch", rewards, op="group_advantages") == "torch"  # backend= still wins
+        # Through the public op: the interpreter's result, equal to the reference's.
+        torch.testing.assert_close(fk.group_advantages(rewards, 4), fk.group_advantages(rewards, 4, backend="torch"))
+    monkeypatch.delenv("FASTMATH_BACKEND")
+    assert resolve_backend(None, rewards, op="group_advantages") == "torch"
+    with pytest.raises(ValueError, match="kernels.backend: unknown backend 'jax'"):
+        with fk.preferred_backend("jax", "kernels.backend"):
+            pass

@@ -323,3 +323,29 @@ def test_a_token_budget_splits_the_step_into_micro_batches(tmp_path):
     (record,) = read_metrics(config.run_dir)
     # 16 sequences of about 40 tokens in rows of at most 100: at least 16 * 30 / 100 rows.
     assert record["micro_batches"] >= 5 and record["pad_fraction"] == 0.0 and math.isfinite(record["loss"])
+
+
+def test_kernels_backend_runs_the_stage_on_that_backend(tmp_path):
+    from fastmath_kernels import _registry
+    from fastmath_kernels._dispatch import resolve_backend
+    from fastmath_kernels.group_advantages import group_advantages_reference
+    from trainer.config import ConfigError
+    from trainer.grpo import run_grpo
+
+    calls = []
+
+    def counted_advantages(rewards, group_size, scale, eps):
+        calls.append(rewards.numel())
+        return group_advantages_reference(rewards, group_size, scale, eps)
+
+    _registry.register_backend("group_advantages", "counted", counted_advantages)
+    try:
+        with pytest.raises(ConfigError, match="kernels.backend: 'counter' is not one of cuda, triton, torch, counted"):
+            toy_grpo_config(tmp_path, "kernels.backend=counter")
+        config = toy_grpo_config(tmp_path, "kernels.backend=counted", "train.max_steps=2")
+        run_grpo(config)
+        # One call a step over its 4 prompts x 4 samples; the other ops have no such backend and keep theirs.
+        assert calls == [16, 16]
+        assert resolve_backend(None, torch.zeros(3), op="group_advantages") == "torch"  # only inside the stage
+    finally:
+        _registry.unregister_backend("group_advantages", "counted")

@@ -13,6 +13,8 @@ from typing import Optional
 
 import yaml
 
+from fastmath_kernels import backend_names
+
 from .errors import ConfigError
 from .grpo_loss import AGGREGATIONS
 from .rollout import ENGINES
@@ -93,6 +95,13 @@ class ParallelConfig:
     # Bounds every collective: covers each rank writing and checksumming its share of a 14B
     # model's 177 GB checkpoint over 8 ranks at 50 MB/s.
     timeout_minutes: int = 30
+
+
+@dataclasses.dataclass
+class KernelsConfig:
+    # The kernels' backend wherever it can run (cuda, triton, torch, or a registered one), in place of
+    # the automatic choice; None: FASTMATH_BACKEND, else automatic. An op's backend= still wins.
+    backend: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -202,6 +211,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    kernels: KernelsConfig = dataclasses.field(default_factory=KernelsConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     toy: ToyConfig = dataclasses.field(default_factory=ToyConfig)
@@ -307,6 +317,9 @@ def validate(config):
             raise ConfigError(
                 f"{key}: {value!r} is not one of {', '.join(allowed)}{_suggest(str(value), list(allowed))}"
             )
+    backend, known = config.kernels.backend, backend_names()
+    if backend is not None and backend not in known:
+        raise ConfigError(f"kernels.backend: {backend!r} is not one of {', '.join(known)}{_suggest(backend, known)}")
     _validate_ranges(config)
     if not config.model.path:
         raise ConfigError("model.path: no model directory given")

@@ -12,6 +12,8 @@ import dataclasses
 
 import torch
 
+from fastmath_kernels import preferred_backend
+
 from .errors import UnparseableGold
 from .metrics import pyplot, save_figure
 from .rewards import THINK_END, last_boxed, verify_answer
@@ -191,7 +193,8 @@ def run_eval(config):
               f"temperature {settings.temperature}, top-p {settings.top_p}, min-p {settings.min_p}, "
               f"budgets {sorted(settings.budgets)}, {world_size} rank(s)", flush=True)
     sample = engine_class(settings.engine, key="eval.engine").sample_benchmark
-    per_prompt, calls = sample(config, problems, tokenizer, device, rank, world_size)
+    with preferred_backend(config.kernels.backend, "kernels.backend"):
+        per_prompt, calls = sample(config, problems, tokenizer, device, rank, world_size)
     result = None
     if rank == 0:
         budgets = sorted(set(settings.budgets))

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from fastmath_kernels import preferred_backend
+
 from .checkpoint import check_no_earlier_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import config_as_dict, save_config
 from .errors import ConfigError, TrainingError
@@ -257,8 +259,13 @@ def run_stage(config, stage):
     stage supplies: prepare(tokenizer, world_size, log) -> steps per epoch, called before the
     model loads so that bad data fails in seconds; start(trainer, log) once the trainer exists;
     train_step(trainer, step) -> {metric name: number}; closing_messages(); and plots, a list
-    of (metric, file name, title).
+    of (metric, file name, title). The kernels run on kernels.backend where it is set.
     """
+    with preferred_backend(config.kernels.backend, "kernels.backend"):
+        return _run_stage(config, stage)
+
+
+def _run_stage(config, stage):
     check_no_earlier_checkpoints(config)
     rank, world_size, _ = init_distributed(config.parallel.timeout_minutes)
     log = print if rank == 0 else (lambda *_: None)
