@@ -216,3 +216,37 @@ def test_stop_strings_are_a_grpo_setting_checked_like_any_other():
     assert load_config(None, base).grpo.stop_strings == []
     with pytest.raises(ConfigError, match="grpo.stop_strings: expected a list of non-empty strings"):
         load_config(None, [*base, "grpo.stop_strings=['']"])
+
+
+def test_config_md_is_what_the_code_generates():
+    # A fresh process: engines or aggregations other tests register must not enter the reference.
+    generated = subprocess.run([sys.executable, "-m", "trainer.config_reference"], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    with open(os.path.join(REPO, "CONFIG.md")) as handle:
+        written = handle.read()
+    assert generated.stdout == written, "CONFIG.md is stale: python -m trainer.config_reference > CONFIG.md"
+    for key in ("`grpo.loss_aggregation` | `dapo` | `grpo`, `bnpo`, `dr_grpo`, `dapo` |",
+                "`kernels.backend` | none |", "`toy.task.carries` | false |"):
+        assert key in written, key
+
+
+def test_the_readme_key_table_states_the_code_defaults():
+    import yaml
+
+    from trainer.config import RunConfig
+
+    with open(os.path.join(REPO, "README.md")) as handle:
+        rows = re.findall(r"^\| (`[a-z_]+\.[a-z_]+`(?:, `[a-z_]+\.[a-z_]+`)*) \| ([^|]+) \|", handle.read(), re.M)
+    assert len(rows) >= 12
+    config, checked = RunConfig(), 0
+    for keys, defaults in rows:
+        keys = [key.strip("` ") for key in keys.split(",")]
+        values = [value.strip().strip("`") for value in defaults.split(", ")] if len(keys) > 1 else [defaults.strip()]
+        for key, stated in zip(keys, values, strict=True):
+            section, name = key.split(".")
+            actual = getattr(getattr(config, section), name)
+            stated = None if stated in ("none", "auto") else yaml.safe_load(stated.strip("`"))
+            assert stated == actual, f"README.md states {key} = {stated!r}; the code's default is {actual!r}"
+            checked += 1
+    assert checked >= 14

@@ -234,7 +234,7 @@ def plan_generate_calls(prompt_lengths, samples, max_new_tokens, batch_prompts, 
             calls.append((current, 0, samples))
             current, candidate = [], [position]
         if max_batch_tokens is not None and cache_tokens(candidate, samples) > max_batch_tokens:
-            per_call = max(1, max_batch_tokens // cache_tokens(candidate, 1))
+            per_call = rows_per_generate_call(max_batch_tokens, prompt_lengths[position], max_new_tokens)
             calls.extend(([position], first, min(first + per_call, samples)) for first in range(0, samples, per_call))
             continue
         current = candidate
