@@ -42,9 +42,10 @@ def run_fastmath(model, data, steps, workdir):
         "stage=grpo", f"run_dir={workdir}/fastmath_run", f"model.path={model}", f"data.train_files={data}",
         f"optim.lr={LEARNING_RATE}", "optim.warmup_ratio=0.0", "optim.beta2=0.999", f"train.max_steps={steps}",
         f"grpo.prompts_per_step={PROMPTS_PER_STEP}", f"grpo.group_size={GROUP_SIZE}",
-        f"grpo.max_new_tokens={MAX_NEW_TOKENS}", "grpo.temperature=1.0", "grpo.top_p=1.0", "grpo.min_p=0.0",
-        "grpo.loss_aggregation=dapo", "grpo.beta=0.0", "grpo.eps_low=0.2", "grpo.eps_high=0.2",
-        "grpo.reward_weights={bench.bench_grpo.length_reward: 1.0}", "checkpoint.export_hf=false",
+        f"grpo.sampling.max_new_tokens={MAX_NEW_TOKENS}", "grpo.sampling.temperature=1.0", "grpo.sampling.top_p=1.0",
+        "grpo.sampling.min_p=0.0",
+        "grpo.loss.aggregation=dapo", "grpo.loss.beta=0.0", "grpo.loss.eps_low=0.2", "grpo.loss.eps_high=0.2",
+        "grpo.rewards.weights={bench.bench_grpo.length_reward: 1.0}", "checkpoint.export_hf=false",
         "checkpoint.every_steps=0",
     ])
     before = _reset_peak()

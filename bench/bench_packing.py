@@ -43,8 +43,8 @@ def grpo_config(model, run_dir, budget):
 
     return load_config(None, [
         "stage=grpo", f"run_dir={run_dir}", f"model.path={model}", "data.train_files=[unused.jsonl]",
-        "grpo.loss_aggregation=dapo", "grpo.beta=0", "grpo.group_size=8", "grpo.max_new_tokens=512",
-        "grpo.temperature=1.0", f"train.max_tokens_per_micro_batch={budget}", "optim.lr=1e-5",
+        "grpo.loss.aggregation=dapo", "grpo.loss.beta=0", "grpo.group_size=8", "grpo.sampling.max_new_tokens=512",
+        "grpo.sampling.temperature=1.0", f"train.max_tokens_per_micro_batch={budget}", "optim.lr=1e-5",
     ])
 
 
@@ -86,8 +86,9 @@ def padded_training(trainer, prompts, rollouts, advantages, config):
     targets, mask = input_ids[:, 1:], completion[:, 1:]
 
     def head(hidden, weight):
-        logp = linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.temperature)
-        per_token = grpo_token_loss(logp, logp.detach(), advantages, eps_low=grpo.eps_low, eps_high=grpo.eps_high)
+        logp = linear_token_logprobs(hidden[:, :-1], weight, targets, temperature=grpo.sampling.temperature)
+        per_token = grpo_token_loss(logp, logp.detach(), advantages, eps_low=grpo.loss.eps_low,
+                                    eps_high=grpo.loss.eps_high)
         return (per_token * mask).sum() / mask.sum()
 
     loss = trainer.module(input_ids, position_ids, attention_mask, head=head)

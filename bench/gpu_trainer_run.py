@@ -200,8 +200,8 @@ def run_grpo_steps(model_path, prompts_path, workdir, args, config, device, ceil
     run = load_config(None, [
         "stage=grpo", f"run_dir={run_dir}", f"model.path={model_path}", f"data.train_files=[{prompts_path}]",
         f"train.max_steps={args.grpo_steps + 1}", "optim.lr=4e-6", "parallel.activation_checkpointing=true",
-        "grpo.prompts_per_step=2", "grpo.group_size=4", f"grpo.max_new_tokens={args.max_new_tokens}",
-        "grpo.beta=0.04", "grpo.top_p=1.0", "grpo.min_p=0.0", "checkpoint.export_hf=false",
+        "grpo.prompts_per_step=2", "grpo.group_size=4", f"grpo.sampling.max_new_tokens={args.max_new_tokens}",
+        "grpo.loss.beta=0.04", "grpo.sampling.top_p=1.0", "grpo.sampling.min_p=0.0", "checkpoint.export_hf=false",
         "checkpoint.save_final=false", f"train.max_tokens_per_micro_batch={args.grpo_budget}",
     ])
     planned = planned_peak_gb(run, workdir, device, [f"grpo.max_prompt_tokens={args.prompt_tokens}"])

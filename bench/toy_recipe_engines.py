@@ -38,7 +38,7 @@ def main(argv=None):
     rows = []
     for seed in args.seeds:
         runs = {engine: os.path.join(args.runs, f"{engine}_seed{seed}") for engine in ("hf", "vllm")}
-        wait_all({run_dir: start_recipe(run_dir, 1, [f"train.seed={seed}", f"stages.grpo.grpo.rollout_engine={engine}"])
+        wait_all({run_dir: start_recipe(run_dir, 1, [f"train.seed={seed}", f"stages.grpo.grpo.engine.name={engine}"])
                   for engine, run_dir in runs.items() if not (args.reuse_finished and is_finished(run_dir))})
         rows += [row(engine, seed, run_dir) for engine, run_dir in runs.items()]
     note = ("Each recipe ran with 1 torch thread, the two engines' recipes side by side; grpo_s and recipe_s "

@@ -41,9 +41,10 @@ def config_for(model, run_dir, aggregation, budget, num_iterations, beta=BETA):
 
     return load_config(None, [
         "stage=grpo", f"run_dir={run_dir}", f"model.path={model}", "data.train_files=[unused.jsonl]",
-        f"grpo.loss_aggregation={aggregation}", f"grpo.beta={beta}", f"grpo.num_iterations={num_iterations}",
-        f"grpo.group_size={GROUP_SIZE}", f"grpo.max_new_tokens={MAX_NEW_TOKENS}", "grpo.eps_high=0.28",
-        f"grpo.temperature={TEMPERATURE}", "grpo.mask_truncated=true", "optim.grad_clip=1e9", "optim.warmup_ratio=0",
+        f"grpo.loss.aggregation={aggregation}", f"grpo.loss.beta={beta}", f"grpo.num_iterations={num_iterations}",
+        f"grpo.group_size={GROUP_SIZE}", f"grpo.sampling.max_new_tokens={MAX_NEW_TOKENS}", "grpo.loss.eps_high=0.28",
+        f"grpo.sampling.temperature={TEMPERATURE}", "grpo.loss.mask_truncated=true", "optim.grad_clip=1e9",
+        "optim.warmup_ratio=0",
         f"train.max_tokens_per_micro_batch={'null' if budget is None else budget}",
     ])
 

@@ -15,21 +15,21 @@ GRPO = ["stage=grpo", "model.path=/nonexistent/model", "data.train_files=/nonexi
 
 
 @pytest.mark.parametrize("override,key", [
-    ("grpo.top_p=1.5", "grpo.top_p"),
-    ("grpo.min_p=1", "grpo.min_p"),
-    ("grpo.temperature=0", "grpo.temperature"),
-    ("grpo.eps_low=0", "grpo.eps_low"),
+    ("grpo.sampling.top_p=1.5", "grpo.sampling.top_p"),
+    ("grpo.sampling.min_p=1", "grpo.sampling.min_p"),
+    ("grpo.sampling.temperature=0", "grpo.sampling.temperature"),
+    ("grpo.loss.eps_low=0", "grpo.loss.eps_low"),
     ("grpo.group_size=1", "grpo.group_size"),
-    ("grpo.beta=-0.1", "grpo.beta"),
+    ("grpo.loss.beta=-0.1", "grpo.loss.beta"),
     ("grpo.num_iterations=0", "grpo.num_iterations"),
-    ("grpo.reward_weights={}", "grpo.reward_weights"),
-    ("grpo.reward_weights={lenght: 1.0}", "did you mean 'length'"),
-    ("grpo.reward_weights={format: yes}", "grpo.reward_weights.format"),
-    ("grpo.rollout_engine=vlm", "did you mean 'vllm'"),
-    ("grpo.max_batch_tokens=0", "grpo.max_batch_tokens"),
-    ("grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
+    ("grpo.rewards.weights={}", "grpo.rewards.weights"),
+    ("grpo.rewards.weights={lenght: 1.0}", "did you mean 'length'"),
+    ("grpo.rewards.weights={format: yes}", "grpo.rewards.weights.format"),
+    ("grpo.engine.name=vlm", "did you mean 'vllm'"),
+    ("grpo.engine.max_batch_tokens=0", "grpo.engine.max_batch_tokens"),
+    ("grpo.loss.aggregation=mean", "grpo.loss.aggregation"),
     ("grpo.prompts_per_step=0", "grpo.prompts_per_step"),
-    ("grpo.max_new_tokens=many", "grpo.max_new_tokens"),
+    ("grpo.sampling.max_new_tokens=many", "grpo.sampling.max_new_tokens"),
     ("grpo.unknown_key=1", "grpo.unknown_key"),
     ("optim.lr=0", "optim.lr"),
     ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
@@ -72,10 +72,10 @@ def test_a_stage_file_needs_a_stage(tmp_path):
 
 def test_the_command_line_rejects_bad_settings_in_one_line_before_loading_anything():
     started = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", "trainer.run", *GRPO, "grpo.top_p=1.5"],
+    completed = subprocess.run([sys.executable, "-m", "trainer.run", *GRPO, "grpo.sampling.top_p=1.5"],
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode == 2
-    assert completed.stderr.strip().count("\n") == 0 and "grpo.top_p" in completed.stderr
+    assert completed.stderr.strip().count("\n") == 0 and "grpo.sampling.top_p" in completed.stderr
     assert "nonexistent" not in completed.stderr  # the model path was never reached
     assert time.perf_counter() - started < 60
 
@@ -85,8 +85,10 @@ def test_the_paper_config_is_valid_for_each_stage():
     sft = load_config(path, ["stage=sft"])
     assert (sft.optim.lr, sft.train.epochs, sft.data.max_seq_len, sft.data.pack) == (1e-5, 10, 24000, True)
     grpo = load_config(path, ["stage=grpo"])
-    assert (grpo.optim.lr, grpo.grpo.beta, grpo.grpo.group_size, grpo.grpo.max_new_tokens) == (4e-6, 0.04, 8, 16384)
-    assert (grpo.grpo.top_p, grpo.grpo.min_p, grpo.grpo.cosine_max_len) == (0.9, 0.05, 30000)
+    settings = grpo.grpo
+    assert (grpo.optim.lr, settings.loss.beta, settings.group_size, settings.sampling.max_new_tokens) == (4e-6, 0.04, 8,
+                                                                                                        16384)
+    assert (grpo.grpo.sampling.top_p, grpo.grpo.sampling.min_p, grpo.grpo.rewards.cosine_max_len) == (0.9, 0.05, 30000)
     evaluation = load_config(path, ["stage=eval"])
     assert evaluation.eval.budgets == [8000, 12000, 16000, 24000, 32000]
 
@@ -106,14 +108,17 @@ REFERENCE_GRPO = {
     "model.system_prompt": "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
                            "You should think step-by-step. Return final answer within \\boxed{{}}.",
     "data.train_files": ["RabotniKuma/Fast-Math-R1-GRPO"], "grpo.answer_field": "answer",
-    "grpo.prompts_per_step": 2, "grpo.group_size": 8, "grpo.max_prompt_tokens": 512, "grpo.max_new_tokens": 16384,
+    "grpo.prompts_per_step": 2, "grpo.group_size": 8, "grpo.max_prompt_tokens": 512,
+    "grpo.sampling.max_new_tokens": 16384,
     "train.max_steps": 40, "checkpoint.every_steps": 5, "optim.lr": 4e-6, "optim.warmup_ratio": 0.0,
-    "grpo.beta": 0.04, "grpo.eps_low": 0.2, "grpo.eps_high": 0.2, "grpo.num_iterations": 1,
-    "grpo.temperature": 1.0, "grpo.top_p": 0.9, "grpo.min_p": 0.05, "grpo.advantage_eps": 1e-4,
-    "grpo.scale_rewards": "group", "grpo.reward_weights": {"format": 1.0, "cosine_length": 1.0, "length": 1.0},
-    "grpo.cosine_max_len": 30000, "grpo.length_reward_unit": "chars", "grpo.length_reward_scope": "rank_batch",
-    "grpo.answer_extraction": "first_match", "grpo.unparseable_gold": "reward_one", "train.seed": 2025,
-    "grpo.rollout_engine": "vllm",
+    "grpo.loss.beta": 0.04, "grpo.loss.eps_low": 0.2, "grpo.loss.eps_high": 0.2, "grpo.num_iterations": 1,
+    "grpo.sampling.temperature": 1.0, "grpo.sampling.top_p": 0.9, "grpo.sampling.min_p": 0.05,
+    "grpo.loss.advantage_eps": 1e-4,
+    "grpo.loss.scale_rewards": "group", "grpo.rewards.weights": {"format": 1.0, "cosine_length": 1.0, "length": 1.0},
+    "grpo.rewards.cosine_max_len": 30000, "grpo.rewards.length_unit": "chars",
+    "grpo.rewards.length_scope": "rank_batch",
+    "grpo.rewards.answer_extraction": "first_match", "grpo.rewards.unparseable_gold": "reward_one", "train.seed": 2025,
+    "grpo.engine.name": "vllm",
 }
 # The reference's inference example: vLLM at temperature 1.0, top-p 0.9, min-p 0.05.
 REFERENCE_EVAL = {"eval.engine": "vllm", "eval.temperature": 1.0, "eval.top_p": 0.9, "eval.min_p": 0.05}
@@ -178,7 +183,7 @@ def test_the_toy_recipe_is_a_stages_file_with_its_task_settings():
     sft = load_config(path, ["stage=sft", *base])
     grpo = load_config(path, ["stage=grpo", *base])
     assert (sft.recipe, sft.train.epochs, sft.optim.lr, sft.optim.beta2) == ("toy", 15, 1.5e-3, 0.999)
-    assert (grpo.train.max_steps, grpo.optim.lr, grpo.optim.beta2, grpo.grpo.beta) == (30, 5e-5, 0.95, 0.04)
+    assert (grpo.train.max_steps, grpo.optim.lr, grpo.optim.beta2, grpo.grpo.loss.beta) == (30, 5e-5, 0.95, 0.04)
     assert (sft.toy.task.train_problems, sft.toy.task.carries, sft.toy.model.heads, sft.toy.epoch_ablation) == (
         2200, False, 8, [1, 3])
     # A stages.<stage> override reaches one stage; a plain one reaches whichever stage runs.
@@ -193,8 +198,8 @@ def test_every_stage_of_a_stages_file_is_checked_and_enumerated_keys_suggest_the
                     "stages:\n  sft: {}\n  grpo: {grpo: {group_sise: 8}}\n")
     with pytest.raises(ConfigError, match=r"stages.grpo.grpo.group_sise.*did you mean 'group_size'"):
         load_config(str(path), ["stage=sft"])
-    with pytest.raises(ConfigError, match=r"grpo.loss_aggregation: 'dapp' is not one of .*did you mean 'dapo'"):
-        load_config(None, ["model.path=m", "data.train_files=[a]", "grpo.loss_aggregation=dapp"])
+    with pytest.raises(ConfigError, match=r"grpo.loss.aggregation: 'dapp' is not one of .*did you mean 'dapo'"):
+        load_config(None, ["model.path=m", "data.train_files=[a]", "grpo.loss.aggregation=dapp"])
     with pytest.raises(ConfigError, match=r"recipe: 'tot' is not one of toy.*did you mean 'toy'"):
         load_config(None, ["model.path=m", "data.train_files=[a]", "recipe=tot"])
     with pytest.raises(ConfigError, match="has no stages section"):
@@ -211,11 +216,11 @@ def _plain(tmp_path):
 
 def test_stop_strings_are_a_grpo_setting_checked_like_any_other():
     base = ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]"]
-    assert load_config(None, [*base, 'grpo.stop_strings=["</answer>", "\\n\\n\\n"]']).grpo.stop_strings == [
-        "</answer>", "\n\n\n"]
-    assert load_config(None, base).grpo.stop_strings == []
-    with pytest.raises(ConfigError, match="grpo.stop_strings: expected a list of non-empty strings"):
-        load_config(None, [*base, "grpo.stop_strings=['']"])
+    config = load_config(None, [*base, 'grpo.sampling.stop_strings=["</answer>", "\\n\\n\\n"]'])
+    assert config.grpo.sampling.stop_strings == ["</answer>", "\n\n\n"]
+    assert load_config(None, base).grpo.sampling.stop_strings == []
+    with pytest.raises(ConfigError, match="grpo.sampling.stop_strings: expected a list of non-empty strings"):
+        load_config(None, [*base, "grpo.sampling.stop_strings=['']"])
 
 
 def test_config_md_is_what_the_code_generates():
@@ -226,7 +231,7 @@ def test_config_md_is_what_the_code_generates():
     with open(os.path.join(REPO, "CONFIG.md")) as handle:
         written = handle.read()
     assert generated.stdout == written, "CONFIG.md is stale: python -m trainer.config_reference > CONFIG.md"
-    for key in ("`grpo.loss_aggregation` | `dapo` | `grpo`, `bnpo`, `dr_grpo`, `dapo` |",
+    for key in ("`grpo.loss.aggregation` | `dapo` | `grpo`, `bnpo`, `dr_grpo`, `dapo` |",
                 "`kernels.backend` | none |", "`toy.task.carries` | false |"):
         assert key in written, key
 
@@ -237,16 +242,40 @@ def test_the_readme_key_table_states_the_code_defaults():
     from trainer.config import RunConfig
 
     with open(os.path.join(REPO, "README.md")) as handle:
-        rows = re.findall(r"^\| (`[a-z_]+\.[a-z_]+`(?:, `[a-z_]+\.[a-z_]+`)*) \| ([^|]+) \|", handle.read(), re.M)
+        rows = re.findall(r"^\| (`[a-z_]+(?:\.[a-z_]+)+`(?:, `[a-z_]+(?:\.[a-z_]+)+`)*) \| ([^|]+) \|", handle.read(),
+                          re.M)
     assert len(rows) >= 12
     config, checked = RunConfig(), 0
     for keys, defaults in rows:
         keys = [key.strip("` ") for key in keys.split(",")]
         values = [value.strip().strip("`") for value in defaults.split(", ")] if len(keys) > 1 else [defaults.strip()]
         for key, stated in zip(keys, values, strict=True):
-            section, name = key.split(".")
-            actual = getattr(getattr(config, section), name)
+            actual = config
+            for part in key.split("."):
+                actual = getattr(actual, part)
             stated = None if stated in ("none", "auto") else yaml.safe_load(stated.strip("`"))
             assert stated == actual, f"README.md states {key} = {stated!r}; the code's default is {actual!r}"
             checked += 1
     assert checked >= 14
+
+
+def test_keys_of_the_earlier_flat_grpo_layout_still_load_with_a_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model: {path: m}\ndata: {train_files: [a.jsonl]}\n"
+                    "grpo: {temperature: 0.7, reward_weights: {format: 2.0}, rollout_engine: hf}\n"
+                    "stages:\n  grpo: {grpo: {loss_aggregation: grpo, max_new_tokens: 64}}\n")
+    with pytest.warns(FutureWarning) as caught:
+        config = load_config(str(path), ["stage=grpo", "grpo.beta=0.1", "grpo.reward_weights.length=0.5",
+                                         "stages.grpo.grpo.top_p=0.8"])
+    grpo = config.grpo
+    assert (grpo.sampling.temperature, grpo.sampling.top_p, grpo.sampling.max_new_tokens) == (0.7, 0.8, 64)
+    assert grpo.rewards.weights == {"format": 2.0, "length": 0.5} and grpo.engine.name == "hf"
+    assert (grpo.loss.aggregation, grpo.loss.beta) == ("grpo", 0.1)
+    messages = sorted(str(warning.message) for warning in caught)
+    assert len(messages) == 8, messages
+    assert f"{path}: grpo.temperature is now grpo.sampling.temperature; the old name works until the next release" \
+        in messages
+    assert "override: grpo.reward_weights.length is now grpo.rewards.weights.length; the old name works until the " \
+        "next release" in messages
+    with pytest.raises(ConfigError, match="unknown config key 'grpo.temprature'"):
+        load_config(None, ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]", "grpo.temprature=1"])

@@ -69,7 +69,7 @@ def test_loss_aggregations():
     assert aggregate(loss, mask, "bnpo", 10).item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "grpo", 10).item() == pytest.approx((2.0 + 4.0) / 2)
     assert aggregate(loss, mask, "dr_grpo", 10).item() == pytest.approx(10 / (2 * 10))
-    with pytest.raises(ValueError, match="grpo.loss_aggregation: unknown aggregation 'dapo2'; available: grpo, bnpo"):
+    with pytest.raises(ValueError, match="grpo.loss.aggregation: unknown aggregation 'dapo2'; available: grpo, bnpo"):
         aggregate(loss, mask, "dapo2", 10)
 
 
@@ -116,7 +116,7 @@ def _sum_per_sequence(tokens):
 
 
 def test_a_registered_aggregation_weights_every_token_of_the_packed_step(tmp_path):
-    config = toy_grpo_config(tmp_path, "grpo.loss_aggregation=seq_mean_token_sum",
+    config = toy_grpo_config(tmp_path, "grpo.loss.aggregation=seq_mean_token_sum",
                              "train.max_tokens_per_micro_batch=8")
     chosen = [([5, 6, 7], "1"), ([8, 9], "2")]
     lengths = [2, 1, 3, 4]
@@ -128,7 +128,7 @@ def test_a_registered_aggregation_weights_every_token_of_the_packed_step(tmp_pat
     assert counted.sum().item() == sum(lengths)
     assert torch.equal(weights, counted / 4)  # 1/4 on each of the 10 completion tokens, 0 elsewhere
     # The built-in per-sequence mean weights the same tokens by 1 / (4 x their sequence's length).
-    config.grpo.loss_aggregation = "grpo"
+    config.grpo.loss.aggregation = "grpo"
     per_sequence = torch.cat(pack_step(chosen, completions, torch.ones(4), config, 0, torch.device("cpu"), 1).weights)
     assert sorted(set(per_sequence[per_sequence > 0].tolist())) == pytest.approx(sorted({1 / (4 * n) for n in lengths}))
 
@@ -141,9 +141,10 @@ def test_grpo_with_reference_model_and_several_updates_per_rollout(tmp_path):
     data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
     config = load_config(None, [
         "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
-        "grpo.beta=0.1", "grpo.num_iterations=2", "grpo.eps_high=0.28",
-        "grpo.loss_aggregation=dr_grpo", "grpo.scale_rewards=batch",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.sampling.max_new_tokens=12",
+        "grpo.rewards.cosine_max_len=100",
+        "grpo.loss.beta=0.1", "grpo.num_iterations=2", "grpo.loss.eps_high=0.28",
+        "grpo.loss.aggregation=dr_grpo", "grpo.loss.scale_rewards=batch",
         "train.max_steps=2", "optim.lr=1e-2", "checkpoint.export_hf=false",
     ])
     run_grpo(config)
@@ -165,7 +166,8 @@ def toy_grpo_config(tmp_path, *overrides):
     data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
     return load_config(None, [
         "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.sampling.max_new_tokens=12",
+        "grpo.rewards.cosine_max_len=100",
         "checkpoint.export_hf=false", *overrides,
     ])
 
@@ -196,7 +198,8 @@ def test_low_memory_loss_gives_the_same_grpo_steps(tmp_path):
     for name, low_memory in (("default", "false"), ("low_memory", "true")):
         config = load_config(None, [
             "stage=grpo", f"run_dir={tmp_path / name}", f"model.path={model}", f"data.train_files={data}",
-            "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.max_new_tokens=10", "grpo.cosine_max_len=100",
+            "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.sampling.max_new_tokens=10",
+            "grpo.rewards.cosine_max_len=100",
             "train.max_steps=2", "optim.lr=1e-3", "checkpoint.export_hf=false",
             f"train.low_memory_loss={low_memory}",
         ])
@@ -225,8 +228,9 @@ def test_two_fsdp_ranks_match_one_process_at_step_one(tmp_path, scale_rewards):
     model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
     data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
     common = ["stage=grpo", f"model.path={model}", f"data.train_files={data}", "grpo.group_size=4",
-              "grpo.max_new_tokens=12", "grpo.cosine_max_len=100", "train.max_steps=2", "optim.lr=1e-3",
-              "checkpoint.export_hf=false", f"grpo.scale_rewards={scale_rewards}"]
+              "grpo.sampling.max_new_tokens=12", "grpo.rewards.cosine_max_len=100", "train.max_steps=2",
+              "optim.lr=1e-3",
+              "checkpoint.export_hf=false", f"grpo.loss.scale_rewards={scale_rewards}"]
 
     def run(command, run_dir, prompts_per_rank):
         completed = subprocess.run(
@@ -282,18 +286,18 @@ def test_dynamic_sampling_and_the_importance_weight(tmp_path):
     model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=64, layers=2)
     data = write_problems(str(tmp_path / "prompts.jsonl"), 32, seed=3)
     common = [f"model.path={model}", f"data.train_files={data}", "stage=grpo", "grpo.prompts_per_step=4",
-              "grpo.group_size=4", "grpo.max_new_tokens=12", "train.max_steps=1", "checkpoint.export_hf=false"]
+              "grpo.group_size=4", "grpo.sampling.max_new_tokens=12", "train.max_steps=1", "checkpoint.export_hf=false"]
     # An untrained model never boxes an answer: format rewards are all 0, every group is uninformative.
-    run_grpo(load_config(None, common + [f"run_dir={tmp_path / 'dynamic'}", "grpo.reward_weights={format: 1.0}",
+    run_grpo(load_config(None, common + [f"run_dir={tmp_path / 'dynamic'}", "grpo.rewards.weights={format: 1.0}",
                                          "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3"]))
     (record,) = read_metrics(tmp_path / "dynamic")
     assert record["sampling_rounds"] == 3 and record["zero_variance_groups"] == 1.0
     assert record["loss"] == 0.0  # the batch was filled back with zero-advantage groups
     # With the HF engine and no top-p or min-p filter the sampler is the policy itself: the truncated weights
     # are 1 and the loss is unchanged.
-    unfiltered = ["grpo.top_p=1.0", "grpo.min_p=0.0"]
+    unfiltered = ["grpo.sampling.top_p=1.0", "grpo.sampling.min_p=0.0"]
     for name, cap in (("plain", "0"), ("tis", "2.0")):
-        run_grpo(load_config(None, common + unfiltered + [f"run_dir={tmp_path / name}", f"grpo.tis_cap={cap}"]))
+        run_grpo(load_config(None, common + unfiltered + [f"run_dir={tmp_path / name}", f"grpo.loss.tis_cap={cap}"]))
     plain, weighted = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "tis")[0]
     assert abs(plain["loss"]) > 1e-6
     assert weighted["loss"] == pytest.approx(plain["loss"], rel=1e-4)
@@ -308,9 +312,9 @@ def test_a_budget_below_prompt_plus_completion_is_refused_before_the_model_loads
         raise AssertionError("the model was loaded before the budget was checked")
 
     monkeypatch.setattr(trainer.training, "Trainer", no_model)
-    config = toy_grpo_config(tmp_path, "grpo.max_new_tokens=40", "train.max_tokens_per_micro_batch=50")
+    config = toy_grpo_config(tmp_path, "grpo.sampling.max_new_tokens=40", "train.max_tokens_per_micro_batch=50")
     with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch=50 cannot hold the longest prompt \((\d+) "
-                                          r"tokens\) plus grpo.max_new_tokens=40"):
+                                          r"tokens\) plus grpo.sampling.max_new_tokens=40"):
         trainer.grpo.run_grpo(config)
 
 

@@ -57,7 +57,7 @@ def formula_update(model, aggregation, rank=0):
             return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 
         logp, ref_logp = logprobs(policy), logprobs(reference)
-        # Completion tokens only, and none of a completion cut at max_new_tokens (grpo.mask_truncated).
+        # Completion tokens only, and none of a completion cut at max_new_tokens (grpo.loss.mask_truncated).
         counted = (torch.arange(len(targets)) >= len(prompt) - 1) & (completion.finish_reason != "length")
         ratio = torch.exp(logp - logp.detach())
         clipped = ratio.clamp(1 - 0.2, 1 + 0.28)

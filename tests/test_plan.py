@@ -128,14 +128,14 @@ def test_the_whole_rollout_batch_in_one_row_does_not_fit_and_exits_non_zero(tmp_
     # With HF rollouts, whose KV cache the plan counts per generate call.
     result = run_module("trainer.plan", "--config", PAPER_CONFIG, "--gpus", "8", "--gpu-memory-gb", "80",
                         "--stage", "grpo", "--output", str(output),
-                        "stages.grpo.train.max_tokens_per_micro_batch=270336", "stages.grpo.grpo.rollout_engine=hf")
+                        "stages.grpo.train.max_tokens_per_micro_batch=270336", "stages.grpo.grpo.engine.name=hf")
     assert result.returncode == 1, result.stderr[-2000:]
     message = [line for line in result.stderr.splitlines() if line.startswith("does not fit: grpo")]
     assert message and "policy forward+backward (270336 tokens)" in message[0] and "activations" in message[0]
     needed = float(message[0].split("needs ")[1].split(" GiB")[0])
     assert needed > 80
     assert "DOES NOT FIT" in output.read_text()
-    # grpo.max_batch_tokens=131072 of 16896-token rows: 7 per call, so 3 calls for 16 completions.
+    # grpo.engine.max_batch_tokens=131072 of 16896-token rows: 7 per call, so 3 calls for 16 completions.
     assert "rollout (HF generate, 3 calls of 7 x 16896 tokens)" in output.read_text()
 
 

@@ -284,8 +284,9 @@ def recipe_config(tmp_path, *overrides):
     path.write_text("".join(json.dumps({"problem": p, "answer": str(i)}) + "\n" for i, p in enumerate(problems)))
     return load_config(None, [
         "stage=grpo", "model.path=m", f"data.train_files=[{path}]", "grpo.prompts_per_step=1", "grpo.group_size=2",
-        "grpo.length_reward_unit=chars", "grpo.length_reward_scope=rank_batch", "grpo.answer_extraction=first_match",
-        "grpo.unparseable_gold=reward_one", *overrides,
+        "grpo.rewards.length_unit=chars", "grpo.rewards.length_scope=rank_batch",
+        "grpo.rewards.answer_extraction=first_match",
+        "grpo.rewards.unparseable_gold=reward_one", *overrides,
     ])
 
 

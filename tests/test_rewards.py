@@ -183,10 +183,10 @@ def test_a_reward_registered_with_the_decorator_is_used_through_the_weights(priv
     from trainer.config import ConfigError, load_config
 
     grpo = ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]"]
-    config = load_config(None, [*grpo, "grpo.reward_weights={format: 1.0, brevity: 0.5}"])
+    config = load_config(None, [*grpo, "grpo.rewards.weights={format: 1.0, brevity: 0.5}"])
     with pytest.raises(ConfigError, match="unknown reward 'brevety'.*did you mean 'brevity'"):
-        load_config(None, [*grpo, "grpo.reward_weights={brevety: 0.5}"])
-    computer = RewardComputer(RewardSettings(weights=config.grpo.reward_weights))
+        load_config(None, [*grpo, "grpo.rewards.weights={brevety: 0.5}"])
+    computer = RewardComputer(RewardSettings(weights=config.grpo.rewards.weights))
     completions = [
         "a" * 90 + r" \boxed{4} </think>",  # 109 characters, format 1
         "x" * 250,                          # no answer: format 0

@@ -236,10 +236,10 @@ def test_a_registered_engine_is_a_choice_of_both_keys_and_unknown_names_are_refu
     model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
     data = write_benchmark(tmp_path / "prompts.jsonl", ["7"])
     grpo = ["stage=grpo", f"model.path={model}", f"data.train_files={data}"]
-    config = load_config(None, [*grpo, "grpo.rollout_engine=fixed_answer", "eval.engine=fixed_answer"])
-    assert config.grpo.rollout_engine == config.eval.engine == "fixed_answer"
-    with pytest.raises(ConfigError, match=r"grpo.rollout_engine: 'fixed_answers' is not one of .*fixed_answer"):
-        load_config(None, [*grpo, "grpo.rollout_engine=fixed_answers"])
+    config = load_config(None, [*grpo, "grpo.engine.name=fixed_answer", "eval.engine=fixed_answer"])
+    assert config.grpo.engine.name == config.eval.engine == "fixed_answer"
+    with pytest.raises(ConfigError, match=r"grpo.engine.name: 'fixed_answers' is not one of .*fixed_answer"):
+        load_config(None, [*grpo, "grpo.engine.name=fixed_answers"])
     with pytest.raises(ValueError, match="registered twice"):
         register_engine("hf")(FixedAnswerEngine)
 
@@ -272,7 +272,8 @@ def test_grpo_trains_on_what_a_registered_engine_samples(tmp_path):
     data = write_benchmark(tmp_path / "prompts.jsonl", ["7"] * 8)
     config = load_config(None, [
         "stage=grpo", f"run_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_files={data}",
-        "grpo.rollout_engine=fixed_answer", "grpo.prompts_per_step=4", "grpo.group_size=3", "grpo.max_new_tokens=12",
+        "grpo.engine.name=fixed_answer", "grpo.prompts_per_step=4", "grpo.group_size=3",
+        "grpo.sampling.max_new_tokens=12",
         "train.max_steps=2", "checkpoint.export_hf=false",
     ])
     run_grpo(config)
@@ -291,8 +292,9 @@ def test_the_planner_asks_the_configured_engine_for_its_rollout_memory(tmp_path)
     model = build_model_dir(str(tmp_path / "model"), WORDS, hidden_size=32, layers=1)
     data = write_benchmark(tmp_path / "prompts.jsonl", ["7"])
     config = load_config(None, ["stage=grpo", f"model.path={model}", f"data.train_files={data}",
-                                "grpo.rollout_engine=fixed_answer",
-                                "grpo.max_prompt_tokens=100", "grpo.max_new_tokens=28", "grpo.prompts_per_step=2",
+                                "grpo.engine.name=fixed_answer",
+                                "grpo.max_prompt_tokens=100", "grpo.sampling.max_new_tokens=28",
+                                "grpo.prompts_per_step=2",
                                 "grpo.group_size=4"])
     shape, note = grpo_shapes(config)
     assert (shape.prompt_tokens, shape.sequence_tokens, shape.sequences, note) == (100, 128, 8, None)

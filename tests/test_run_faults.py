@@ -33,7 +33,8 @@ def toy(tmp_path_factory):
 def grpo_arguments(toy, run_dir, *extra):
     return [
         "stage=grpo", f"run_dir={run_dir}", f"model.path={toy['model']}", f"data.train_files={toy['data']}",
-        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.cosine_max_len=100",
+        "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.sampling.max_new_tokens=12",
+        "grpo.rewards.cosine_max_len=100",
         "optim.lr=1e-3", "train.max_steps=8", "checkpoint.every_steps=2", *extra,
     ]
 

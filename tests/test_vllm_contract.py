@@ -544,7 +544,7 @@ def test_each_platform_takes_its_own_release(fake_vllm, monkeypatch):
 
 def recipe_config(beta=0.04):
     config = RunConfig()
-    config.grpo.beta = beta
+    config.grpo.loss.beta = beta
     return config
 
 
@@ -617,16 +617,16 @@ def test_on_cpu_the_start_up_check_takes_the_cpu_build_and_checks_no_memory(fake
     import trainer.rollout.vllm as adapter
 
     config = recipe_config()
-    config.grpo.rollout_engine, config.grpo.vllm_gpu_memory_utilization = "vllm", 0.99  # no GPU to split
+    config.grpo.engine.name, config.grpo.engine.vllm_gpu_memory_utilization = "vllm", 0.99  # no GPU to split
     monkeypatch.setattr(adapter, "read_model_shape", lambda *args, **kwargs: pytest.fail("read on a CPU"))
-    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=1)
-    config.grpo.vllm_tensor_parallel_size = 3
+    engine_class(config.grpo.engine.name).check_startup(config, world_size=1)
+    config.grpo.engine.vllm_tensor_parallel_size = 3
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
-        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
-    config.grpo.vllm_tensor_parallel_size = 1
+        engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
+    config.grpo.engine.vllm_tensor_parallel_size = 1
     monkeypatch.setattr(fake_vllm, "__version__", "0.33.0")
-    with pytest.raises(ConfigError, match=r"grpo.rollout_engine=vllm: vllm 0\.33\.0 is installed, but on cpu"):
-        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=1)
+    with pytest.raises(ConfigError, match=r"grpo.engine.name=vllm: vllm 0\.33\.0 is installed, but on cpu"):
+        engine_class(config.grpo.engine.name).check_startup(config, world_size=1)
     assert fake_vllm.CALLS == []  # nothing started
 
 
@@ -635,24 +635,24 @@ def test_the_rollout_start_up_check_runs_before_any_engine(fake_vllm, monkeypatc
 
     on_platform(fake_vllm, monkeypatch, "cuda")
     config = recipe_config()
-    config.grpo.rollout_engine, config.grpo.max_prompt_tokens = "vllm", 512
-    config.grpo.vllm_gpu_memory_utilization = 0.5
+    config.grpo.engine.name, config.grpo.max_prompt_tokens = "vllm", 512
+    config.grpo.engine.vllm_gpu_memory_utilization = 0.5
     monkeypatch.setattr(adapter, "read_model_shape", lambda path, trust_remote_code: adapter.ModelShape(**QWEN_14B))
-    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
-    config.grpo.vllm_gpu_memory_utilization = 0.9
-    with pytest.raises(ConfigError, match=r"grpo.vllm_gpu_memory_utilization=0.9: it leaves 8.0 GiB"):
-        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
-    config.grpo.vllm_gpu_memory_utilization = 0.44  # 512 + 16384 tokens: fits without CUDA graphs only
+    engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
+    config.grpo.engine.vllm_gpu_memory_utilization = 0.9
+    with pytest.raises(ConfigError, match=r"grpo.engine.vllm_gpu_memory_utilization=0.9: it leaves 8.0 GiB"):
+        engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
+    config.grpo.engine.vllm_gpu_memory_utilization = 0.44  # 512 + 16384 tokens: fits without CUDA graphs only
     with pytest.raises(ConfigError, match=r"=0.44: .*1.0 GiB CUDA graphs.*at least 0.45"):
-        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
-    config.grpo.vllm_enforce_eager = True
-    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
-    config.grpo.vllm_tensor_parallel_size = 3
+        engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
+    config.grpo.engine.vllm_enforce_eager = True
+    engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
+    config.grpo.engine.vllm_tensor_parallel_size = 3
     with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=3"):
-        engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
+        engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
     assert fake_vllm.CALLS == []  # nothing started
-    config.grpo.rollout_engine = "hf"
-    engine_class(config.grpo.rollout_engine).check_startup(config, world_size=8)
+    config.grpo.engine.name = "hf"
+    engine_class(config.grpo.engine.name).check_startup(config, world_size=8)
 
 
 def test_tensor_parallel_groups_pool_their_rows_and_keep_their_own():

@@ -226,8 +226,9 @@ def test_torchrun_ranks_sample_what_one_process_samples(toy, engine, policy, tmp
 def grpo_arguments(toy, run_dir, *extra):
     return [
         "stage=grpo", f"run_dir={run_dir}", f"model.path={toy.path}", f"data.train_files={toy.data}",
-        "grpo.rollout_engine=vllm", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12",
-        "grpo.cosine_max_len=100", "grpo.top_p=1.0", "grpo.min_p=0.0", "grpo.tis_cap=2.0", "grpo.beta=0.04",
+        "grpo.engine.name=vllm", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.sampling.max_new_tokens=12",
+        "grpo.rewards.cosine_max_len=100", "grpo.sampling.top_p=1.0", "grpo.sampling.min_p=0.0",
+        "grpo.loss.tis_cap=2.0", "grpo.loss.beta=0.04",
         "optim.lr=1e-3", "train.max_steps=3", "checkpoint.export_hf=false", "tracking.tensorboard=false", *extra,
     ]
 

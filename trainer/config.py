@@ -9,6 +9,7 @@ import difflib
 import importlib.util
 import os
 import typing
+import warnings
 from typing import Optional
 
 import yaml
@@ -17,6 +18,7 @@ from fastmath_kernels import backend_names
 
 from .errors import ConfigError
 from .grpo_loss import AGGREGATIONS
+from .rewards import REWARD_SETTING_CHOICES, RewardSettings, builtin_reward_names, is_known_reward
 from .rollout import ENGINES
 
 
@@ -105,15 +107,17 @@ class KernelsConfig:
 
 
 @dataclasses.dataclass
-class GRPOConfig:
-    prompts_per_step: int = 16  # per rank
-    group_size: int = 8  # samples per prompt
+class GRPOSamplingConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     min_p: float = 0.05
     max_new_tokens: int = 16384
     stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
-    rollout_engine: str = "hf"  # or vllm, the engine at 14B (hf gathers the FSDP weights for every token)
+
+
+@dataclasses.dataclass
+class GRPOEngineConfig:
+    name: str = "hf"  # or vllm, the engine at 14B (hf gathers the FSDP weights for every token)
     # hf: KV-cache tokens per generate call at most (rows x (longest prompt + max_new_tokens));
     # more rows are sampled in several calls. 131072 is 24 GiB of a 14B Qwen2's bf16 KV cache.
     max_batch_tokens: Optional[int] = 131072
@@ -125,26 +129,51 @@ class GRPOConfig:
     sync_check_every: int = 1
     # The largest gap (nats) the check accepts; None: 1e-3 for a float32 engine, 1.0 for bf16 or fp16.
     sync_check_max_gap: Optional[float] = None
+
+
+@dataclasses.dataclass
+class GRPOLossConfig:
+    aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo (grpo_loss.AGGREGATIONS)
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
-    loss_aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo
+    advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
     eps_low: float = 0.2
     eps_high: float = 0.2  # clip-higher when above eps_low
     beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
-    num_iterations: int = 1  # optimizer steps per rollout batch
     mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss
+    tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    prompts_per_step: int = 16  # per rank
+    group_size: int = 8  # samples per prompt
+    num_iterations: int = 1  # optimizer steps per rollout batch
     dynamic_sampling: bool = False  # replace groups whose rewards are all equal (DAPO)
     max_sampling_rounds: int = 3  # rollout rounds per step at most, with dynamic sampling
-    tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
-    reward_weights: dict = dataclasses.field(default_factory=lambda: _default_reward_weights())
-    cosine_max_len: int = 30000
-    reward_timeout_s: int = 5
-    unparseable_gold: str = "no_signal"  # or reward_one
     answer_field: str = "answer"
-    advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
-    length_reward_unit: str = "tokens"  # or chars: what the Kimi length reward measures
-    length_reward_scope: str = "group"  # or rank_batch: its min and max over every completion a rank scores
-    answer_extraction: str = "last_boxed"  # or first_match: math-verify parses the completion, boxed first
     max_prompt_tokens: Optional[int] = None  # longer prompts keep their last this many tokens (counted)
+    sampling: GRPOSamplingConfig = dataclasses.field(default_factory=GRPOSamplingConfig)
+    engine: GRPOEngineConfig = dataclasses.field(default_factory=GRPOEngineConfig)
+    rewards: RewardSettings = dataclasses.field(default_factory=RewardSettings)  # declared in rewards.py
+    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+
+
+# Keys that moved when the GRPO settings were split into sections. The old names still work, with
+# a warning, until the next release.
+RENAMED_KEYS = {
+    **{f"grpo.{name}": f"grpo.sampling.{name}" for name in ("temperature", "top_p", "min_p", "max_new_tokens",
+                                                             "stop_strings")},
+    "grpo.rollout_engine": "grpo.engine.name",
+    **{f"grpo.{name}": f"grpo.engine.{name}" for name in (
+        "max_batch_tokens", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_enforce_eager",
+        "sync_check_every", "sync_check_max_gap")},
+    "grpo.reward_weights": "grpo.rewards.weights", "grpo.reward_timeout_s": "grpo.rewards.timeout_s",
+    "grpo.length_reward_unit": "grpo.rewards.length_unit", "grpo.length_reward_scope": "grpo.rewards.length_scope",
+    **{f"grpo.{name}": f"grpo.rewards.{name}" for name in ("cosine_max_len", "unparseable_gold", "answer_extraction")},
+    "grpo.loss_aggregation": "grpo.loss.aggregation",
+    **{f"grpo.{name}": f"grpo.loss.{name}" for name in ("scale_rewards", "advantage_eps", "eps_low", "eps_high",
+                                                         "beta", "mask_truncated", "tis_cap")},
+}
 
 
 @dataclasses.dataclass
@@ -221,17 +250,14 @@ RECIPES = ("toy",)
 
 CHOICES = {
     "stage": ("sft", "grpo", "eval"),
-    "grpo.rollout_engine": ENGINES,  # the registry itself: an engine registered later is a choice too
+    "grpo.engine.name": ENGINES,  # the registry itself: an engine registered later is a choice too
     "eval.engine": ENGINES,
-    "grpo.scale_rewards": ("group", "batch", "none"),
-    "grpo.loss_aggregation": AGGREGATIONS,
-    "grpo.unparseable_gold": ("no_signal", "reward_one"),
+    "grpo.loss.scale_rewards": ("group", "batch", "none"),
+    "grpo.loss.aggregation": AGGREGATIONS,
+    **{f"grpo.rewards.{name}": allowed for name, allowed in REWARD_SETTING_CHOICES.items()},
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
     "data.loss_on": ("completion", "all"),
-    "grpo.length_reward_unit": ("tokens", "chars"),
-    "grpo.length_reward_scope": ("group", "rank_batch"),
-    "grpo.answer_extraction": ("last_boxed", "first_match"),
     "checkpoint.resume": ("none", "auto"),
     "model.attn_implementation": ("document_masked", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
 }
@@ -350,11 +376,12 @@ def _validate_ranges(config):
         "data.max_seq_len": config.data.max_seq_len, "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size, "train.grad_accum": config.train.grad_accum,
         "checkpoint.keep": config.checkpoint.keep, "parallel.timeout_minutes": config.parallel.timeout_minutes,
-        "grpo.prompts_per_step": config.grpo.prompts_per_step, "grpo.max_new_tokens": config.grpo.max_new_tokens,
+        "grpo.prompts_per_step": config.grpo.prompts_per_step,
+        "grpo.sampling.max_new_tokens": config.grpo.sampling.max_new_tokens,
         "grpo.num_iterations": config.grpo.num_iterations, "grpo.max_sampling_rounds": config.grpo.max_sampling_rounds,
     }
-    if config.grpo.beta < 0:
-        raise ConfigError(f"grpo.beta must be >= 0, got {config.grpo.beta}")
+    if config.grpo.loss.beta < 0:
+        raise ConfigError(f"grpo.loss.beta must be >= 0, got {config.grpo.loss.beta}")
     if config.grpo.group_size < 2:
         raise ConfigError(
             f"grpo.group_size must be at least 2 (advantages compare samples), got {config.grpo.group_size}")
@@ -412,51 +439,50 @@ def _validate_recipe(config):
         raise ConfigError(f"toy.epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")
 
 
-def _default_reward_weights():
-    from .rewards import default_reward_weights  # rewards imports this module
-
-    return default_reward_weights()
-
-
 def _validate_grpo(grpo):
-    if grpo.temperature <= 0:
-        raise ConfigError(f"grpo.temperature must be positive, got {grpo.temperature}")
-    if not 0 < grpo.top_p <= 1:
-        raise ConfigError(f"grpo.top_p must be in (0, 1], got {grpo.top_p}")
-    if not 0 <= grpo.min_p < 1:
-        raise ConfigError(f"grpo.min_p must be in [0, 1), got {grpo.min_p}")
-    if not 0 < grpo.eps_low < 1 or grpo.eps_high <= 0:
-        raise ConfigError(
-            f"grpo.eps_low must be in (0, 1) and grpo.eps_high positive, got {grpo.eps_low}, {grpo.eps_high}")
-    if grpo.advantage_eps < 0:
-        raise ConfigError(f"grpo.advantage_eps must be >= 0, got {grpo.advantage_eps}")
+    sampling, engine, rewards, loss = grpo.sampling, grpo.engine, grpo.rewards, grpo.loss
+    if sampling.temperature <= 0:
+        raise ConfigError(f"grpo.sampling.temperature must be positive, got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"grpo.sampling.top_p must be in (0, 1], got {sampling.top_p}")
+    if not 0 <= sampling.min_p < 1:
+        raise ConfigError(f"grpo.sampling.min_p must be in [0, 1), got {sampling.min_p}")
+    if not all(isinstance(stop, str) and stop for stop in sampling.stop_strings):
+        raise ConfigError(f"grpo.sampling.stop_strings: expected a list of non-empty strings, got "
+                          f"{sampling.stop_strings!r}")
+    if not 0 < loss.eps_low < 1 or loss.eps_high <= 0:
+        raise ConfigError(f"grpo.loss.eps_low must be in (0, 1) and grpo.loss.eps_high positive, got {loss.eps_low}, "
+                          f"{loss.eps_high}")
+    if loss.advantage_eps < 0:
+        raise ConfigError(f"grpo.loss.advantage_eps must be >= 0, got {loss.advantage_eps}")
+    if loss.tis_cap < 0:
+        raise ConfigError(f"grpo.loss.tis_cap must be >= 0 (0 turns it off), got {loss.tis_cap}")
     if grpo.max_prompt_tokens is not None and grpo.max_prompt_tokens < 1:
         raise ConfigError(f"grpo.max_prompt_tokens must be at least 1 or unset, got {grpo.max_prompt_tokens}")
-    if grpo.max_batch_tokens is not None and grpo.max_batch_tokens < 1:
-        raise ConfigError(f"grpo.max_batch_tokens must be at least 1 or unset, got {grpo.max_batch_tokens}")
-    if grpo.tis_cap < 0:
-        raise ConfigError(f"grpo.tis_cap must be >= 0 (0 turns it off), got {grpo.tis_cap}")
-    if grpo.cosine_max_len < 1 or grpo.reward_timeout_s < 1:
-        raise ConfigError("grpo.cosine_max_len and grpo.reward_timeout_s must be at least 1")
-    if grpo.sync_check_every < 0:
-        raise ConfigError(f"grpo.sync_check_every must be >= 0 (0 turns the check off), got {grpo.sync_check_every}")
-    if grpo.sync_check_max_gap is not None and grpo.sync_check_max_gap <= 0:
-        raise ConfigError(f"grpo.sync_check_max_gap must be positive or unset, got {grpo.sync_check_max_gap}")
-    if not all(isinstance(stop, str) and stop for stop in grpo.stop_strings):
-        raise ConfigError(f"grpo.stop_strings: expected a list of non-empty strings, got {grpo.stop_strings!r}")
-    if not grpo.reward_weights:
-        raise ConfigError("grpo.reward_weights: no rewards, so every advantage would be 0")
-    from .rewards import builtin_reward_names, is_known_reward  # rewards imports this module
+    if engine.max_batch_tokens is not None and engine.max_batch_tokens < 1:
+        raise ConfigError(f"grpo.engine.max_batch_tokens must be at least 1 or unset, got {engine.max_batch_tokens}")
+    if engine.sync_check_every < 0:
+        raise ConfigError(f"grpo.engine.sync_check_every must be >= 0 (0 turns the check off), got "
+                          f"{engine.sync_check_every}")
+    if engine.sync_check_max_gap is not None and engine.sync_check_max_gap <= 0:
+        raise ConfigError(f"grpo.engine.sync_check_max_gap must be positive or unset, got {engine.sync_check_max_gap}")
+    _validate_rewards(rewards)
 
-    for name, weight in grpo.reward_weights.items():
+
+def _validate_rewards(rewards):
+    if rewards.cosine_max_len < 1 or rewards.timeout_s < 1:
+        raise ConfigError("grpo.rewards.cosine_max_len and grpo.rewards.timeout_s must be at least 1")
+    if not rewards.weights:
+        raise ConfigError("grpo.rewards.weights: no rewards, so every advantage would be 0")
+    for name, weight in rewards.weights.items():
         if not is_known_reward(name) and "." not in name and ":" not in name:
             known = builtin_reward_names()
             raise ConfigError(
-                f"grpo.reward_weights: unknown reward {name!r}{_suggest(name, list(known))}; "
+                f"grpo.rewards.weights: unknown reward {name!r}{_suggest(name, list(known))}; "
                 f"built in: {', '.join(known)}, or an import path to your function (module:function)"
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"grpo.reward_weights.{name}: expected a number, got {weight!r}")
+            raise ConfigError(f"grpo.rewards.weights.{name}: expected a number, got {weight!r}")
 
 
 def _validate_eval(settings):
@@ -487,6 +513,26 @@ def _validate_eval(settings):
         raise ConfigError(f"eval.min_p must be in [0, 1), got {settings.min_p}")
 
 
+def _current_name(dotted, where):
+    """The key `dotted` names today; an old name (RENAMED_KEYS, or a key below one) gives a FutureWarning."""
+    for old, new in RENAMED_KEYS.items():
+        if dotted == old or dotted.startswith(f"{old}."):
+            current = new + dotted[len(old):]
+            warnings.warn(f"{where}: {dotted} is now {current}; the old name works until the next release",
+                          FutureWarning, stacklevel=4)
+            return current
+    return dotted
+
+
+def _with_current_names(values, where):
+    """A file's mapping with every GRPO key of an earlier release moved to its section."""
+    grpo = values.get("grpo") if isinstance(values, dict) else None
+    if isinstance(grpo, dict):
+        for name in [name for name in grpo if f"grpo.{name}" in RENAMED_KEYS]:
+            _set_dotted(values, _current_name(f"grpo.{name}", where), grpo.pop(name))
+    return values
+
+
 def _merge(base, extra):
     merged = dict(base)
     for key, value in extra.items():
@@ -508,10 +554,14 @@ def _select_stage(values, overrides, path):
     stages = values.pop("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: stages must map stage names to settings")
+    for name, settings in stages.items():
+        _with_current_names(settings, f"{path}: stages.{name}")
     for override in overrides:
         dotted, _, raw = override.partition("=")
         if dotted.strip().startswith("stages."):
-            _set_dotted(stages, dotted.strip()[len("stages."):], yaml.safe_load(raw) if raw.strip() else "")
+            stage, _, key = dotted.strip()[len("stages."):].partition(".")
+            key = _current_name(key, f"override {dotted.strip()}")
+            _set_dotted(stages, f"{stage}.{key}", yaml.safe_load(raw) if raw.strip() else "")
     for name, settings in stages.items():
         if name not in CHOICES["stage"]:
             raise ConfigError(f"{path}: stages.{name}: not a stage; stages are {', '.join(CHOICES['stage'])}")
@@ -547,7 +597,7 @@ def load_config(path=None, overrides=(), base=None):
     """
     config = base if base is not None else RunConfig()
     if path is not None:
-        values = _select_stage(read_yaml(path, "config file"), overrides, path)
+        values = _select_stage(_with_current_names(read_yaml(path, "config file"), path), overrides, path)
         _apply(config, values)
     override_values = {}
     for override in overrides:
@@ -558,7 +608,8 @@ def load_config(path=None, overrides=(), base=None):
             if path is None:
                 raise ConfigError(f"override {override!r}: stages.* needs a config file with a stages section")
             continue
-        _set_dotted(override_values, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        key = _current_name(dotted.strip(), "override")
+        _set_dotted(override_values, key, yaml.safe_load(raw) if raw.strip() else "")
     _apply(config, override_values)
     return validate(config)
 

@@ -26,7 +26,7 @@ class TrainingError(RuntimeError):
 
 
 class SyncCheckError(RuntimeError):
-    """The engine's log-probs differ from the trainer's beyond grpo.sync_check_max_gap."""
+    """The engine's log-probs differ from the trainer's beyond grpo.engine.sync_check_max_gap."""
 
 
 class UnparseableGold(ValueError):

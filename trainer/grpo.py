@@ -26,7 +26,7 @@ from .grpo_rollouts import (
 )
 from .grpo_sync_check import SyncCheck
 from .parallel import all_reduce_named
-from .rewards import RewardComputer, RewardSettings
+from .rewards import RewardComputer
 from .rollout import SamplingSettings, engine_class, ensure_engine_weights, sync_weights
 from .training import load_sharded_model, run_stage
 
@@ -49,32 +49,29 @@ class GRPOStage:
             log(f"grpo: {truncated} of {len(self.prompts)} prompts were longer than grpo.max_prompt_tokens="
                 f"{grpo.max_prompt_tokens} and keep only their last {grpo.max_prompt_tokens} tokens")
         check_token_budget(self.prompts, self.config)
-        self.rollout_engine_class = engine_class(grpo.rollout_engine)
+        self.rollout_engine_class = engine_class(grpo.engine.name)
         self.rollout_engine_class.check_startup(self.config, world_size)  # it can start here: before loading
         self.world_size = world_size
         self.steps_per_epoch = len(self.prompts) // (grpo.prompts_per_step * world_size)
         if self.steps_per_epoch == 0:
             raise DataError(f"data.train_files: {len(self.prompts)} prompts are fewer than one step needs "
                             f"(grpo.prompts_per_step {grpo.prompts_per_step} x {world_size} ranks)")
-        self.rewards = RewardComputer(RewardSettings(
-            weights=grpo.reward_weights, cosine_max_len=grpo.cosine_max_len, timeout_s=grpo.reward_timeout_s,
-            unparseable_gold=grpo.unparseable_gold, length_unit=grpo.length_reward_unit,
-            length_scope=grpo.length_reward_scope, answer_extraction=grpo.answer_extraction,
-        ))
+        self.rewards = RewardComputer(grpo.rewards)
         log(f"grpo: {len(self.prompts)} prompts, {self.steps_per_epoch} steps per epoch, "
             f"{grpo.group_size} samples per prompt")
         return self.steps_per_epoch
 
     def start(self, trainer, log):
         grpo, config = self.grpo, self.config
-        if grpo.beta > 0:
+        if grpo.loss.beta > 0:
             self.reference = load_sharded_model(config, trainer.device, trainable=False)
-            log(f"grpo: beta {grpo.beta}, frozen reference model loaded from {config.model.path}")
+            log(f"grpo: beta {grpo.loss.beta}, frozen reference model loaded from {config.model.path}")
         self.rollout = self.rollout_engine_class.for_training(trainer, config)
         self.sync_check = SyncCheck(grpo, self.rollout, config.train.seed)
-        self.sampling = SamplingSettings(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
-                                         min_p=grpo.min_p, max_new_tokens=grpo.max_new_tokens,
-                                         stop=list(grpo.stop_strings) or None)
+        sampling = grpo.sampling
+        self.sampling = SamplingSettings(n=grpo.group_size, temperature=sampling.temperature, top_p=sampling.top_p,
+                                         min_p=sampling.min_p, max_new_tokens=sampling.max_new_tokens,
+                                         stop=list(sampling.stop_strings) or None)
 
     def train_step(self, trainer, step):
         grpo, config, rank = self.grpo, self.config, trainer.rank
@@ -138,7 +135,7 @@ def step_metrics(batch, packed, update, grpo, device, world_size):
         "entropy": sums["entropy"] / loss_tokens, "sampling_rounds": batch.sampling_rounds,
         "pad_fraction": sums["pad_tokens"] / max(sums["computed_tokens"], 1.0), "micro_batches": len(packed.rows),
     }
-    if grpo.tis_cap > 0:
+    if grpo.loss.tis_cap > 0:
         values["tis_weight_max_deviation"] = extremes["tis"]  # largest |TIS weight - 1| over loss tokens
     for name, values_of_reward in batch.parts.items():
         finite_values = [v for v in values_of_reward if math.isfinite(v)]

@@ -110,7 +110,8 @@ def sampling_logprobs(completions, sequence_starts, row):
     for index in row.sequence_ids:
         completion = completions[index]
         if completion.logprobs is None:
-            raise ValueError("grpo.tis_cap > 0 needs sampling log-probs, which this rollout engine does not return")
+            raise ValueError("grpo.loss.tis_cap > 0 needs sampling log-probs, which this rollout engine does not "
+                             "return")
         start = offset + sequence_starts[index] - 1  # the position whose target is the first completion token
         table[start : start + len(completion.logprobs)] = torch.tensor(completion.logprobs)
         offset += sequence_starts[index] + len(completion.token_ids)
@@ -125,27 +126,28 @@ class PackedStep:
     weights: list  # [T] per row: the aggregation's weight of each token
     advantages: list  # [T] per row: the advantage of each token's sequence
     counted: list  # [T] per row: 1.0 on tokens in the loss
-    sampling_logp: list  # [T] per row, or None without grpo.tis_cap
+    sampling_logp: list  # [T] per row, or None without grpo.loss.tis_cap
     pad_tokens: int
     computed_tokens: int
 
 
 def pack_step(chosen, completions, advantages, config, pad_token_id, device, world_size):
-    """Packs the rollouts; grpo.loss_aggregation (grpo_loss.AGGREGATIONS) weights their tokens over the whole step."""
+    """Packs the rollouts; grpo.loss.aggregation (grpo_loss.AGGREGATIONS) weights their tokens over the whole step."""
     grpo = config.grpo
     sequences, starts = rollout_sequences(chosen, completions)
     rows = pack_rollouts(sequences, starts, config.train.max_tokens_per_micro_batch)
     # Under FSDP every rank runs as many forward and backward passes as the rank with the most rows.
     rows += [padding_row(pad_token_id) for _ in range(all_reduce_max(len(rows)) - len(rows))]
     rows = [row.to(device) for row in rows]
-    kept = kept_sequences(completions, grpo.mask_truncated).to(device)
+    kept = kept_sequences(completions, grpo.loss.mask_truncated).to(device)
     counted = [row.completion_targets * kept[row.token_sequence] for row in rows]
     all_counted = torch.cat(counted)
-    tokens = StepTokens(all_counted, step_tokens(rows, "token_sequence"), len(sequences), grpo.max_new_tokens,
+    tokens = StepTokens(all_counted, step_tokens(rows, "token_sequence"), len(sequences), grpo.sampling.max_new_tokens,
                         all_reduce_sum(all_counted.sum()), world_size)
-    weights = aggregation_weights(grpo.loss_aggregation, tokens)
+    weights = aggregation_weights(grpo.loss.aggregation, tokens)
     sizes = [row.tokens for row in rows]
-    sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if grpo.tis_cap > 0 else None
+    weighted = grpo.loss.tis_cap > 0
+    sampling = [sampling_logprobs(completions, starts, row).to(device) for row in rows] if weighted else None
     return PackedStep(
         rows=rows, weights=list(weights.split(sizes)), advantages=[advantages[row.token_sequence] for row in rows],
         counted=counted, sampling_logp=sampling, pad_tokens=sum(row.pad_tokens for row in rows),

@@ -24,13 +24,13 @@ class StepTokens:
     world_size: int
 
 
-# grpo.loss_aggregation name -> function(StepTokens) -> [T] per-token weights w, with sum(w * loss)
+# grpo.loss.aggregation name -> function(StepTokens) -> [T] per-token weights w, with sum(w * loss)
 # this rank's aggregated loss (FSDP then averages the ranks' gradients).
 AGGREGATIONS = {}
 
 
 def aggregation(name):
-    """Function decorator: grpo.loss_aggregation accepts `name` and weights the loss tokens with it."""
+    """Function decorator: grpo.loss.aggregation accepts `name` and weights the loss tokens with it."""
     def register(weights):
         AGGREGATIONS[name] = weights
         return weights
@@ -64,9 +64,9 @@ def _mean_over_every_rank_tokens(tokens):
 
 
 def aggregation_weights(method, tokens):
-    """Per-token weights of grpo.loss_aggregation=method over a step's StepTokens."""
+    """Per-token weights of grpo.loss.aggregation=method over a step's StepTokens."""
     if method not in AGGREGATIONS:
-        raise ValueError(f"grpo.loss_aggregation: unknown aggregation {method!r}; available: {', '.join(AGGREGATIONS)}")
+        raise ValueError(f"grpo.loss.aggregation: unknown aggregation {method!r}; available: {', '.join(AGGREGATIONS)}")
     return AGGREGATIONS[method](tokens)
 
 
@@ -87,7 +87,8 @@ def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
     1 + eps_high with a positive one. KL is the k3 estimate.
     """
     ratio = torch.exp(logp - old_logp)
-    clipped = ((ratio < 1 - grpo.eps_low) & (advantages < 0)) | ((ratio > 1 + grpo.eps_high) & (advantages > 0))
+    clip = grpo.loss
+    clipped = ((ratio < 1 - clip.eps_low) & (advantages < 0)) | ((ratio > 1 + clip.eps_high) & (advantages > 0))
     if ref_logp is not None:
         delta = ref_logp - logp
         kl = (torch.exp(delta) - delta - 1.0) * mask
@@ -99,7 +100,7 @@ def token_statistics(logp, old_logp, ref_logp, entropy, advantages, mask, grpo):
 def logprob_head(row, grpo, low_memory, with_entropy=False):
     """The log-probs of one packed row's targets, computed inside the root module's forward."""
     def head(hidden, weight):
-        return linear_token_logprobs(hidden[0], weight, row.targets, temperature=grpo.temperature,
+        return linear_token_logprobs(hidden[0], weight, row.targets, temperature=grpo.sampling.temperature,
                                      with_entropy=with_entropy, low_memory=low_memory)
 
     return head
@@ -114,12 +115,12 @@ def loss_head(step, index, old_logp, ref_logp, grpo, low_memory, statistics):
         old = logp.detach() if old_logp is None else old_logp
         # One token per row of the kernel's [B, T] layout, so each carries its own advantage.
         per_token = grpo_token_loss(logp[:, None], old[:, None], advantages,
-                                    ref_logp=None if ref_logp is None else ref_logp[:, None], beta=grpo.beta,
-                                    eps_low=grpo.eps_low, eps_high=grpo.eps_high)[:, 0]
+                                    ref_logp=None if ref_logp is None else ref_logp[:, None], beta=grpo.loss.beta,
+                                    eps_low=grpo.loss.eps_low, eps_high=grpo.loss.eps_high)[:, 0]
         if step.sampling_logp is not None:
             # The engine sampled from its own copy; weight each token by the truncated ratio of
             # the trainer's probability (at rollout) to the engine's.
-            weight = truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.tis_cap)
+            weight = truncated_importance_weight(old, step.sampling_logp[index], counted, grpo.loss.tis_cap)
             per_token = per_token * weight
             with torch.no_grad():
                 statistics[4] = torch.maximum(statistics[4], ((weight - 1).abs() * counted).max())

@@ -45,14 +45,14 @@ def keep_last_tokens(prompts, max_tokens):
 
 
 def check_token_budget(prompts, config):
-    """Before the model loads: every prompt plus grpo.max_new_tokens must fit one micro-batch."""
+    """Before the model loads: every prompt plus grpo.sampling.max_new_tokens must fit one micro-batch."""
     budget = config.train.max_tokens_per_micro_batch
     longest = max(len(ids) for ids, _ in prompts)
-    if budget is not None and longest + config.grpo.max_new_tokens > budget:
+    if budget is not None and longest + config.grpo.sampling.max_new_tokens > budget:
         raise ConfigError(
             f"train.max_tokens_per_micro_batch={budget} cannot hold the longest prompt ({longest} tokens) plus "
-            f"grpo.max_new_tokens={config.grpo.max_new_tokens}; raise the budget to at least "
-            f"{longest + config.grpo.max_new_tokens} or shorten the completions"
+            f"grpo.sampling.max_new_tokens={config.grpo.sampling.max_new_tokens}; raise the budget to at least "
+            f"{longest + config.grpo.sampling.max_new_tokens} or shorten the completions"
         )
 
 
@@ -92,7 +92,7 @@ def scored_groups(indices, step, sampling_round, prompts, rollout, sampling, rew
     row_keys = sequence_keys(config.train.seed, step + (sampling_round << 32), indices, config.grpo.group_size)
     completions = rollout.generate([ids for ids, _ in chosen], sampling, row_keys=row_keys)
     groups = [[c for c in completions if c.prompt_index == position] for position in range(len(chosen))]
-    # Scored together: with grpo.length_reward_scope=rank_batch the length reward spans this whole round.
+    # Scored together: with grpo.rewards.length_scope=rank_batch the length reward spans this whole round.
     scored = rewards.score_batch([
         ([c.text for c in group], gold, [len(c.token_ids) for c in group]) for (_, gold), group in zip(chosen, groups)
     ])
@@ -151,8 +151,8 @@ def zero_variance_groups(rewards, group_size):
 def step_advantages(reward_values, grpo, device, rank, world_size):
     """Advantages of this rank's rewards; scale "batch" divides by the std of every rank's rewards."""
     rewards = torch.tensor(reward_values, dtype=torch.float32, device=device)
-    if grpo.scale_rewards != "batch" or world_size == 1:
-        return group_advantages(rewards, grpo.group_size, scale=grpo.scale_rewards, eps=grpo.advantage_eps)
+    if grpo.loss.scale_rewards != "batch" or world_size == 1:
+        return group_advantages(rewards, grpo.group_size, scale=grpo.loss.scale_rewards, eps=grpo.loss.advantage_eps)
     # Every rank holds the same number of groups (sample_groups fills its batch back up).
-    everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch", eps=grpo.advantage_eps)
+    everyone = group_advantages(all_gather_concat(rewards), grpo.group_size, scale="batch", eps=grpo.loss.advantage_eps)
     return everyone[rank * rewards.numel() : (rank + 1) * rewards.numel()]

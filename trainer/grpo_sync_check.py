@@ -5,12 +5,12 @@ corrupted one: a sync skipped or cut short, a layer it received only in part, pr
 blocks computed with the old weights, memory that a sleep released and a wake did not refill.
 Each fault shows in the same place: the engine's log-probs of the tokens it samples.
 
-So after the first weight sync of a run (fresh or resumed) and every grpo.sync_check_every-th
+So after the first weight sync of a run (fresh or resumed) and every grpo.engine.sync_check_every-th
 sync after it, the engine samples PROBE_TOKENS tokens for PROBE_PROMPTS prompts at the rollout
 temperature with no top-p or min-p filter, where the log-probs it reports are those of
 log_softmax(logits / temperature). The trainer scores the same tokens with its own forward; the
 largest difference over every rank is the step's sync_logprob_gap, and a gap above
-grpo.sync_check_max_gap stops the run. The probe's prompts are those the previous rollout began
+grpo.engine.sync_check_max_gap stops the run. The probe's prompts are those the previous rollout began
 with, whose KV blocks the engine's prefix cache holds: a cache kept across the sync would serve
 blocks of the old weights, and the gap would show it.
 """
@@ -39,10 +39,10 @@ _PROBE_STREAM = 1 << 40  # keeps the probe's sampling keys apart from every roll
 
 class SyncCheck:
     def __init__(self, grpo, rollout_engine, seed):
-        self.every = grpo.sync_check_every if rollout_engine.holds_weights else 0
-        dtype = getattr(rollout_engine, "weight_dtype", torch.float32)
-        self.max_gap = grpo.sync_check_max_gap or DEFAULT_MAX_GAP.get(dtype, DEFAULT_MAX_GAP_16_BIT)
-        self.settings = SamplingSettings(n=1, temperature=grpo.temperature, top_p=1.0, min_p=0.0,
+        self.every = grpo.engine.sync_check_every if rollout_engine.holds_weights else 0
+        dtype = rollout_engine.weight_dtype or torch.float32  # None: computes in the policy's own fp32
+        self.max_gap = grpo.engine.sync_check_max_gap or DEFAULT_MAX_GAP.get(dtype, DEFAULT_MAX_GAP_16_BIT)
+        self.settings = SamplingSettings(n=1, temperature=grpo.sampling.temperature, top_p=1.0, min_p=0.0,
                                          max_new_tokens=PROBE_TOKENS)
         self.grpo, self.seed = grpo, seed
         self.first_step = self.previous_prompts = None
@@ -83,8 +83,9 @@ class SyncCheck:
         if value > self.max_gap:
             raise SyncCheckError(
                 f"step {step + 1}: after the weight sync, the rollout engine's log-probs of tokens it sampled differ "
-                f"from the trainer's by up to {value:.3g} nats, above grpo.sync_check_max_gap={self.max_gap:g}: its "
-                "copy of the policy is stale, partial or corrupted (a skipped or cut-short sync, a layer received in "
-                "part, prefix-cache blocks of the old weights, or memory a sleep released and a wake did not refill)"
+                f"from the trainer's by up to {value:.3g} nats, above grpo.engine.sync_check_max_gap={self.max_gap:g}: "
+                "its copy of the policy is stale, partial or corrupted (a skipped or cut-short sync, a layer received "
+                "in part, prefix-cache blocks of the old weights, or memory a sleep released and a wake did not "
+                "refill)"
             )
         return value

@@ -167,7 +167,7 @@ def grpo_shapes(config):
     if prompt is None:
         prompt = PLANNED_PROMPT_TOKENS
         note = f"grpo.max_prompt_tokens is unset: planned with {PLANNED_PROMPT_TOKENS}-token prompts"
-    return RolloutShape(prompt, prompt + grpo.max_new_tokens, grpo.prompts_per_step * grpo.group_size), note
+    return RolloutShape(prompt, prompt + grpo.sampling.max_new_tokens, grpo.prompts_per_step * grpo.group_size), note
 
 
 def rollout_phases(config, architecture, policy, resident, gpu_bytes, shape):
@@ -175,7 +175,7 @@ def rollout_phases(config, architecture, policy, resident, gpu_bytes, shape):
     plus what the engine holds (rollout.base.RolloutEngine.plan_rollout)."""
     from .rollout import engine_class
 
-    planned, notes = engine_class(config.grpo.rollout_engine).plan_rollout(config, architecture, policy, resident,
+    planned, notes = engine_class(config.grpo.engine.name).plan_rollout(config, architecture, policy, resident,
                                                                              gpu_bytes, shape)
     return [Phase(name, items) for name, items in planned], notes
 
@@ -190,7 +190,7 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     shape, shape_note = grpo_shapes(config)
     sequence, sequences = shape.sequence_tokens, shape.sequences
     policy, sharded, states, optimizer_temporaries = _training_state(config, architecture, mesh)
-    reference = build_sharded_model(architecture, config, mesh, trainable=False) if grpo.beta > 0 else None
+    reference = build_sharded_model(architecture, config, mesh, trainable=False) if grpo.loss.beta > 0 else None
     reference_bytes = local_bytes(reference.parameters()) if reference is not None else 0
     lengths = fill_row(budget, sequence, sequences * sequence)
     step = packed_rollouts(lengths, shape.prompt_tokens, config, world_size)

@@ -107,7 +107,7 @@ def load_reward(path):
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"grpo.reward_weights: reward {path!r} cannot be imported ({error})") from None
+        raise ConfigError(f"grpo.rewards.weights: reward {path!r} cannot be imported ({error})") from None
 
 
 def _safe(counts, name, fn, *args, **kwargs):
@@ -162,12 +162,12 @@ _REGISTRY = {}
 
 
 def builtin_reward(name, default_weight=None):
-    """Register the decorated fn(group: RewardGroup) -> values as the reward `name` of grpo.reward_weights.
+    """Register the decorated fn(group: RewardGroup) -> values as the reward `name` of grpo.rewards.weights.
 
     A default_weight puts it in the default weights; without one it is computed only when configured.
     """
     if "." in name or ":" in name:
-        raise ValueError(f"reward name {name!r} holds '.' or ':', which grpo.reward_weights reads as an import path")
+        raise ValueError(f"reward name {name!r} holds '.' or ':', which grpo.rewards.weights reads as an import path")
 
     def register(compute):
         if name in _REGISTRY:
@@ -236,7 +236,7 @@ def _under_time_limit(fn):
     return compute
 
 
-_SETTING_CHOICES = {
+REWARD_SETTING_CHOICES = {
     "unparseable_gold": ("no_signal", "reward_one"),
     "length_unit": ("tokens", "chars"),
     "length_scope": ("group", "rank_batch"),
@@ -246,6 +246,8 @@ _SETTING_CHOICES = {
 
 @dataclasses.dataclass
 class RewardSettings:
+    """The grpo.rewards section of a run configuration."""
+
     weights: dict = dataclasses.field(default_factory=default_reward_weights)
     cosine_max_len: int = 30000
     timeout_s: int = 5
@@ -255,7 +257,7 @@ class RewardSettings:
     answer_extraction: str = "last_boxed"  # or "first_match", the recipe's (see answers.py)
 
     def __post_init__(self):
-        for name, allowed in _SETTING_CHOICES.items():
+        for name, allowed in REWARD_SETTING_CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"RewardSettings.{name} must be one of {', '.join(allowed)}, got {value!r}")

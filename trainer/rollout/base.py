@@ -1,7 +1,7 @@
 """The rollout-engine contract: what GRPO, evaluation and the planner ask of an engine.
 
 An engine samples completions of token-id prompts. A class becomes an engine by subclassing
-RolloutEngine and registering under a name with @register_engine("name"); grpo.rollout_engine
+RolloutEngine and registering under a name with @register_engine("name"); grpo.engine.name
 and eval.engine then accept that name. Every module in this package is imported with it, so a
 new engine is one file here.
 
@@ -51,7 +51,7 @@ class RolloutShape:
     """One rank's rollouts in a GRPO step, as the planner sizes them."""
 
     prompt_tokens: int
-    sequence_tokens: int  # prompt plus grpo.max_new_tokens
+    sequence_tokens: int  # prompt plus grpo.sampling.max_new_tokens
     sequences: int  # grpo.prompts_per_step x grpo.group_size
 
 
@@ -104,12 +104,12 @@ class RolloutEngine:
         raise NotImplementedError
 
 
-# engine name -> RolloutEngine subclass; grpo.rollout_engine and eval.engine choose from it.
+# engine name -> RolloutEngine subclass; grpo.engine.name and eval.engine choose from it.
 ENGINES = {}
 
 
 def register_engine(name):
-    """Class decorator: the engine answers to `name` in grpo.rollout_engine and eval.engine."""
+    """Class decorator: the engine answers to `name` in grpo.engine.name and eval.engine."""
     def register(engine_class):
         if name in ENGINES and ENGINES[name] is not engine_class:
             raise ValueError(f"rollout engine {name!r} is registered twice: {ENGINES[name].__qualname__} "
@@ -121,7 +121,7 @@ def register_engine(name):
     return register
 
 
-def engine_class(name, key="grpo.rollout_engine"):
+def engine_class(name, key="grpo.engine.name"):
     """The engine registered as `name`; a ValueError naming `key` and the known engines otherwise."""
     if name not in ENGINES:
         raise ValueError(f"{key}: unknown engine {name!r}; available: {', '.join(ENGINES)}")

@@ -50,7 +50,8 @@ class HFRolloutEngine(RolloutEngine):
 
     @classmethod
     def for_training(cls, trainer, config):
-        return cls(trainer.module, trainer.tokenizer, trainer.device, max_batch_tokens=config.grpo.max_batch_tokens)
+        return cls(trainer.module, trainer.tokenizer, trainer.device,
+                   max_batch_tokens=config.grpo.engine.max_batch_tokens)
 
     @classmethod
     def sample_benchmark(cls, config, problems, tokenizer, device, rank, world_size):
@@ -88,7 +89,8 @@ class HFRolloutEngine(RolloutEngine):
         all_parameters = sum(p.numel() for p in policy.parameters())
         root_parameters = all_parameters - layer_parameters * len(policy.causal_lm.model.layers)
         items["parameters"] = items.get("parameters", 0) + (root_parameters + 2 * layer_parameters) * 2
-        rows_per_call = rows_per_generate_call(grpo.max_batch_tokens, shape.prompt_tokens, grpo.max_new_tokens)
+        rows_per_call = rows_per_generate_call(grpo.engine.max_batch_tokens, shape.prompt_tokens,
+                                               grpo.sampling.max_new_tokens)
         rows = min(shape.sequences, rows_per_call or shape.sequences)
         items["KV cache"] = generate_cache_bytes(architecture, rows, shape.sequence_tokens)
         calls = math.ceil(shape.sequences / rows)

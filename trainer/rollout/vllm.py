@@ -50,7 +50,7 @@ Stop strings end a completion after the token that completes them and stay in it
 in the HF engine; the text is the tokenizer's decoding of token_ids with special tokens, in
 both engines.
 
-With grpo.vllm_tensor_parallel_size = T > 1, each group of T consecutive ranks of one node
+With grpo.engine.vllm_tensor_parallel_size = T > 1, each group of T consecutive ranks of one node
 runs one engine: its ranks pool their prompts, generate them together and keep their own.
 """
 
@@ -90,7 +90,7 @@ def _platform():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def import_vllm(key="grpo.rollout_engine"):
+def import_vllm(key="grpo.engine.name"):
     """The vllm module, or a ConfigError when it is missing or not the release supported on this platform."""
     platform = _platform()
     series = SUPPORTED_SERIES[platform]
@@ -153,7 +153,7 @@ def training_state_bytes(parameters, config, world_size):
     """(bytes, description): what one rank's training keeps on its GPU while vLLM generates.
 
     Master weights and AdamW's two moments, sharded over the ranks, plus the frozen reference
-    model when grpo.beta > 0; gradients are freed after each optimizer step. Nothing with
+    model when grpo.loss.beta > 0; gradients are freed after each optimizer step. Nothing with
     parallel.cpu_offload.
     """
     from ..model import resolve_dtype
@@ -164,7 +164,7 @@ def training_state_bytes(parameters, config, world_size):
     master = resolve_dtype(config.model.dtype, cuda, trainable=True)
     size = 3 * parameters * master.itemsize / world_size
     detail = f"{_dtype_name(master)} master weights and 2 AdamW moments of {parameters / 1e9:.2f}B parameters"
-    if config.grpo.beta > 0:
+    if config.grpo.loss.beta > 0:
         reference = resolve_dtype(config.model.dtype, cuda, trainable=world_size == 1)
         size += parameters * reference.itemsize / world_size
         detail += f", a {_dtype_name(reference)} reference model"
@@ -197,7 +197,7 @@ def engine_overhead_bytes(shape, tensor_parallel_size, enforce_eager=False):
 
 
 def check_memory_split(*, gpu_bytes, utilization, shape, tensor_parallel_size, max_model_len, training_bytes=0,
-                       training_detail="", key="grpo.vllm_gpu_memory_utilization", enforce_eager=False):
+                       training_detail="", key="grpo.engine.vllm_gpu_memory_utilization", enforce_eager=False):
     """Raises a ConfigError naming the numbers when vLLM's share of the GPU cannot hold its bf16
     weights, its own overhead and one full-length sequence's KV cache, or leaves too little for training."""
     share, gpu = utilization * gpu_bytes, _gib(gpu_bytes)
@@ -222,14 +222,14 @@ def check_memory_split(*, gpu_bytes, utilization, shape, tensor_parallel_size, m
     if problems:
         advice = ""
         if training_bytes and lowest > highest:
-            advice = ("; no value fits: raise grpo.vllm_tensor_parallel_size, train on more GPUs or set "
+            advice = ("; no value fits: raise grpo.engine.vllm_tensor_parallel_size, train on more GPUs or set "
                       "parallel.cpu_offload")
         raise ConfigError(f"{key}={utilization:g}: " + "; ".join(problems) + advice)
 
 
 def check_tensor_parallel(size, world_size, local_world_size):
     if size < 1 or world_size % size or local_world_size % size:
-        raise ConfigError(f"grpo.vllm_tensor_parallel_size={size}: it must divide the ranks of every node "
+        raise ConfigError(f"grpo.engine.vllm_tensor_parallel_size={size}: it must divide the ranks of every node "
                           f"({local_world_size} of {world_size}); each {size} consecutive ranks share an engine")
 
 
@@ -237,7 +237,7 @@ def check_vllm_startup(config, world_size, *, key, utilization, max_model_len, t
     """Before any model loads: vllm imports and is this platform's release, the tensor-parallel layout
     fits the ranks, and on a GPU the memory split leaves room for the engine and, beside it, for training."""
     import_vllm(key)
-    tensor_parallel_size = config.grpo.vllm_tensor_parallel_size
+    tensor_parallel_size = config.grpo.engine.vllm_tensor_parallel_size
     check_tensor_parallel(tensor_parallel_size, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if not torch.cuda.is_available():
         return  # the CPU build sizes its KV cache by VLLM_CPU_KVCACHE_SPACE, in host memory
@@ -247,15 +247,16 @@ def check_vllm_startup(config, world_size, *, key, utilization, max_model_len, t
     check_memory_split(gpu_bytes=gpu_bytes, utilization=utilization, shape=shape,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
                        training_bytes=training_bytes, training_detail=detail,
-                       enforce_eager=config.grpo.vllm_enforce_eager,
-                       key="grpo.vllm_gpu_memory_utilization" if training else f"{key}=vllm, GPU memory utilization")
+                       enforce_eager=config.grpo.engine.vllm_enforce_eager,
+                       key=("grpo.engine.vllm_gpu_memory_utilization" if training
+                            else f"{key}=vllm, GPU memory utilization"))
 
 
 def rollout_max_model_len(config):
     """The longest sequence a GRPO rollout makes, which sizes vLLM's KV cache; None: the model's own limit."""
     grpo = config.grpo
     if grpo.max_prompt_tokens is not None:
-        return grpo.max_prompt_tokens + grpo.max_new_tokens
+        return grpo.max_prompt_tokens + grpo.sampling.max_new_tokens
     return config.train.max_tokens_per_micro_batch  # check_token_budget: every prompt plus completion fits it
 
 
@@ -292,7 +293,8 @@ class TensorParallelPeers:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            raise ConfigError(f"grpo.vllm_tensor_parallel_size={size} needs torchrun with a multiple of {size} ranks")
+            raise ConfigError(f"grpo.engine.vllm_tensor_parallel_size={size} needs torchrun with a multiple of "
+                              f"{size} ranks")
         world_size = dist.get_world_size()
         check_tensor_parallel(size, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         groups = [list(range(first, first + size)) for first in range(0, world_size, size)]
@@ -359,7 +361,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, model_path, tokenizer, *, gpu_memory_utilization=0.3, tensor_parallel_size=1, dtype=None,
                  seed=0, max_model_len=None, colocated=True, trust_remote_code=False, enforce_eager=False,
-                 key="grpo.rollout_engine"):
+                 key="grpo.engine.name"):
         vllm = import_vllm(key)
         on_gpu = torch.cuda.is_available()
         self.tokenizer, self.colocated = tokenizer, colocated
@@ -391,18 +393,18 @@ class VLLMRolloutEngine(RolloutEngine):
     def for_training(cls, trainer, config):
         grpo = config.grpo
         return cls(
-            config.model.path, trainer.tokenizer, gpu_memory_utilization=grpo.vllm_gpu_memory_utilization,
-            tensor_parallel_size=grpo.vllm_tensor_parallel_size, seed=config.train.seed,
+            config.model.path, trainer.tokenizer, gpu_memory_utilization=grpo.engine.vllm_gpu_memory_utilization,
+            tensor_parallel_size=grpo.engine.vllm_tensor_parallel_size, seed=config.train.seed,
             max_model_len=rollout_max_model_len(config), trust_remote_code=config.model.trust_remote_code,
-            enforce_eager=grpo.vllm_enforce_eager,
+            enforce_eager=grpo.engine.vllm_enforce_eager,
         )
 
     @classmethod
     def check_startup(cls, config, world_size):
-        """vllm imports and is this platform's release, and on a GPU grpo.vllm_gpu_memory_utilization
+        """vllm imports and is this platform's release, and on a GPU grpo.engine.vllm_gpu_memory_utilization
         leaves room for it and for this rank's training."""
-        check_vllm_startup(config, world_size, key="grpo.rollout_engine",
-                           utilization=config.grpo.vllm_gpu_memory_utilization,
+        check_vllm_startup(config, world_size, key="grpo.engine.name",
+                           utilization=config.grpo.engine.vllm_gpu_memory_utilization,
                            max_model_len=rollout_max_model_len(config))
 
     @classmethod
@@ -423,17 +425,18 @@ class VLLMRolloutEngine(RolloutEngine):
         """A colocated engine: its share of the GPU while it samples; while it is synced, its bf16
         weights awake plus the one parameter being gathered whole."""
         grpo = config.grpo
-        tensor_parallel = grpo.vllm_tensor_parallel_size
+        tensor_parallel = grpo.engine.vllm_tensor_parallel_size
         model = model_shape(architecture, sum(p.numel() for p in policy.parameters()))
         weights = model.parameters * 2 / tensor_parallel
-        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, grpo.vllm_enforce_eager)
-        share = grpo.vllm_gpu_memory_utilization * gpu_bytes
+        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, grpo.engine.vllm_enforce_eager)
+        share = grpo.engine.vllm_gpu_memory_utilization * gpu_bytes
         cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
         largest = max(p.numel() for p in policy.parameters()) * 2
         sync = {**resident, "vLLM weights (bf16, awake)": weights, "the parameter being gathered (bf16)": largest}
         rollout = {**resident, "reserved for vLLM": share}
         sequence = shape.sequence_tokens
-        notes = [f"vLLM's share ({grpo.vllm_gpu_memory_utilization:g} of the GPU, {_gib(share)}): {_gib(weights)} "
+        utilization = grpo.engine.vllm_gpu_memory_utilization
+        notes = [f"vLLM's share ({utilization:g} of the GPU, {_gib(share)}): {_gib(weights)} "
                  f"of bf16 weights at tensor parallel {tensor_parallel}, {_gib(overhead)} of its own "
                  f"({overhead_detail}), and a KV cache of {_gib(share - weights - overhead)}: {cache_tokens:,.0f} "
                  f"tokens, {cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time"]
@@ -444,9 +447,9 @@ class VLLMRolloutEngine(RolloutEngine):
         """An engine on model.path with the GPU to itself: EVAL_GPU_MEMORY_UTILIZATION of it reserved."""
         sequence = prompt_tokens + max(config.eval.budgets)
         model, share = model_shape(architecture, parameters), EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
-        tensor_parallel = config.grpo.vllm_tensor_parallel_size
+        tensor_parallel = config.grpo.engine.vllm_tensor_parallel_size
         weights = parameters * 2 / tensor_parallel
-        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, config.grpo.vllm_enforce_eager)
+        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, config.grpo.engine.vllm_enforce_eager)
         cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
         note = (f"vLLM's share ({EVAL_GPU_MEMORY_UTILIZATION:g} of the GPU): {_gib(weights)} of bf16 weights, "
                 f"{_gib(overhead)} of its own ({overhead_detail}) and a KV cache of {cache_tokens:,.0f} tokens, "
@@ -561,7 +564,7 @@ def evaluation_engine(config, tokenizer, max_model_len):
     """An engine on model.path alone (no trainer beside it), awake until it is dropped."""
     return VLLMRolloutEngine(
         config.model.path, tokenizer, gpu_memory_utilization=EVAL_GPU_MEMORY_UTILIZATION,
-        tensor_parallel_size=config.grpo.vllm_tensor_parallel_size, seed=config.train.seed,
+        tensor_parallel_size=config.grpo.engine.vllm_tensor_parallel_size, seed=config.train.seed,
         max_model_len=max_model_len, colocated=False, trust_remote_code=config.model.trust_remote_code,
-        enforce_eager=config.grpo.vllm_enforce_eager, key="eval.engine",
+        enforce_eager=config.grpo.engine.vllm_enforce_eager, key="eval.engine",
     )
