@@ -17,7 +17,7 @@ import yaml
 from fastmath_kernels import backend_names
 
 from .errors import ConfigError
-from .grpo_loss import AGGREGATIONS
+from .grpo_loss import AGGREGATIONS, LossSettings
 from .rewards import REWARD_SETTING_CHOICES, RewardSettings, builtin_reward_names, is_known_reward
 from .rollout import ENGINES
 
@@ -132,18 +132,6 @@ class GRPOEngineConfig:
 
 
 @dataclasses.dataclass
-class GRPOLossConfig:
-    aggregation: str = "dapo"  # grpo, bnpo, dr_grpo or dapo (grpo_loss.AGGREGATIONS)
-    scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
-    advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # clip-higher when above eps_low
-    beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
-    mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss
-    tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
-
-
-@dataclasses.dataclass
 class GRPOConfig:
     prompts_per_step: int = 16  # per rank
     group_size: int = 8  # samples per prompt
@@ -155,7 +143,7 @@ class GRPOConfig:
     sampling: GRPOSamplingConfig = dataclasses.field(default_factory=GRPOSamplingConfig)
     engine: GRPOEngineConfig = dataclasses.field(default_factory=GRPOEngineConfig)
     rewards: RewardSettings = dataclasses.field(default_factory=RewardSettings)  # declared in rewards.py
-    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+    loss: LossSettings = dataclasses.field(default_factory=LossSettings)  # declared in grpo_loss.py
 
 
 # Keys that moved when the GRPO settings were split into sections. The old names still work, with

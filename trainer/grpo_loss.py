@@ -9,6 +9,20 @@ from fastmath_kernels import grpo_token_loss, linear_token_logprobs
 
 
 @dataclasses.dataclass
+class LossSettings:
+    """The grpo.loss section of a run configuration."""
+
+    aggregation: str = "dapo"  # a name in AGGREGATIONS: grpo, bnpo, dr_grpo, dapo or one registered
+    scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
+    advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # clip-higher when above eps_low
+    beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
+    mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss
+    tis_cap: float = 0.0  # > 0: truncated importance weight min(p_trainer / p_engine, cap) per token
+
+
+@dataclasses.dataclass
 class StepTokens:
     """What an aggregation may normalise by: the step's loss tokens on this rank, and across ranks.
 
