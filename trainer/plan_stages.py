@@ -180,10 +180,30 @@ def rollout_phases(config, architecture, policy, resident, gpu_bytes, shape):
     return [Phase(name, items) for name, items in planned], notes
 
 
+def _reference_forward(reference, row, grpo, low_memory, training_state):
+    """(the phase of the reference model's forward over one packed row, its log-probs, its FLOPs)."""
+    import torch
+
+    from .grpo_loss import logprob_head
+    from .plan_measure import measure
+
+    logprobs = []
+
+    def forward():
+        with torch.no_grad():
+            logprobs.append(reference(**row.inputs, head=logprob_head(row, grpo, low_memory)))
+
+    measured = measure(reference, forward)
+    items = training_rows(measured.peak)
+    items["reference model"] = items.pop("parameters")  # its shards and the layers it gathers
+    items.update(training_state)
+    return Phase(f"reference log-probs ({row.tokens} tokens)", items), logprobs[-1], measured.flops
+
+
 def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     import torch
 
-    from .grpo_loss import STATISTICS, logprob_head, loss_head
+    from .grpo_loss import STATISTICS, loss_head
     from .plan_measure import build_sharded_model, local_bytes, measure
 
     grpo, budget = config.grpo, config.train.max_tokens_per_micro_batch
@@ -204,17 +224,9 @@ def plan_grpo(config, architecture, mesh, world_size, gpu_bytes):
     plan = StagePlan("grpo", phases, notes=notes)
     ref_logp, reference_flops = None, 0
     if reference is not None:
-        def reference_logprobs():
-            nonlocal ref_logp
-            with torch.no_grad():
-                ref_logp = reference(**inputs, head=logprob_head(row, grpo, low_memory))
-
-        measured = measure(reference, reference_logprobs)
-        items = training_rows(measured.peak)
-        items["reference model"] = items.pop("parameters")  # its shards and the layers it gathers
-        items.update({"parameters": sharded, "optimizer states": states})
-        phases.append(Phase(f"reference log-probs ({tokens} tokens)", items))
-        reference_flops = measured.flops
+        phase, ref_logp, reference_flops = _reference_forward(reference, row, grpo, low_memory,
+                                                              {"parameters": sharded, "optimizer states": states})
+        phases.append(phase)
         plan.flops.append(("reference forward per row per GPU", reference_flops))
 
     statistics = torch.zeros(STATISTICS)
