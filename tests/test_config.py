@@ -234,6 +234,9 @@ def test_config_md_is_what_the_code_generates():
     for key in ("`grpo.loss.aggregation` | `dapo` | `grpo`, `bnpo`, `dr_grpo`, `dapo` |",
                 "`kernels.backend` | none |", "`toy.task.carries` | false |"):
         assert key in written, key
+    unexplained = [line.split("|")[1].strip() for line in written.splitlines()
+                   if line.startswith("| `") and line.rstrip().endswith("|  |")]
+    assert unexplained == [], "keys without a comment beside their field in the code"
 
 
 def test_the_readme_key_table_states_the_code_defaults():

@@ -25,10 +25,10 @@ from .rollout import ENGINES
 @dataclasses.dataclass
 class ModelConfig:
     path: str = ""  # a local Hugging Face model directory (config, safetensors, tokenizer)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model directory's own modelling code
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     chat_template: Optional[str] = None  # a Jinja template replacing the tokenizer's own
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = None  # prepended to every conversation as the system message
     # document_masked: packed rows without an [L, L] mask (varlen flash kernels on CUDA)
     attn_implementation: str = "document_masked"
 
@@ -36,34 +36,34 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     train_files: list = dataclasses.field(default_factory=list)  # jsonl, json or parquet
-    problem_field: str = "problem"
-    solution_field: str = "solution"
+    problem_field: str = "problem"  # the prompt's field in each row
+    solution_field: str = "solution"  # the completion's field in each row (SFT)
     messages_field: Optional[str] = None  # chat data: a list of {role, content} per row
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # tokens per packed row (SFT); longer examples follow data.overlong
     overlong: str = "truncate"  # or "drop": what happens to an example longer than max_seq_len
-    pack: bool = True
+    pack: bool = True  # several documents per row, kept apart by document-masked attention
     loss_on: str = "completion"  # or "all": every token of each document carries the loss
     split: str = "train"  # the split read from a Hugging Face Hub dataset name
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_ratio: float = 0.03
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    warmup_ratio: float = 0.03  # share of the steps with linear warmup
     min_lr_ratio: float = 0.0  # the cosine schedule ends at lr * min_lr_ratio
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # largest global gradient norm
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data
     max_steps: Optional[int] = None  # stops earlier than the epochs when set
     micro_batch_size: int = 1  # packed sequences per forward pass and rank
-    grad_accum: int = 1
-    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    seed: int = 0  # data order, initialisation and every keyed sample
     # Fused-linear loss (SFT) and log-probs (GRPO) without the fp32 [vocab, hidden]
     # weight-gradient buffer, for one more logits matmul.
     low_memory_loss: bool = False
@@ -76,9 +76,9 @@ class TrainConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
-    keep: int = 2
+    keep: int = 2  # checkpoints kept; older ones are deleted
     resume: str = "none"  # "auto": continue from the latest complete checkpoint in run_dir
-    export_hf: bool = True
+    export_hf: bool = True  # a Hugging Face model directory in run_dir/hf_model at the end
     save_final: bool = True  # false: no checkpoint at the end (smoke runs and benchmarks)
 
 
@@ -86,14 +86,14 @@ class CheckpointConfig:
 class TrackingConfig:
     tensorboard: bool = True  # run_dir/tensorboard
     wandb: bool = False  # Weights & Biases (pip install wandb); WANDB_MODE=offline writes locally
-    wandb_project: str = "fastmath"
+    wandb_project: str = "fastmath"  # Weights & Biases project
     wandb_run_name: Optional[str] = None  # default: the run_dir's name
 
 
 @dataclasses.dataclass
 class ParallelConfig:
-    activation_checkpointing: bool = False
-    cpu_offload: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    cpu_offload: bool = False  # FSDP2 keeps parameters, gradients and optimizer states in host memory
     # Bounds every collective: covers each rank writing and checksumming its share of a 14B
     # model's 177 GB checkpoint over 8 ranks at 50 MB/s.
     timeout_minutes: int = 30
@@ -108,10 +108,10 @@ class KernelsConfig:
 
 @dataclasses.dataclass
 class GRPOSamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 0.9
-    min_p: float = 0.05
-    max_new_tokens: int = 16384
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 0.9  # nucleus filter
+    min_p: float = 0.05  # tokens below min_p x the most likely token's probability are never sampled
+    max_new_tokens: int = 16384  # tokens per completion at most
     stop_strings: list = dataclasses.field(default_factory=list)  # a completion ends after the first it produces
 
 
@@ -121,7 +121,7 @@ class GRPOEngineConfig:
     # hf: KV-cache tokens per generate call at most (rows x (longest prompt + max_new_tokens));
     # more rows are sampled in several calls. 131072 is 24 GiB of a 14B Qwen2's bf16 KV cache.
     max_batch_tokens: Optional[int] = 131072
-    vllm_gpu_memory_utilization: float = 0.3
+    vllm_gpu_memory_utilization: float = 0.3  # vLLM's share of each GPU (weights, its own, KV cache)
     vllm_tensor_parallel_size: int = 1  # > 1: each engine spans this many GPUs of a node
     vllm_enforce_eager: bool = False  # true: no CUDA graphs (less memory, slower decoding); always so on CPU
     # The weight-sync check (trainer/grpo_sync_check.py): every this many syncs, and the first of a run,
@@ -138,7 +138,7 @@ class GRPOConfig:
     num_iterations: int = 1  # optimizer steps per rollout batch
     dynamic_sampling: bool = False  # replace groups whose rewards are all equal (DAPO)
     max_sampling_rounds: int = 3  # rollout rounds per step at most, with dynamic sampling
-    answer_field: str = "answer"
+    answer_field: str = "answer"  # the gold answer's field in each row
     max_prompt_tokens: Optional[int] = None  # longer prompts keep their last this many tokens (counted)
     sampling: GRPOSamplingConfig = dataclasses.field(default_factory=GRPOSamplingConfig)
     engine: GRPOEngineConfig = dataclasses.field(default_factory=GRPOEngineConfig)
@@ -167,11 +167,11 @@ RENAMED_KEYS = {
 @dataclasses.dataclass
 class EvalConfig:
     data: str = ""  # jsonl (or json/parquet) with the problem and gold-answer fields
-    answer_field: str = "answer"
+    answer_field: str = "answer"  # the gold answer's field in each row
     samples: int = 4  # k: pass@1 is averaged over k samples, maj@k votes among them
     budgets: list = dataclasses.field(default_factory=lambda: [32768])  # output-token budgets
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = 0.6  # sampling temperature
+    top_p: float = 0.95  # nucleus filter
     min_p: float = 0.0  # tokens below min_p x the most likely token's probability are never sampled
     stop_at_think_end: bool = False  # extract the answer only from the text before </think>
     batch_prompts: int = 32  # prompts sampled together (each with k samples)
@@ -179,7 +179,7 @@ class EvalConfig:
     # 131072 is 4 rows of 32k tokens: 24 GiB of a 14B Qwen2's bf16 KV cache.
     max_batch_tokens: Optional[int] = 131072
     max_problems: Optional[int] = None  # the first N problems only
-    reward_timeout_s: int = 5
+    reward_timeout_s: int = 5  # seconds math-verify may take per answer
     engine: str = "hf"  # or vllm (CUDA): each rank samples its share of the problems
     split: str = "test"  # the split read from a Hugging Face Hub dataset name
     # > 0: a training stage samples the policy on eval.data (its first eval.max_problems) every
@@ -189,7 +189,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class ToyTaskConfig:
-    train_problems: int = 3300
+    train_problems: int = 3300  # problems generated for SFT and GRPO
     eval_problems: int = 500  # held out: generated from a different seed
     detour_probability: float = 0.6  # share of training traces that re-check some of their steps
     traces_per_problem: int = 1  # sampled traces per training problem; curation keeps the shortest correct
@@ -201,10 +201,10 @@ class ToyTaskConfig:
 
 @dataclasses.dataclass
 class ToyModelConfig:
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
+    hidden_size: int = 128  # model width
+    layers: int = 4  # decoder layers
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key-value heads (grouped-query attention)
 
 
 @dataclasses.dataclass
@@ -218,8 +218,8 @@ class ToyConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    stage: str = "sft"
-    run_dir: str = "runs/sft"
+    stage: str = "sft"  # sft, grpo or eval: what this run does
+    run_dir: str = "runs/sft"  # checkpoints, metrics, plots, the export and config.yaml go here
     recipe: Optional[str] = None  # "toy": the file describes the embedded recipe, whose stages run in turn
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

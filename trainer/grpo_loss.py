@@ -15,7 +15,7 @@ class LossSettings:
     aggregation: str = "dapo"  # a name in AGGREGATIONS: grpo, bnpo, dr_grpo, dapo or one registered
     scale_rewards: str = "group"  # group, batch or none (Dr. GRPO)
     advantage_eps: float = 1e-4  # advantages divide by (std + advantage_eps)
-    eps_low: float = 0.2
+    eps_low: float = 0.2  # clip range below 1: ratios under 1 - eps_low stop pulling down
     eps_high: float = 0.2  # clip-higher when above eps_low
     beta: float = 0.0  # k3 KL to a frozen reference model; 0 loads no reference model
     mask_truncated: bool = False  # leave completions cut by max_new_tokens out of the loss

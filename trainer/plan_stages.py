@@ -80,7 +80,13 @@ def packed_rollouts(lengths, prompt_tokens, config, world_size):
                               logprobs=[0.0] * (length - len(prompts[index][0])))
                    for index, length in enumerate(lengths)]
     with unset_fake_temporarily():
-        return pack_step(prompts, completions, torch.ones(len(lengths)), config, 0, torch.device("cpu"), world_size)
+        step = pack_step(prompts, completions, torch.ones(len(lengths)), config, 0, torch.device("cpu"), world_size)
+    # The boundaries are read as numbers (the attention's grouping, the FLOP counter): made again from
+    # Python data inside fake mode, they stay readable there.
+    for row in step.rows:
+        boundaries = row.inputs["document_boundaries"]
+        row.inputs["document_boundaries"] = torch.tensor(boundaries.tolist(), dtype=boundaries.dtype)
+    return step
 
 
 def training_rows(peak):

@@ -248,9 +248,10 @@ REWARD_SETTING_CHOICES = {
 class RewardSettings:
     """The grpo.rewards section of a run configuration."""
 
+    # Reward name (or module:function) -> weight, summed.
     weights: dict = dataclasses.field(default_factory=default_reward_weights)
-    cosine_max_len: int = 30000
-    timeout_s: int = 5
+    cosine_max_len: int = 30000  # length at which the cosine length reward reaches its end value
+    timeout_s: int = 5  # seconds a reward may take per completion (math-verify included)
     unparseable_gold: str = "no_signal"  # or "reward_one", the reference recipe's behaviour
     length_unit: str = "tokens"  # what the Kimi length reward measures; the recipe: "chars"
     length_scope: str = "group"  # its min and max over one group, or over a "rank_batch" (the recipe)
