@@ -272,7 +272,8 @@ def test_keys_of_the_earlier_flat_grpo_layout_still_load_with_a_warning(tmp_path
                                          "stages.grpo.grpo.top_p=0.8"])
     grpo = config.grpo
     assert (grpo.sampling.temperature, grpo.sampling.top_p, grpo.sampling.max_new_tokens) == (0.7, 0.8, 64)
-    assert grpo.rewards.weights == {"format": 2.0, "length": 0.5} and grpo.engine.name == "hf"
+    # A mapping given on the command line replaces the file's whole, as it always has.
+    assert grpo.rewards.weights == {"length": 0.5} and grpo.engine.name == "hf"
     assert (grpo.loss.aggregation, grpo.loss.beta) == ("grpo", 0.1)
     messages = sorted(str(warning.message) for warning in caught)
     assert len(messages) == 8, messages
