@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from trainer.config import GRPOConfig
+from trainer.config import GRPOConfig, GRPOEngineConfig, GRPOSamplingConfig
 from trainer.metrics import read_metrics
 from trainer.model import CausalLMLoss
 from trainer.rollout import SamplingSettings, sync_weights
@@ -94,7 +94,9 @@ def trainer_view(root):
 def sync_check(temperature=1.0, max_gap=None, engine=None):
     from trainer.grpo_sync_check import SyncCheck
 
-    return SyncCheck(GRPOConfig(temperature=temperature, sync_check_max_gap=max_gap), engine, seed=0)
+    grpo = GRPOConfig(sampling=GRPOSamplingConfig(temperature=temperature),
+                      engine=GRPOEngineConfig(sync_check_max_gap=max_gap))
+    return SyncCheck(grpo, engine, seed=0)
 
 
 def test_keyed_sampling_repeats_whatever_the_batch(toy, engine, policy):

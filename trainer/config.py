@@ -427,14 +427,19 @@ def _validate_recipe(config):
         raise ConfigError(f"toy.epoch_ablation: expected a list of epoch counts >= 1, got {ablation!r}")
 
 
+def _validate_sampling(section, settings):
+    """temperature, top_p and min_p of a section that samples (grpo.sampling, eval)."""
+    if settings.temperature <= 0:
+        raise ConfigError(f"{section}.temperature must be positive, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise ConfigError(f"{section}.top_p must be in (0, 1], got {settings.top_p}")
+    if not 0 <= settings.min_p < 1:
+        raise ConfigError(f"{section}.min_p must be in [0, 1), got {settings.min_p}")
+
+
 def _validate_grpo(grpo):
     sampling, engine, rewards, loss = grpo.sampling, grpo.engine, grpo.rewards, grpo.loss
-    if sampling.temperature <= 0:
-        raise ConfigError(f"grpo.sampling.temperature must be positive, got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ConfigError(f"grpo.sampling.top_p must be in (0, 1], got {sampling.top_p}")
-    if not 0 <= sampling.min_p < 1:
-        raise ConfigError(f"grpo.sampling.min_p must be in [0, 1), got {sampling.min_p}")
+    _validate_sampling("grpo.sampling", sampling)
     if not all(isinstance(stop, str) and stop for stop in sampling.stop_strings):
         raise ConfigError(f"grpo.sampling.stop_strings: expected a list of non-empty strings, got "
                           f"{sampling.stop_strings!r}")
@@ -493,12 +498,7 @@ def _validate_eval(settings):
         raise ConfigError(f"eval.max_batch_tokens must be at least 1 or unset, got {settings.max_batch_tokens}")
     if settings.max_problems is not None and settings.max_problems < 1:
         raise ConfigError(f"eval.max_problems must be at least 1 or unset, got {settings.max_problems}")
-    if settings.temperature <= 0:
-        raise ConfigError(f"eval.temperature must be positive, got {settings.temperature}")
-    if not 0 < settings.top_p <= 1:
-        raise ConfigError(f"eval.top_p must be in (0, 1], got {settings.top_p}")
-    if not 0 <= settings.min_p < 1:
-        raise ConfigError(f"eval.min_p must be in [0, 1), got {settings.min_p}")
+    _validate_sampling("eval", settings)
 
 
 def _current_name(dotted, where):
