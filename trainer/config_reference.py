@@ -29,6 +29,7 @@ in a file adds to these for one stage (see the README).
 def field_comments(cls):
     """{field name: comment}: the comment lines right above a field, then the one on its line."""
     source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
     comments = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
@@ -38,16 +39,12 @@ def field_comments(cls):
         if not isinstance(node, ast.AnnAssign):
             continue
         above, line = [], node.lineno - 1
-        while line in comments and comments[line][0] > 0 and _only_comment(source, line):
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
             above.insert(0, comments[line][1])
             line -= 1
         inline = [comments[node.lineno][1]] if node.lineno in comments else []
         found[node.target.id] = " ".join(above + inline)
     return found
-
-
-def _only_comment(source, line_number):
-    return source.splitlines()[line_number - 1].lstrip().startswith("#")
 
 
 def format_default(value):
@@ -73,8 +70,7 @@ def sections(cls=RunConfig, prefix=""):
     plain, nested = [], []
     for field in dataclasses.fields(cls):
         key = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(field.type) or (isinstance(field.default_factory, type)
-                                                    and dataclasses.is_dataclass(field.default_factory)):
+        if isinstance(field.default_factory, type) and dataclasses.is_dataclass(field.default_factory):
             nested += sections(field.default_factory, f"{key}.")
         else:
             plain.append((key, field, cls))

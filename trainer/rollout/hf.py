@@ -9,6 +9,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from ..parallel import all_gather_objects, all_reduce_max, is_distributed
 from .base import Completion, RolloutEngine, eval_sampling, register_engine
 from .keyed_sampling import KeyedSampler, sequence_keys
+from .shares import rank_share
 
 
 class StopOnStrings(StoppingCriteria):
@@ -65,7 +66,7 @@ class HFRolloutEngine(RolloutEngine):
         settings = config.eval
         causal_lm = load_causal_lm(config.model, device).eval()
         sampling = eval_sampling(settings)
-        share = list(range(rank, len(problems), world_size))
+        share = list(rank_share(len(problems), rank, world_size))
         prompts = [problems[index][0] for index in share]
         calls = plan_generate_calls([len(p) for p in prompts], settings.samples, sampling.max_new_tokens,
                                     settings.batch_prompts, settings.max_batch_tokens)

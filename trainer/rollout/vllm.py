@@ -196,6 +196,17 @@ def engine_overhead_bytes(shape, tensor_parallel_size, enforce_eager=False):
                    f"{_gib(NON_TORCH_BYTES)} workspaces")
 
 
+def planned_share(config, architecture, parameters, share):
+    """(bf16 weights, vLLM's own bytes, their description, KV-cache tokens) of an engine holding `share`
+    bytes of one GPU, at grpo.engine's tensor parallelism."""
+    engine = config.grpo.engine
+    tensor_parallel = engine.vllm_tensor_parallel_size
+    model = model_shape(architecture, parameters)
+    weights = parameters * 2 / tensor_parallel
+    overhead, detail = engine_overhead_bytes(model, tensor_parallel, engine.vllm_enforce_eager)
+    return weights, overhead, detail, max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
+
+
 def check_memory_split(*, gpu_bytes, utilization, shape, tensor_parallel_size, max_model_len, training_bytes=0,
                        training_detail="", key="grpo.engine.vllm_gpu_memory_utilization", enforce_eager=False):
     """Raises a ConfigError naming the numbers when vLLM's share of the GPU cannot hold its bf16
@@ -426,11 +437,9 @@ class VLLMRolloutEngine(RolloutEngine):
         weights awake plus the one parameter being gathered whole."""
         grpo = config.grpo
         tensor_parallel = grpo.engine.vllm_tensor_parallel_size
-        model = model_shape(architecture, sum(p.numel() for p in policy.parameters()))
-        weights = model.parameters * 2 / tensor_parallel
-        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, grpo.engine.vllm_enforce_eager)
         share = grpo.engine.vllm_gpu_memory_utilization * gpu_bytes
-        cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
+        parameters = sum(p.numel() for p in policy.parameters())
+        weights, overhead, overhead_detail, cache_tokens = planned_share(config, architecture, parameters, share)
         largest = max(p.numel() for p in policy.parameters()) * 2
         sync = {**resident, "vLLM weights (bf16, awake)": weights, "the parameter being gathered (bf16)": largest}
         rollout = {**resident, "reserved for vLLM": share}
@@ -446,11 +455,8 @@ class VLLMRolloutEngine(RolloutEngine):
     def plan_evaluation(cls, config, architecture, gpu_bytes, parameters, prompt_tokens):
         """An engine on model.path with the GPU to itself: EVAL_GPU_MEMORY_UTILIZATION of it reserved."""
         sequence = prompt_tokens + max(config.eval.budgets)
-        model, share = model_shape(architecture, parameters), EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
-        tensor_parallel = config.grpo.engine.vllm_tensor_parallel_size
-        weights = parameters * 2 / tensor_parallel
-        overhead, overhead_detail = engine_overhead_bytes(model, tensor_parallel, config.grpo.engine.vllm_enforce_eager)
-        cache_tokens = max(0, share - weights - overhead) / model.kv_bytes_per_token(tensor_parallel)
+        share = EVAL_GPU_MEMORY_UTILIZATION * gpu_bytes
+        weights, overhead, overhead_detail, cache_tokens = planned_share(config, architecture, parameters, share)
         note = (f"vLLM's share ({EVAL_GPU_MEMORY_UTILIZATION:g} of the GPU): {_gib(weights)} of bf16 weights, "
                 f"{_gib(overhead)} of its own ({overhead_detail}) and a KV cache of {cache_tokens:,.0f} tokens, "
                 f"{cache_tokens / sequence:.1f} sequences of {sequence} tokens at a time")
