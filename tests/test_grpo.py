@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.errors import BudgetError
-from trainer.grpo_batch import first_fit_decreasing, kept_sequences, pack_rollouts, pack_step, rollout_sequences
+from trainer.grpo_batch import kept_sequences, pack_rollouts, pack_step, rollout_sequences
 from trainer.grpo_loss import StepTokens, aggregation, aggregation_weights
 from trainer.grpo_rollouts import zero_variance_groups
 from trainer.metrics import read_metrics
@@ -28,17 +27,6 @@ def test_packed_row_marks_exactly_the_completion_targets():
     assert row.targets.tolist() == [6, 7, 1, 2, 0, 3, 4, 9, 0]
     assert row.completion_targets.tolist() == [0, 0, 1, 1, 0, 1, 1, 1, 0]
     assert row.token_sequence.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1] and row.pad_tokens == 0
-
-
-def test_first_fit_decreasing_never_splits_and_respects_the_budget():
-    lengths = [7, 3, 9, 2, 5, 5, 1, 8]
-    bins = first_fit_decreasing(lengths, 10)
-    assert sorted(i for b in bins for i in b) == list(range(8))
-    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
-    # By hand: 9 | 8 | 7 | 5+5 | then 3 joins 7, 2 joins 8, 1 joins 9: four full bins.
-    assert bins == [[2, 6], [7, 3], [0, 1], [4, 5]]
-    with pytest.raises(BudgetError, match="11 tokens exceeds the budget of 10"):
-        first_fit_decreasing([3, 11], 10)
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss():

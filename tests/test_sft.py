@@ -143,36 +143,36 @@ def test_resume_follows_the_configured_lr_and_epochs(toy, tmp_path, capsys):
     common = ("train.micro_batch_size=4", "train.grad_accum=2", "checkpoint.every_steps=2", "checkpoint.keep=5")
     run_sft(sft_config(toy, run_dir, *common, "train.epochs=1"))
     records = read_metrics(run_dir)
-    assert len(records) == 7  # 56 packed sequences, 8 per step
-    assert [r["lr"] for r in records] == pytest.approx([scheduled_lr(3e-3, s, 7, 0.1) for s in range(7)], rel=1e-12)
+    assert len(records) == 6  # 54 packed sequences, 8 per step
+    assert [r["lr"] for r in records] == pytest.approx([scheduled_lr(3e-3, s, 6, 0.1) for s in range(6)], rel=1e-12)
 
     # Killed during step 5, resumed with a lower lr and twice the epochs: from step 5 on, the
-    # optimizer steps at the new schedule's lr (the cosine over 14 steps, peak 1e-3).
+    # optimizer steps at the new schedule's lr (the cosine over 12 steps, peak 1e-3).
     keep_checkpoints(run_dir, "step_00000002", "step_00000004")
     keep_metrics_up_to(run_dir, 4)
     capsys.readouterr()
     run_sft(sft_config(toy, run_dir, *common, "train.epochs=2", "optim.lr=1e-3", "checkpoint.resume=auto"))
     changed = [line for line in capsys.readouterr().out.splitlines() if "optim.lr" in line]
-    assert len(changed) == 1 and "optim.lr 0.003 -> 0.001" in changed[0] and "total steps 7 -> 14" in changed[0]
+    assert len(changed) == 1 and "optim.lr 0.003 -> 0.001" in changed[0] and "total steps 6 -> 12" in changed[0]
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 15))
+    assert [r["step"] for r in records] == list(range(1, 13))
     resumed = [r["lr"] for r in records if "logged_before_the_kill" not in r]
-    assert resumed == pytest.approx([scheduled_lr(1e-3, s, 14, 0.1) for s in range(4, 14)], rel=1e-12)
+    assert resumed == pytest.approx([scheduled_lr(1e-3, s, 12, 0.1) for s in range(4, 12)], rel=1e-12)
     assert {r["epoch"] for r in records} == {0, 1}
 
     # The optimizer itself carries the configured settings after a resume, not the checkpoint's.
     config = sft_config(toy, run_dir, "train.epochs=3", "optim.lr=5e-4", "optim.weight_decay=0.1",
                         "optim.beta2=0.99", "checkpoint.resume=auto")
     trainer = Trainer(config)
-    trainer.set_schedule(21)
-    assert trainer.resume(lambda _: None) == 14
+    trainer.set_schedule(18)
+    assert trainer.resume(lambda _: None) == 12
     for group in trainer.optimizer.param_groups:
-        assert group["lr"] == pytest.approx(scheduled_lr(5e-4, 14, 21, 0.1), rel=1e-12)
+        assert group["lr"] == pytest.approx(scheduled_lr(5e-4, 12, 18, 0.1), rel=1e-12)
         assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"])) == (5e-4, 0.1, (0.9, 0.99))
     assert trainer.scheduler.base_lrs == [5e-4] * len(trainer.optimizer.param_groups)
 
     # A configuration that ends before the checkpoint's step cannot continue it.
-    with pytest.raises(ConfigError, match="step_00000014 is at step 14, beyond the 7 steps"):
+    with pytest.raises(ConfigError, match="step_00000012 is at step 12, beyond the 6 steps"):
         run_sft(sft_config(toy, run_dir, *common, "train.epochs=1", "checkpoint.resume=auto"))
 
 

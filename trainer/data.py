@@ -14,6 +14,7 @@ import torch
 
 from .attention import packed_inputs
 from .errors import DataError
+from .packing import first_fit_decreasing
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
@@ -217,17 +218,19 @@ def document_targets(document):
 
 
 def pack_documents(documents, max_seq_len, pack=True):
-    """Documents in order, concatenated into packs of at most max_seq_len tokens."""
-    packs, current = [], None
-    for document in documents:
-        length = len(document.input_ids)
-        if current is None or not pack or len(current.input_ids) + length > max_seq_len:
-            current = Pack([], [], [], [])
-            packs.append(current)
-        current.input_ids.extend(document.input_ids)
-        current.targets.extend(document_targets(document))
-        current.position_ids.extend(range(length))
-        current.document_lengths.append(length)
+    """Documents packed first-fit decreasing into rows of at most max_seq_len tokens, each row's
+    documents in data order (pack=False: one document a row). The rows are shuffled every epoch."""
+    lengths = [len(document.input_ids) for document in documents]
+    rows = first_fit_decreasing(lengths, max_seq_len) if pack else [[index] for index in range(len(documents))]
+    packs = []
+    for members in rows:
+        current = Pack([], [], [], [])
+        for document in (documents[index] for index in sorted(members)):
+            current.input_ids.extend(document.input_ids)
+            current.targets.extend(document_targets(document))
+            current.position_ids.extend(range(len(document.input_ids)))
+            current.document_lengths.append(len(document.input_ids))
+        packs.append(current)
     return packs
 
 

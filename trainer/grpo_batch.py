@@ -13,27 +13,9 @@ import dataclasses
 import torch
 
 from .attention import packed_inputs
-from .errors import BudgetError
 from .grpo_loss import StepTokens, aggregation_weights
+from .packing import first_fit_decreasing
 from .parallel import all_reduce_max, all_reduce_sum
-
-
-def first_fit_decreasing(lengths, capacity):
-    """Bins (lists of indices, longest first) whose lengths sum to at most capacity each."""
-    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
-    bins, room = [], []
-    for index in order:
-        if lengths[index] > capacity:
-            raise BudgetError(f"a sequence of {lengths[index]} tokens exceeds the budget of {capacity}")
-        for position, free in enumerate(room):
-            if lengths[index] <= free:
-                bins[position].append(index)
-                room[position] -= lengths[index]
-                break
-        else:
-            bins.append([index])
-            room.append(capacity - lengths[index])
-    return bins
 
 
 @dataclasses.dataclass

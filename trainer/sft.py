@@ -26,10 +26,12 @@ class SFTData:
                 f"({self.packs_per_step} = train.micro_batch_size x train.grad_accum x ranks)"
             )
         unused = len(self.packs) - self.steps_per_epoch * self.packs_per_step
+        filled = sum(len(document.input_ids) for document in documents) / (len(self.packs) * capacity)
         log(
             f"data: {stats.examples} examples, {stats.truncated} truncated and {stats.dropped_overlong} dropped "
             f"as longer than {data.max_seq_len} tokens, {stats.dropped_empty_completion} without completion "
-            f"tokens; {len(documents)} documents in {len(self.packs)} sequences, {self.steps_per_epoch} "
+            f"tokens; {len(documents)} documents in {len(self.packs)} sequences of up to {capacity} tokens ({filled:.1%} "
+            f"filled), {self.steps_per_epoch} "
             f"steps per epoch ({unused} sequences per epoch left out to keep steps whole)"
         )
         if stats.completions_outside_template:
