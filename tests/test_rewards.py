@@ -200,6 +200,33 @@ def test_a_reward_registered_with_the_decorator_is_used_through_the_weights(priv
     assert totals == pytest.approx([1.0 - 0.545, -1.25, 1.0 - 0.085, 0.0])
 
 
+def test_a_reward_with_a_setting_of_its_own_is_one_registration(private_registry):
+    @builtin_reward("brevity", settings={"chars_per_point": 100.0})
+    def brevity(group):
+        scale = group.setting("chars_per_point")
+        return group.each_completion(lambda completion: -len(completion) / scale)
+
+    from trainer.config import ConfigError, load_config
+
+    grpo = ["stage=grpo", "model.path=m", "data.train_files=[a.jsonl]", "grpo.rewards.weights={brevity: 1.0}"]
+    completions = ["a" * 50, "b" * 250]
+    by_default = load_config(None, grpo).grpo.rewards
+    assert by_default.options == {}
+    totals, _ = RewardComputer(by_default).group(completions, "4", [10, 50])
+    assert totals == pytest.approx([-0.5, -2.5])
+    configured = load_config(None, [*grpo, "grpo.rewards.options={brevity: {chars_per_point: 25}}"]).grpo.rewards
+    totals, parts = RewardComputer(configured).group(completions, "4", [10, 50])
+    assert parts["brevity"] == pytest.approx([-2.0, -10.0]) and totals == parts["brevity"]
+    with pytest.raises(ConfigError, match=r"grpo.rewards.options.brevity.chars: unknown setting; brevity has "
+                                          r"chars_per_point"):
+        load_config(None, [*grpo, "grpo.rewards.options={brevity: {chars: 25}}"])
+    with pytest.raises(ConfigError, match=r"options.brevity.chars_per_point: expected a value like 100.0, got 'x'"):
+        load_config(None, [*grpo, "grpo.rewards.options={brevity: {chars_per_point: x}}"])
+    with pytest.raises(ConfigError, match=r"options.format: no registered reward of that name has settings "
+                                          r"\(rewards with settings: brevity\)"):
+        load_config(None, [*grpo, "grpo.rewards.options={format: {scale: 1}}"])
+
+
 def test_a_registered_reward_gets_the_per_completion_failure_handling(private_registry):
     @builtin_reward("integer_answer")
     def integer_answer(group):

@@ -18,7 +18,13 @@ from fastmath_kernels import backend_names
 
 from .errors import ConfigError
 from .grpo_loss import AGGREGATIONS, LossSettings
-from .rewards import REWARD_SETTING_CHOICES, RewardSettings, builtin_reward_names, is_known_reward
+from .rewards import (
+    REWARD_SETTING_CHOICES,
+    RewardSettings,
+    builtin_reward_names,
+    check_reward_options,
+    is_known_reward,
+)
 from .rollout import ENGINES
 
 
@@ -476,6 +482,7 @@ def _validate_rewards(rewards):
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"grpo.rewards.weights.{name}: expected a number, got {weight!r}")
+    check_reward_options(rewards.options)
 
 
 def _validate_eval(settings):

@@ -2,7 +2,9 @@
 
 A built-in reward is one function decorated with @builtin_reward(name, default_weight=...): it
 receives a RewardGroup (one prompt's completions, gold answer, token counts and correctness) and
-returns one value per completion. A user's reward given as a dotted import path is a plain
+returns one value per completion. Settings of its own are declared in the same decorator
+(settings={"scale": 1.0}), set under grpo.rewards.options.<name>.<setting> and read with
+group.setting("scale"). A user's reward given as a dotted import path is a plain
 function (completion text, gold answer, token count) -> float, called under a time limit. A
 per-completion reward that raises, times out or returns a non-finite value gives 0 for that
 sample and is counted, never stopping the run. An unparseable gold answer gives NaN accuracy by
@@ -145,6 +147,10 @@ class RewardGroup:
         """[fn(completion) for each completion], a sample whose call fails or is not finite giving 0, counted."""
         return [_safe(self.counts, self.name, fn, completion) for completion in self.completions]
 
+    def setting(self, key):
+        """This reward's own setting `key`: grpo.rewards.options.<reward>.<key>, else its registered default."""
+        return self.settings.options.get(self.name, {}).get(key, _REGISTRY[self.name].settings[key])
+
     def measured_lengths(self):
         """Each completion's length in settings.length_unit: its tokens or its characters."""
         if self.settings.length_unit == "chars":
@@ -156,15 +162,17 @@ class RewardGroup:
 class _Registered:
     compute: object  # RewardGroup -> one value per completion
     default_weight: object  # float, or None: used only when configured
+    settings: dict  # the reward's own settings and their defaults (grpo.rewards.options.<name>)
 
 
 _REGISTRY = {}
 
 
-def builtin_reward(name, default_weight=None):
+def builtin_reward(name, default_weight=None, settings=None):
     """Register the decorated fn(group: RewardGroup) -> values as the reward `name` of grpo.rewards.weights.
 
     A default_weight puts it in the default weights; without one it is computed only when configured.
+    settings: {setting: default} of the reward's own, set under grpo.rewards.options.<name>.
     """
     if "." in name or ":" in name:
         raise ValueError(f"reward name {name!r} holds '.' or ':', which grpo.rewards.weights reads as an import path")
@@ -173,7 +181,7 @@ def builtin_reward(name, default_weight=None):
         if name in _REGISTRY:
             holder = _REGISTRY[name].compute
             raise ValueError(f"reward {name!r} is already registered (by {holder.__module__}.{holder.__qualname__})")
-        _REGISTRY[name] = _Registered(compute, default_weight)
+        _REGISTRY[name] = _Registered(compute, default_weight, dict(settings or {}))
         return compute
 
     return register
@@ -187,6 +195,37 @@ def builtin_reward_names():
 def is_known_reward(name):
     """Whether `name` is a built-in reward (anything else must be an import path)."""
     return name in _REGISTRY
+
+
+def check_reward_options(options):
+    """Raises ConfigError naming the first grpo.rewards.options entry that is not a registered
+    reward's setting, or whose value is not of its default's type."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"grpo.rewards.options: expected a mapping of reward name to settings, got {options!r}")
+    for reward, values in options.items():
+        declared = _REGISTRY[reward].settings if reward in _REGISTRY else {}
+        if not declared:
+            with_settings = [name for name, entry in _REGISTRY.items() if entry.settings]
+            raise ConfigError(f"grpo.rewards.options.{reward}: no registered reward of that name has settings "
+                              f"(rewards with settings: {', '.join(with_settings) or 'none'})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"grpo.rewards.options.{reward}: expected a mapping of setting to value, got {values!r}")
+        for key, value in values.items():
+            if key not in declared:
+                raise ConfigError(f"grpo.rewards.options.{reward}.{key}: unknown setting; "
+                                  f"{reward} has {', '.join(declared)}")
+            if not _same_kind(value, declared[key]):
+                raise ConfigError(f"grpo.rewards.options.{reward}.{key}: expected a value like {declared[key]!r}, "
+                                  f"got {value!r}")
+
+
+def _same_kind(value, default):
+    numbers = (int, float)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, numbers):
+        return isinstance(value, numbers)
+    return isinstance(value, type(default))
 
 
 def default_reward_weights():
@@ -256,6 +295,8 @@ class RewardSettings:
     length_unit: str = "tokens"  # what the Kimi length reward measures; the recipe: "chars"
     length_scope: str = "group"  # its min and max over one group, or over a "rank_batch" (the recipe)
     answer_extraction: str = "last_boxed"  # or "first_match", the recipe's (see answers.py)
+    # Reward name -> {setting: value} for rewards registered with settings of their own.
+    options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name, allowed in REWARD_SETTING_CHOICES.items():
