@@ -30,9 +30,9 @@ class SFTData:
         log(
             f"data: {stats.examples} examples, {stats.truncated} truncated and {stats.dropped_overlong} dropped "
             f"as longer than {data.max_seq_len} tokens, {stats.dropped_empty_completion} without completion "
-            f"tokens; {len(documents)} documents in {len(self.packs)} sequences of up to {capacity} tokens ({filled:.1%} "
-            f"filled), {self.steps_per_epoch} "
-            f"steps per epoch ({unused} sequences per epoch left out to keep steps whole)"
+            f"tokens; {len(documents)} documents in {len(self.packs)} sequences of up to {capacity} tokens "
+            f"({filled:.1%} filled), {self.steps_per_epoch} steps per epoch ({unused} sequences per epoch left out "
+            "to keep steps whole)"
         )
         if stats.completions_outside_template:
             log(
