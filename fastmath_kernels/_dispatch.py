@@ -1,9 +1,11 @@
 """Backend choice for every op: "cuda" (csrc/ extension), "triton", "torch" (reference), or any
-backend registered later (_registry.register_backend).
+backend registered later (_registry.register_backend); each is declared in fastmath_kernels/backends/.
 
-Auto choice (backend=None): CUDA tensors go to the op's fastest available GPU backend, CPU
-tensors to "torch". FASTMATH_BACKEND replaces the auto choice wherever the named backend can
-run on the tensors; an explicit backend= argument wins over both, and raises if it cannot run.
+Auto choice (backend=None): among the op's backends that run on the tensors and are declared for
+their device type, the one with the highest priority for that op. The built-ins give CUDA tensors
+the op's fastest measured GPU backend and CPU tensors "torch". FASTMATH_BACKEND replaces the auto
+choice wherever the named backend can run on the tensors; an explicit backend= argument wins over
+both, and raises if it cannot run.
 On a machine without a GPU, Triton kernels run through the Triton interpreter, which
 fastmath_kernels.triton switches on before it defines any kernel.
 """
@@ -14,21 +16,20 @@ import os
 
 import torch
 
-from ._planning import device_type, is_planning
+from ._planning import device_type
 from ._registry import (
     backend_names,
     cannot_run_on,
-    declare_backend,
+    declared_backend,
     is_registered,
     op_backend_names,
+    priority,
     registration,
-    runs_anywhere,
 )
 
 BACKEND_ENV = "FASTMATH_BACKEND"
 # Runs on every device: the automatic choice off the GPU, and the last resort for a dtype.
 REFERENCE_BACKEND = "torch"
-DEFAULT_GPU_PREFERENCE = ("cuda", "triton")
 
 try:
     from . import _C  # noqa: F401  (loading registers torch.ops.fastmath.*)
@@ -58,36 +59,6 @@ def triton_interpreter_enabled():
     return setting == "1"
 
 
-def cuda_cannot_run_on(device):
-    if not HAS_CUDA_EXT:
-        return (
-            f"backend='cuda' needs the compiled extension fastmath_kernels._C, which did "
-            f"not load ({CUDA_EXT_IMPORT_ERROR}); reinstall with a CUDA build of torch and nvcc"
-        )
-    if device_type(device) != "cuda":
-        return f"backend='cuda' needs CUDA tensors, got a tensor on {device}"
-    return None
-
-
-def triton_cannot_run_on(device):
-    if is_planning():
-        # Its kernels have no fake implementations; the CUDA kernels' fakes allocate the same buffers.
-        return "backend='triton' does not run on fake tensors; planning uses the CUDA kernels' fake implementations"
-    if not HAS_TRITON:
-        return "backend='triton' needs the triton package, which is not installed"
-    if device_type(device) != "cuda" and not triton_interpreter_enabled():
-        return (
-            f"backend='triton' got a tensor on {device}; Triton runs CPU tensors "
-            "only through its interpreter (TRITON_INTERPRET=1)"
-        )
-    return None
-
-
-declare_backend("cuda", cuda_cannot_run_on)
-declare_backend("triton", triton_cannot_run_on)
-declare_backend(REFERENCE_BACKEND, runs_anywhere)
-
-
 def __getattr__(name):
     # BACKENDS is read from the registry at each access, so later registrations are listed.
     if name == "BACKENDS":
@@ -96,7 +67,7 @@ def __getattr__(name):
 
 
 def available_backends():
-    """Backends that can run on this machine, fastest first (later registrations last)."""
+    """Backends that can run on this machine, highest declared priority first."""
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.insert(0, torch.device("cuda"))
@@ -142,31 +113,37 @@ def _runs_on(name, tensor, op):
     return (op is None or is_registered(op, name)) and cannot_run_on(name, tensor.device) is None
 
 
-def _automatic_choice(tensor, gpu_preference, op):
-    if device_type(tensor.device) == "cuda":
-        for candidate in gpu_preference:
-            if _runs_on(candidate, tensor, op):
-                return candidate
-    return REFERENCE_BACKEND
+def _automatic_candidates(tensor, op):
+    """The backends the automatic choice may pick for op on tensor, highest priority first."""
+    kind = device_type(tensor.device)
+    names = backend_names() if op is None else op_backend_names(op)
+    candidates = [
+        name for name in names if declared_backend(name).chosen_automatically_on(kind) and _runs_on(name, tensor, op)
+    ]
+    return sorted(candidates, key=lambda name: -priority(op, name))  # stable: ties keep the listing order
 
 
-def _taking_dtype(name, tensor, gpu_preference, op):
+def _automatic_choice(tensor, op):
+    candidates = _automatic_candidates(tensor, op)
+    return candidates[0] if candidates else REFERENCE_BACKEND
+
+
+def _taking_dtype(name, tensor, op):
     """name, or where its kernels do not take tensor's dtype, the automatic choice among those that do."""
     if op is None or registration(op, name).takes(tensor.dtype):
         return name
-    candidates = (*gpu_preference, REFERENCE_BACKEND) if device_type(tensor.device) == "cuda" else (REFERENCE_BACKEND,)
-    for candidate in candidates:
-        if _runs_on(candidate, tensor, op) and registration(op, candidate).takes(tensor.dtype):
+    for candidate in _automatic_candidates(tensor, op):
+        if registration(op, candidate).takes(tensor.dtype):
             return candidate
     raise ValueError(f"{op}: no backend takes {tensor.dtype} tensors on {tensor.device}")
 
 
-def resolve_backend(backend, tensor, gpu_preference=DEFAULT_GPU_PREFERENCE, op=None):
+def resolve_backend(backend, tensor, op=None):
     """The backend that will run an op on `tensor`; raises ValueError if it cannot run there.
 
-    gpu_preference is the op's own order of GPU backends, fastest measured first. op: the name
-    the op registers its backends under; given, only those backends are accepted, and one whose
-    kernels do not take tensor's dtype hands over to the automatic choice among those that do.
+    op: the name the op registers its backends under; given, only those backends are accepted,
+    their priorities for that op decide the automatic choice, and one whose kernels do not take
+    tensor's dtype hands over to the automatic choice among those that do.
     """
     if backend is None:
         # A preference (preferred_backend, else FASTMATH_BACKEND) applies where that backend can
@@ -175,10 +152,10 @@ def resolve_backend(backend, tensor, gpu_preference=DEFAULT_GPU_PREFERENCE, op=N
         if preferred:
             _check_backend_name(preferred, source, None)
             if _runs_on(preferred, tensor, op):
-                return _taking_dtype(preferred, tensor, gpu_preference, op)
-        return _taking_dtype(_automatic_choice(tensor, gpu_preference, op), tensor, gpu_preference, op)
+                return _taking_dtype(preferred, tensor, op)
+        return _taking_dtype(_automatic_choice(tensor, op), tensor, op)
     _check_backend_name(backend, "backend", op)
     reason = cannot_run_on(backend, tensor.device)
     if reason is not None:
         raise ValueError(reason)
-    return _taking_dtype(backend, tensor, gpu_preference, op)
+    return _taking_dtype(backend, tensor, op)

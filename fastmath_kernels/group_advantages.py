@@ -1,13 +1,29 @@
-"""GRPO group advantages: rewards of G samples per prompt, normalised within each group."""
+"""GRPO group advantages: rewards of G samples per prompt, normalised within each group.
+
+The public function and the contract of its backends (GroupAdvantagesBackend); the
+implementations live in fastmath_kernels/backends/.
+"""
+
+from typing import Protocol
 
 import torch
 
-from ._dispatch import has_cuda_op, resolve_backend
-from ._registry import implementation, register_backend
+from ._dispatch import resolve_backend
+from ._registry import define_op, implementation
+from .backends.torch_reference import group_advantages_reference  # noqa: F401  (its importers' old address)
 
 OP = "group_advantages"
 SCALES = ("group", "batch", "none")
-_CUDA_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
+
+
+class GroupAdvantagesBackend(Protocol):
+    """A function: rewards [N] (any float dtype), group_size, scale (one of SCALES), eps -> float32 [N]."""
+
+    def __call__(self, rewards, group_size, scale, eps):
+        """-> float32 advantages of rewards' shape."""
+
+
+define_op(OP, GroupAdvantagesBackend)
 
 
 def _check_arguments(rewards, group_size, scale, eps):
@@ -29,49 +45,6 @@ def _check_arguments(rewards, group_size, scale, eps):
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
-def _scaled(deviation, denominator):
-    """deviation / denominator, with 0 where the denominator is 0 (eps=0 and equal rewards)."""
-    return torch.where(denominator > 0, deviation / denominator, 0.0)
-
-
-def group_advantages_reference(rewards, group_size, scale="group", eps=1e-4):
-    """The torch implementation: fp32, vectorised over groups, no host sync."""
-    grouped = rewards.float().view(-1, group_size)
-    valid = torch.isfinite(grouped)
-    count = valid.sum(dim=1, keepdim=True).float()
-    mean = torch.where(valid, grouped, 0.0).sum(dim=1, keepdim=True) / count.clamp_min(1.0)
-    deviation = torch.where(valid, grouped - mean, 0.0)
-    if scale == "group":
-        variance = deviation.square().sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)
-        advantages = _scaled(deviation, variance.sqrt() + eps)
-    elif scale == "batch":
-        total = count.sum()
-        batch_mean = torch.where(valid, grouped, 0.0).sum() / total.clamp_min(1.0)
-        squares = torch.where(valid, grouped - batch_mean, 0.0).square().sum()
-        batch_std = (squares / (total - 1.0).clamp_min(1.0)).sqrt()
-        advantages = _scaled(deviation, batch_std + eps)
-    else:
-        advantages = deviation
-    advantages = torch.where(valid & (count >= 2.0), advantages, 0.0)
-    return advantages.view(rewards.shape)
-
-
-def _group_advantages_triton(rewards, group_size, scale, eps):
-    from .triton.group_advantages import group_advantages_triton
-
-    return group_advantages_triton(rewards, group_size, scale, eps)
-
-
-def _group_advantages_cuda(rewards, group_size, scale, eps):
-    return torch.ops.fastmath.group_advantages(rewards, group_size, _CUDA_SCALE_MODE[scale], float(eps))
-
-
-# A backend here is a function (rewards, group_size, scale, eps) -> float32 advantages.
-register_backend(OP, "cuda", _group_advantages_cuda)
-register_backend(OP, "triton", _group_advantages_triton)
-register_backend(OP, "torch", group_advantages_reference)
-
-
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend=None):
     """Advantages of GRPO samples: each reward minus its group's mean, scaled.
 
@@ -86,9 +59,3 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend=No
     backend = resolve_backend(backend, rewards, op=OP)
     return implementation(OP, backend)(rewards, group_size, scale, eps)
 
-
-if has_cuda_op("group_advantages"):
-
-    @torch.library.register_fake("fastmath::group_advantages")
-    def _group_advantages_fake(rewards, group_size, scale_mode, eps):
-        return rewards.new_empty(rewards.shape, dtype=torch.float32)

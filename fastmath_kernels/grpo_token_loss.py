@@ -1,42 +1,49 @@
 """The clipped GRPO (PPO-style) per-token loss with an optional k3 KL penalty to a reference.
 
-A backend of this op (the registry's "grpo_token_loss" table) is a Kernels pair on float32
-[B, T] rows:
-  forward(logp, old_logp, advantages [B], ref_logp or None, beta, eps_low, eps_high) -> loss
-  backward(grad_loss, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high) -> grad_logp
+The public function, its autograd.Function and the contract of its backends (GrpoTokenLossBackend);
+the implementations live in fastmath_kernels/backends/.
 """
 
 import math
+from typing import Protocol
 
 import torch
 
 from ._checks import check_tensor
-from ._dispatch import has_cuda_op, resolve_backend
-from ._registry import Kernels, implementation, register_backend
+from ._dispatch import resolve_backend
+from ._registry import define_op, implementation, optional_when_differentiable
 
 OP = "grpo_token_loss"
 
 
-def grpo_token_loss_reference(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
-    """Torch path on float32 [B, T] log-probs and [B] advantages (autograd through torch ops)."""
-    ratio = torch.exp(logp - old_logp)
-    advantages = advantages[:, None]
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = -torch.minimum(ratio * advantages, clipped * advantages)
-    if ref_logp is not None and beta != 0.0:
-        log_ratio_ref = ref_logp - logp
-        loss = loss + beta * (torch.exp(log_ratio_ref) - log_ratio_ref - 1.0)
-    return loss
+class GrpoTokenLossBackend(Protocol):
+    """Kernels on float32 [B, T] rows; advantages [B], ref_logp None where beta is 0.
+
+    differentiable: forward records its own gradient, so grpo_token_loss calls it directly and
+    backward may be None; otherwise _GrpoTokenLoss pairs forward with backward.
+    """
+
+    differentiable: bool
+
+    def forward(self, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
+        """-> float32 loss [B, T]."""
+
+    @optional_when_differentiable
+    def backward(self, grad_loss, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
+        """-> float32 d(loss)/d(logp) [B, T]."""
 
 
-def _save_loss_inputs(ctx, inputs, output=None):
+define_op(OP, GrpoTokenLossBackend)
+
+
+def save_loss_inputs(ctx, inputs, output=None):
     """The setup_context shared by _GrpoTokenLoss and the CUDA op's autograd registration."""
     logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high = inputs
     ctx.save_for_backward(logp, old_logp, advantages, ref_logp)
     ctx.coefficients = (beta, eps_low, eps_high)
 
 
-def _grad_logp(ctx, grad_loss, backward_kernel):
+def logp_grad(ctx, grad_loss, backward_kernel):
     logp, old_logp, advantages, ref_logp = ctx.saved_tensors
     return backward_kernel(grad_loss.float().contiguous(), logp, old_logp, advantages, ref_logp, *ctx.coefficients)
 
@@ -47,42 +54,15 @@ class _GrpoTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high, backend):
         inputs = (logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high)
-        _save_loss_inputs(ctx, inputs)
+        save_loss_inputs(ctx, inputs)
         ctx.backend = backend
         return implementation(OP, backend).forward(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_logp = _grad_logp(ctx, grad_loss, implementation(OP, ctx.backend).backward)
+        grad_logp = logp_grad(ctx, grad_loss, implementation(OP, ctx.backend).backward)
         return grad_logp, None, None, None, None, None, None, None
-
-
-def _triton_forward(*arguments):
-    from .triton.grpo_token_loss import grpo_token_loss_forward_triton
-
-    return grpo_token_loss_forward_triton(*arguments)
-
-
-def _triton_backward(*arguments):
-    from .triton.grpo_token_loss import grpo_token_loss_backward_triton
-
-    return grpo_token_loss_backward_triton(*arguments)
-
-
-def _cuda_forward(*arguments):
-    return torch.ops.fastmath.grpo_token_loss_forward(*arguments)
-
-
-def _cuda_backward(*arguments):
-    return torch.ops.fastmath.grpo_token_loss_backward(*arguments)
-
-
-# torch: autograd through the reference's ops. cuda: the custom op's own autograd registration
-# (below), which torch.compile sees. triton: _GrpoTokenLoss.
-register_backend(OP, "cuda", Kernels(_cuda_forward, _cuda_backward, differentiable=True))
-register_backend(OP, "triton", Kernels(_triton_forward, _triton_backward))
-register_backend(OP, "torch", Kernels(grpo_token_loss_reference, differentiable=True))
 
 
 def _check_arguments(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
@@ -136,20 +116,3 @@ def grpo_token_loss(logp, old_logp, advantages, *, ref_logp=None, beta=0.0, eps_
     loss = kernels.forward(*inputs) if kernels.differentiable else _GrpoTokenLoss.apply(*inputs, backend)
     return loss.view(shape)
 
-
-if has_cuda_op("grpo_token_loss_forward"):
-
-    @torch.library.register_fake("fastmath::grpo_token_loss_forward")
-    def _grpo_token_loss_forward_fake(logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
-        return torch.empty_like(logp, dtype=torch.float32)
-
-    @torch.library.register_fake("fastmath::grpo_token_loss_backward")
-    def _grpo_token_loss_backward_fake(grad_loss, logp, old_logp, advantages, ref_logp, beta, eps_low, eps_high):
-        return torch.empty_like(logp, dtype=torch.float32)
-
-    def _grpo_autograd_backward(ctx, grad_loss):
-        return _grad_logp(ctx, grad_loss, _cuda_backward), None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "fastmath::grpo_token_loss_forward", _grpo_autograd_backward, setup_context=_save_loss_inputs
-    )

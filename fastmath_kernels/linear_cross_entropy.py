@@ -7,18 +7,19 @@ its gradient in the weight's dtype) plus the gradients themselves, the weight's 
 an fp32 [V, H] buffer. That buffer is 2x a bf16 weight gradient; accumulating in bf16 instead
 would round once per chunk (bench/weight_grad_accumulation.py measures what that costs).
 
-A backend of this op (the registry's "linear_cross_entropy" table) is a CrossEntropyKernels.
+The public function, its autograd.Function and the contract of its backends
+(CrossEntropyBackend); the implementations live in fastmath_kernels/backends/.
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ._checks import check_targets
 from ._dispatch import resolve_backend
-from ._registry import implementation, register_backend
+from ._registry import define_op, implementation
 from .chunked_linear import (
     ChunkedLinear,
     check_linear_arguments,
@@ -26,110 +27,44 @@ from .chunked_linear import (
     chunk_bounds,
     finish_weight_grad,
     grad_logits_target,
-    logprob_slice_backward,
     resolve_chunk_size,
-    targets_in_slice,
     vocab_slice_size,
     weight_grad_buffer,
     weight_grad_by_vocab_slices,
 )
 from .linear_token_logprobs import linear_token_logprobs
-from .token_logprobs import (
-    Workspace,
-    logprob_rows_backward,
-    logprob_rows_forward,
-    lse_parts,
-    row_lse,
-)
+from .token_logprobs import Workspace
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
-# Fastest first, as measured on an H200 at N=16384, H=4096, V=151936 in bf16, forward and
-# backward (bench/results/h200-2026-12-04): Triton's row kernels 98.8 ms, CUDA's 110.2 ms.
-GPU_PREFERENCE = ("triton", "cuda")
-# Rows per pass of the torch path: about 2 MB of fp32 logits, which stay in cache across the passes.
-_CACHE_RESIDENT_ELEMENTS = 1 << 19
+
+
+class CrossEntropyBackend(Protocol):
+    """One backend's cross-entropy on chunks of fp32 logits, whose d(loss)/d(logp) is row_grad.
+
+    grads_in_place: rows writes the gradient over the logits, so grad_logits is the logits.
+    """
+
+    grads_in_place: bool
+
+    def rows(self, logits, targets, row_grad, grad_logits, workspace):
+        """logits [n, V], targets [n], row_grad [n] -> (float32 logp [n], float64 lse [n]); with
+        grad_logits (not None) it also writes d(loss)/d(logits) = row_grad * (onehot - p) there."""
+
+    def slice_grad(self, grad_logits, logits, targets, start, lse, row_grad):
+        """Writes the same gradient for logits [N, w], the vocabulary slice whose first column is id `start`."""
+
+
+define_op(OP, CrossEntropyBackend)
 
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyKernels:
-    """One backend's cross-entropy on chunks of fp32 logits, whose d(loss)/d(logp) is row_grad.
-
-    rows(logits [n, V], targets [n], row_grad [n], grad_logits, workspace)
-        -> (float32 logp [n], float64 lse [n]); with grad_logits (not None) it also writes
-        d(loss)/d(logits) = row_grad * (onehot - p) there.
-    slice_grad(grad_logits, logits [N, w], targets [N], start, lse [N], row_grad [N]) writes
-        the same gradient for the vocabulary slice whose first column is id `start`.
-    grads_in_place: rows writes the gradient over the logits, so grad_logits is the logits.
-    """
+    """A CrossEntropyBackend made of two functions."""
 
     rows: Callable
     slice_grad: Callable
     grads_in_place: bool = False
-
-
-def cross_entropy_rows_torch(logits, targets, row_grad, want_grad):
-    """Torch path, in place on fp32 scratch logits [n, V]: returns (float32 logp [n], float64 lse [n]).
-
-    With want_grad the logits are left holding d(loss)/d(logits) = row_grad * (onehot - p),
-    computed from the same exponentials as the forward (no second pass over lse).
-    """
-    num_rows, vocab_size = logits.shape
-    logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
-    step = max(2, _CACHE_RESIDENT_ELEMENTS // vocab_size)
-    for start in range(0, num_rows, step):
-        end = min(start + step, num_rows)
-        z, rows_targets = logits[start:end], targets[start:end, None]
-        row_max = z.amax(dim=1, keepdim=True)
-        z.sub_(row_max)
-        target_shifted = z.gather(1, rows_targets)
-        sum_exp = z.exp_().sum(dim=1, keepdim=True)
-        log_sum = sum_exp.log()
-        logp[start:end] = (target_shifted - log_sum).squeeze(1)
-        lse[start:end] = row_lse(row_max, log_sum, 1.0).squeeze(1)
-        if want_grad:
-            rows_grad = row_grad[start:end, None]
-            z.mul_(-rows_grad / sum_exp).scatter_add_(1, rows_targets, rows_grad)
-    return logp, lse
-
-
-def _torch_rows(logits, targets, row_grad, grad_logits, workspace):
-    # grads_in_place: grad_logits, when given, is the logits themselves.
-    return cross_entropy_rows_torch(logits, targets, row_grad, want_grad=grad_logits is not None)
-
-
-def _torch_slice_grad(grad_logits, logits, targets, start, lse, row_grad):
-    """The torch path's slice gradient: it masks targets outside the slice itself."""
-    column, inside = targets_in_slice(targets, start, start + logits.shape[1])
-    lse_hi, lse_lo = lse_parts(lse)
-    logits.sub_(lse_hi[:, None]).sub_(lse_lo[:, None]).exp_().mul_(-row_grad[:, None])
-    logits.scatter_add_(1, column, torch.where(inside, row_grad, 0.0)[:, None])
-    if grad_logits.data_ptr() != logits.data_ptr():
-        grad_logits.copy_(logits)
-
-
-def _row_kernel_rows(logits, targets, row_grad, grad_logits, workspace, *, backend):
-    logp, _, lse = logprob_rows_forward(logits, targets, 1.0, False, backend, workspace)
-    if grad_logits is not None:
-        logprob_rows_backward(grad_logits, logits, targets, lse, None, row_grad, None, 1.0, backend, workspace)
-    return logp, lse
-
-
-def _row_kernel_slice_grad(grad_logits, logits, targets, start, lse, row_grad, *, backend):
-    logprob_slice_backward(grad_logits, logits, targets, start, lse, None, row_grad, None, 1.0, backend)
-
-
-def row_kernel_cross_entropy(backend):
-    """Cross-entropy from a GPU backend's token_logprobs row kernels (forward, then backward)."""
-    return CrossEntropyKernels(
-        functools.partial(_row_kernel_rows, backend=backend), functools.partial(_row_kernel_slice_grad, backend=backend)
-    )
-
-
-register_backend(OP, "cuda", row_kernel_cross_entropy("cuda"))
-register_backend(OP, "triton", row_kernel_cross_entropy("triton"))
-register_backend(OP, "torch", CrossEntropyKernels(_torch_rows, _torch_slice_grad, grads_in_place=True))
 
 
 def _loss_by_token_chunks(kernels, projection, targets, row_grad, chunk_size, grad_hidden, grad_weight_fp32, keep_lse):
@@ -238,7 +173,7 @@ def linear_cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     check_low_memory(low_memory)
-    backend = resolve_backend(backend, hidden, GPU_PREFERENCE, op=OP)
+    backend = resolve_backend(backend, hidden, op=OP)
     chunk_size = resolve_chunk_size(chunk_size, targets.numel(), weight, low_memory)
     if reduction == "none":
         valid = targets != ignore_index

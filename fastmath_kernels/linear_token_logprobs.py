@@ -7,36 +7,18 @@ accumulates the weight gradient in fp32. The torch path slices the vocabulary in
 (linear_vocab_chunks), which suits CPU matmuls better; chunk_size then sets the slice so that
 one slice holds as many logits as chunk_size tokens' rows.
 
-A backend of this op (the registry's "linear_token_logprobs" table) is a strategy with
-  forward(rows [N, H], weight [V, H], targets [N], with_entropy, settings)
-      -> (float32 logp [N], float32 entropy [N] or None, float64 lse [N])
-  backward(rows, weight, targets, lse, entropy, grad_logp, grad_entropy, settings, need_hidden, need_weight)
-      -> (grad_hidden [N, H] or None, grad_weight [V, H] or None), in the inputs' dtypes
-where settings is a LinearSettings.
+This file holds the public function, its autograd.Function and the contract of its backends
+(LinearTokenLogprobsBackend); the implementations live in fastmath_kernels/backends/.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
 from ._checks import check_targets, check_temperature
 from ._dispatch import resolve_backend
-from ._registry import implementation, register_backend
-from .chunked_linear import (
-    ChunkedLinear,
-    check_linear_arguments,
-    check_low_memory,
-    chunk_bounds,
-    finish_weight_grad,
-    grad_logits_target,
-    logprob_slice_backward,
-    resolve_chunk_size,
-    vocab_slice_size,
-    weight_grad_buffer,
-    weight_grad_by_vocab_slices,
-)
-from .linear_vocab_chunks import vocab_chunked_backward, vocab_chunked_forward
-from .token_logprobs import Workspace, logprob_rows_backward, logprob_rows_forward
+from ._registry import define_op, implementation
+from .chunked_linear import check_linear_arguments, check_low_memory, resolve_chunk_size
 
 OP = "linear_token_logprobs"
 
@@ -47,92 +29,18 @@ class LinearSettings(NamedTuple):
     low_memory: bool
 
 
-class VocabSlicedLogprobs:
-    """The torch path: every token against one slice of the vocabulary at a time."""
-
-    @staticmethod
-    def forward(rows, weight, targets, with_entropy, settings):
-        slice_size = vocab_slice_size(settings.chunk_size, rows.shape[0], weight.shape[0])
-        return vocab_chunked_forward(rows, weight, targets, settings.temperature, with_entropy, slice_size)
-
-    @staticmethod
-    def backward(rows, weight, targets, lse, entropy, grad_logp, grad_entropy, settings, need_hidden, need_weight):
-        slice_size = vocab_slice_size(settings.chunk_size, rows.shape[0], weight.shape[0])
-        return vocab_chunked_backward(
-            rows, weight, targets, lse, entropy, grad_logp, grad_entropy, settings.temperature, slice_size,
-            need_hidden, need_weight,
-        )
-
-
-class TokenChunkedLogprobs:
-    """The GPU path: chunks of tokens through row_backend's token_logprobs row kernels."""
-
-    def __init__(self, row_backend):
-        self.row_backend = row_backend
+class LinearTokenLogprobsBackend(Protocol):
+    """A strategy over rows [N, H], weight [V, H], targets [N]; settings is a LinearSettings."""
 
     def forward(self, rows, weight, targets, with_entropy, settings):
-        num_tokens = rows.shape[0]
-        projection = ChunkedLinear(rows, weight)
-        logp = torch.empty(num_tokens, dtype=torch.float32, device=rows.device)
-        lse = torch.empty(num_tokens, dtype=torch.float64, device=rows.device)
-        entropy = torch.empty_like(logp) if with_entropy else None
-        buffer = projection.logits_buffer(settings.chunk_size)
-        workspace = Workspace(weight.shape[0], rows.device, logits_are_scratch=True)
-        for start, end in chunk_bounds(num_tokens, settings.chunk_size):
-            chunk_logp, chunk_entropy, chunk_lse = logprob_rows_forward(
-                projection.logits(start, end, buffer), targets[start:end], settings.temperature, with_entropy,
-                self.row_backend, workspace,
-            )
-            logp[start:end], lse[start:end] = chunk_logp, chunk_lse
-            if with_entropy:
-                entropy[start:end] = chunk_entropy
-        return logp, entropy, lse
+        """-> (float32 logp [N], float32 entropy [N] or None, float64 lse [N])."""
 
-    def backward(
-        self, rows, weight, targets, lse, entropy, grad_logp, grad_entropy, settings, need_hidden, need_weight
-    ):
-        # low_memory: the weight gradient comes from a second pass over vocabulary slices.
-        weight_by_slices = need_weight and settings.low_memory
-        grad_hidden = torch.empty_like(rows) if need_hidden else None
-        grad_weight = weight_grad_buffer(weight) if need_weight and not weight_by_slices else None
-        projection = ChunkedLinear(rows, weight)
-        upstream = (lse, entropy, grad_logp, grad_entropy)
-        if need_hidden or grad_weight is not None:
-            # Its chunk buffers are freed on return, before the weight gradient is rounded: the
-            # peak holds one or the other.
-            self._grads_by_token_chunks(projection, targets, upstream, settings, grad_hidden, grad_weight)
-        if weight_by_slices:
-            def slice_grad(grad_logits, logits, start):
-                logprob_slice_backward(grad_logits, logits, targets, start, *upstream, settings.temperature,
-                                       self.row_backend)
-
-            slice_size = vocab_slice_size(settings.chunk_size, rows.shape[0], weight.shape[0])
-            grad_weight = weight_grad_by_vocab_slices(projection, slice_size, slice_grad)
-        elif need_weight:
-            grad_weight = finish_weight_grad(grad_weight, weight)
-        return grad_hidden, grad_weight
-
-    def _grads_by_token_chunks(self, projection, targets, upstream, settings, grad_hidden, grad_weight_fp32):
-        """Fills grad_hidden and adds into grad_weight_fp32 (either may be None), a chunk at a time."""
-        lse, entropy, grad_logp, grad_entropy = upstream
-        buffer = projection.logits_buffer(settings.chunk_size)
-        workspace = Workspace(projection.weight.shape[0], buffer.device)
-        grad_buffer = projection.grad_logits_buffer(projection.chunk_elements(settings.chunk_size))
-        for start, end in chunk_bounds(projection.hidden.shape[0], settings.chunk_size):
-            logits = projection.logits(start, end, buffer)
-            grad_logits = grad_logits_target(grad_buffer, logits)
-            logprob_rows_backward(
-                grad_logits, logits, targets[start:end], lse[start:end],
-                None if entropy is None else entropy[start:end], grad_logp[start:end],
-                None if grad_entropy is None else grad_entropy[start:end], settings.temperature, self.row_backend,
-                workspace,
-            )
-            projection.accumulate_grads(grad_logits, start, end, grad_hidden, grad_weight_fp32, scratch=buffer)
+    def backward(self, rows, weight, targets, lse, entropy, grad_logp, grad_entropy, settings, need_hidden,
+                 need_weight):
+        """-> (grad_hidden [N, H] or None, grad_weight [V, H] or None), in the inputs' dtypes."""
 
 
-register_backend(OP, "cuda", TokenChunkedLogprobs("cuda"))
-register_backend(OP, "triton", TokenChunkedLogprobs("triton"))
-register_backend(OP, "torch", VocabSlicedLogprobs())
+define_op(OP, LinearTokenLogprobsBackend)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):

@@ -1,25 +1,42 @@
 """Token log-probs (and entropy) of logits at target ids, without an fp32 copy of the logits.
 
-The op's backends are row kernels (a Kernels pair per backend in the registry's
-"token_logprobs" table):
-  forward(logits [N, V], targets [N], temperature, with_entropy, workspace)
-      -> (float32 logp [N], float32 entropy [N] or None, float64 lse [N])
-  backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace)
-      writes d(loss)/d(logits) into grad_logits ([N, V], any float dtype; may alias logits)
-lse is T * logsumexp(logits / T), in the logits' units (see lse_parts). workspace is the torch
-path's reusable buffers, or None; other kernels ignore it. The fused-linear ops feed the same
-row kernels one chunk of logits at a time, through logprob_rows_forward and logprob_rows_backward.
+The public function, its autograd.Function and the contract of the op's backends: row kernels
+(TokenLogprobsBackend) that the op runs block by block, and that the fused-linear ops feed one
+chunk of logits at a time through logprob_rows_forward and logprob_rows_backward. lse is
+T * logsumexp(logits / T), in the logits' units (see lse_parts); workspace is the torch path's
+reusable buffers (Workspace), which other kernels ignore. The implementations live in
+fastmath_kernels/backends/.
 """
+
+from typing import Protocol
 
 import torch
 
 from ._checks import check_targets, check_temperature, check_tensor
-from ._dispatch import has_cuda_op, resolve_backend
-from ._registry import Kernels, implementation, register_backend
+from ._dispatch import resolve_backend
+from ._registry import define_op, implementation
 
 OP = "token_logprobs"
-# The CUDA kernels cover 16- and 32-bit floats; float64 logits go to the next backend.
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TokenLogprobsBackend(Protocol):
+    """Row kernels on logits [N, V] with a contiguous last dim.
+
+    differentiable: forward records its own gradient (a custom op with an autograd registration),
+    so token_logprobs calls it directly; otherwise _TokenLogprobs pairs forward with backward.
+    backward is needed either way: the fused-linear ops call it on each chunk.
+    """
+
+    differentiable: bool
+
+    def forward(self, logits, targets, temperature, with_entropy, workspace):
+        """-> (float32 logp [N], float32 entropy [N] or None, float64 lse [N])."""
+
+    def backward(self, grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace):
+        """Writes d(loss)/d(logits) into grad_logits ([N, V], any float dtype; may alias logits)."""
+
+
+define_op(OP, TokenLogprobsBackend)
 
 # Stand-in for log(0) in products with probabilities: exp() of it is 0 and 0 * it is 0,
 # where -inf would give NaN. Small enough that no real log-probability reaches it.
@@ -71,111 +88,6 @@ def lse_parts(lse):
     return hi, lo
 
 
-def _is_same_fp32_tensor(a, b):
-    return a.dtype == torch.float32 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
-
-
-def logprob_rows_forward_reference(logits, targets, temperature, with_entropy, workspace=None):
-    """Torch path: logits [N, V] -> (logp [N], entropy [N] or None) in float32, and float64 lse [N].
-
-    With workspace.logits_are_scratch (fp32 logits the caller will recompute or drop) the work
-    happens in place and the logits are overwritten.
-    """
-    num_rows, vocab_size = logits.shape
-    workspace = workspace or Workspace(vocab_size, logits.device)
-    logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(num_rows, dtype=torch.float64, device=logits.device)
-    entropy = torch.empty_like(logp) if with_entropy else None
-    in_place = workspace.logits_are_scratch and logits.dtype == torch.float32
-    for start, end in workspace.chunks(num_rows):
-        rows = end - start
-        shifted = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
-        # Relative to the row max, then scaled: at logits near 1e4, z / T or z - lse would each
-        # lose ~1e-3 to rounding, z - max loses nothing.
-        row_max = shifted.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        shifted.sub_(row_max)
-        if temperature != 1.0:
-            shifted.div_(temperature)
-        target_shifted = shifted.gather(1, targets[start:end, None])
-        # -inf logits (masked tokens) become a finite floor: exp gives 0 and 0 * floor stays 0.
-        shifted.clamp_(min=LOG_PROB_FLOOR)
-        exps = torch.exp(shifted, out=workspace.get("exps", rows))
-        sum_exp = exps.sum(dim=-1, keepdim=True)
-        log_sum = sum_exp.log()
-        lse[start:end] = row_lse(row_max, log_sum, temperature).squeeze(1)
-        logp[start:end] = (target_shifted - log_sum).squeeze(1)
-        if with_entropy:
-            # H = log s - sum(e * (z - m)) / s with e = exp(z - m), s = sum e.
-            entropy[start:end] = (log_sum - exps.mul_(shifted).sum(dim=-1, keepdim=True) / sum_exp).squeeze(1)
-    return logp, entropy, lse
-
-
-def logprob_rows_backward_reference(
-    grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, workspace=None
-):
-    """Torch path: writes d(loss)/d(logits) into grad_logits (which may be logits itself).
-
-    grad = (g * onehot - p * (g + g_entropy * (log p + H))) / T, computed in fp32.
-    """
-    num_rows, vocab_size = logits.shape
-    workspace = workspace or Workspace(vocab_size, logits.device)
-    use_entropy = grad_entropy is not None and entropy is not None
-    in_place = _is_same_fp32_tensor(grad_logits, logits)
-    target_grad = (grad_logp / temperature)[:, None]
-    lse_hi, lse_lo = lse_parts(lse)
-    for start, end in workspace.chunks(num_rows):
-        rows = end - start
-        work = logits[start:end] if in_place else workspace.get("work", rows).copy_(logits[start:end])
-        log_probs = work.sub_(lse_hi[start:end, None]).sub_(lse_lo[start:end, None])
-        if temperature != 1.0:
-            log_probs.div_(temperature)
-        log_probs.clamp_(min=LOG_PROB_FLOOR)
-        if use_entropy:
-            probs = torch.exp(log_probs, out=workspace.get("exps", rows))
-            weight = log_probs.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
-            work = weight.add_(grad_logp[start:end, None]).mul_(probs).mul_(-1.0 / temperature)
-        else:
-            work = log_probs.exp_().mul_(-target_grad[start:end])
-        work.scatter_add_(1, targets[start:end, None], target_grad[start:end])
-        if not in_place:
-            grad_logits[start:end].copy_(work)
-
-
-def _triton_rows_forward(logits, targets, temperature, with_entropy, workspace=None):
-    from .triton.token_logprobs import logprob_rows_forward_triton
-
-    return logprob_rows_forward_triton(logits, targets, temperature, with_entropy)
-
-
-def _triton_rows_backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-                          workspace=None):
-    from .triton.token_logprobs import logprob_rows_backward_triton
-
-    logprob_rows_backward_triton(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature)
-
-
-def _cuda_rows_forward(logits, targets, temperature, with_entropy, workspace=None):
-    logp, entropy, lse = torch.ops.fastmath.token_logprobs_forward(logits, targets, float(temperature), with_entropy)
-    return logp, (entropy if with_entropy else None), lse
-
-
-def _cuda_rows_backward(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature,
-                        workspace=None):
-    torch.ops.fastmath.token_logprobs_backward(
-        grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, float(temperature)
-    )
-
-
-# The CUDA forward is a custom op with its own autograd registration (below), so token_logprobs
-# calls it directly and torch.compile sees the op; the others go through _TokenLogprobs.
-register_backend(
-    OP, "cuda", Kernels(_cuda_rows_forward, _cuda_rows_backward, differentiable=True), dtypes=_CUDA_DTYPES
-)
-register_backend(OP, "triton", Kernels(_triton_rows_forward, _triton_rows_backward))
-register_backend(OP, "torch", Kernels(logprob_rows_forward_reference, logprob_rows_backward_reference))
-
-
 def logprob_rows_forward(logits, targets, temperature, with_entropy, backend, workspace=None):
     """(logp, entropy or None, lse) [N] for logits [N, V] with a contiguous last dim, by `backend`'s kernels."""
     return implementation(OP, backend).forward(logits, targets, temperature, with_entropy, workspace)
@@ -186,12 +98,12 @@ def logprob_rows_backward(
 ):
     """Writes the logits gradient into grad_logits ([N, V], any float dtype; may alias logits)."""
     implementation(OP, backend).backward(
-        grad_logits, logits, targets, lse, entropy, _fp32_rows(grad_logp), _fp32_rows(grad_entropy), temperature,
+        grad_logits, logits, targets, lse, entropy, fp32_rows(grad_logp), fp32_rows(grad_entropy), temperature,
         workspace,
     )
 
 
-def _fp32_rows(grad):
+def fp32_rows(grad):
     """An upstream gradient as the row kernels read it: contiguous float32, or None."""
     return None if grad is None else grad.float().contiguous()
 
@@ -229,7 +141,7 @@ def _forward_by_blocks(logits, flat_targets, temperature, with_entropy, backend)
     return logp, entropy, lse
 
 
-def _upstream_grads(lse, entropy, grad_logp, grad_entropy):
+def upstream_grads(lse, entropy, grad_logp, grad_entropy):
     """(grad_logp, grad_entropy or None), a missing logp gradient as zeros; None when neither came."""
     if grad_logp is None and grad_entropy is None:
         return None
@@ -255,7 +167,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         flat = [None if grad is None else grad.reshape(-1) for grad in (grad_logp, grad_entropy)]
-        upstream = _upstream_grads(lse, entropy, *flat)
+        upstream = upstream_grads(lse, entropy, *flat)
         if upstream is None:
             return None, None, None, None, None
         grad_logp, grad_entropy = upstream
@@ -295,44 +207,3 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, back
         logp, entropy = _TokenLogprobs.apply(logits, targets, temperature, with_entropy, backend)
     return (logp, entropy) if with_entropy else logp
 
-
-if has_cuda_op("token_logprobs_forward"):
-
-    @torch.library.register_fake("fastmath::token_logprobs_forward")
-    def _token_logprobs_forward_fake(logits, targets, temperature, with_entropy):
-        num_rows = logits.shape[0]
-        entropy_rows = num_rows if with_entropy else 0
-        return (
-            logits.new_empty(num_rows, dtype=torch.float32),
-            logits.new_empty(entropy_rows, dtype=torch.float32),
-            logits.new_empty(num_rows, dtype=torch.float64),
-        )
-
-    @torch.library.register_fake("fastmath::token_logprobs_backward")
-    def _token_logprobs_backward_fake(grad_logits, logits, targets, lse, entropy, grad_logp, grad_entropy, temperature):
-        return None
-
-    def _token_logprobs_setup_context(ctx, inputs, output):
-        logits, targets, temperature, with_entropy = inputs
-        _, entropy, lse = output
-        ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else None)
-        ctx.mark_non_differentiable(lse)  # a statistic saved for backward, not a result
-        ctx.set_materialize_grads(False)
-        ctx.temperature = temperature
-
-    def _token_logprobs_autograd_backward(ctx, grad_logp, grad_entropy, grad_lse):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        upstream = _upstream_grads(lse, entropy, grad_logp, grad_entropy)
-        if upstream is None:
-            return None, None, None, None
-        grad_logits = torch.empty_like(logits)
-        grad_logp, grad_entropy = upstream
-        _cuda_rows_backward(
-            grad_logits, logits, targets, lse, entropy, _fp32_rows(grad_logp), _fp32_rows(grad_entropy), ctx.temperature
-        )
-        return grad_logits, None, None, None
-
-    torch.library.register_autograd(
-        "fastmath::token_logprobs_forward", _token_logprobs_autograd_backward,
-        setup_context=_token_logprobs_setup_context,
-    )
