@@ -8,11 +8,11 @@ The compiled extension is optional: without it, HAS_CUDA_EXT is False and the Tr
 torch backends still work.
 """
 
+from . import backends  # noqa: F401  (importing it registers the built-in backends)
 from ._dispatch import HAS_CUDA_EXT, HAS_TRITON, available_backends, preferred_backend
 from ._planning import device_type as planned_device_type
 from ._planning import is_planning, planning_as_gpu
 from ._registry import backend_names
-from . import backends  # noqa: F401  (importing it registers the built-in backends)
 from .group_advantages import group_advantages
 from .grpo_token_loss import grpo_token_loss
 from .linear_cross_entropy import linear_cross_entropy

@@ -4,6 +4,8 @@ The new backends here are float64 kernels written from plain torch ops: one for 
 as a forward/backward pair (so the op's autograd.Function pairs them), one for grpo_token_loss
 as a differentiable forward (so autograd records it directly). Each is checked against float64
 autograd through torch's own log_softmax or the GRPO formula, on random data and odd shapes.
+Declared with a priority above torch's on CPU tensors, the token_logprobs one is also the
+automatic choice there; the priority rule and the contract checks are tested on their own too.
 """
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from helpers import assert_fp32_accurate
 
 import fastmath_kernels as fk
-from fastmath_kernels import _dispatch, _registry
+from fastmath_kernels import _dispatch, _registry, planning_as_gpu
 from fastmath_kernels._dispatch import resolve_backend
 from fastmath_kernels._registry import Kernels
 
@@ -64,6 +66,18 @@ def token_logprobs_backend():
 
 
 @pytest.fixture
+def prioritized_backend():
+    """NEW declared to run on CPU tensors above torch's priority: chosen without being named."""
+    CALLS.clear()
+    _registry.declare_backend(NEW, priority=_registry.priority("token_logprobs", "torch") + 1, automatic_on=("cpu",))
+    _registry.register_backend("token_logprobs", NEW, Kernels(rows_forward_float64, rows_backward_float64))
+    yield None  # backend=None: the automatic choice
+    _registry.unregister_backend("token_logprobs", NEW)
+    assert_forgotten(NEW)
+    assert resolve_backend(None, torch.zeros(2, 3), op="token_logprobs") == "torch"
+
+
+@pytest.fixture
 def grpo_backend():
     CALLS.clear()
     _registry.register_backend("grpo_token_loss", NEW, Kernels(grpo_loss_float64, differentiable=True))
@@ -101,7 +115,9 @@ def test_no_test_backend_is_left_registered():
 @pytest.mark.parametrize("shape", [(3, 47, 31), (5, 123), (1, 2, 7, 61)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_new_backend_runs_through_token_logprobs(token_logprobs_backend, shape, dtype, temperature):
+@pytest.mark.parametrize("registered", ["token_logprobs_backend", "prioritized_backend"])
+def test_new_backend_runs_through_token_logprobs(registered, shape, dtype, temperature, request):
+    token_logprobs_backend = request.getfixturevalue(registered)  # a name, or None for the automatic choice
     # A view with a gap in its rows: the op splits it into blocks, each a row-kernel call.
     full = random_logits((*shape[:-1], shape[-1] + 3), dtype, seed=sum(shape))
     logits = full[..., :-3].detach().requires_grad_()
@@ -216,3 +232,105 @@ def test_dtype_a_backend_does_not_take_falls_back_to_the_automatic_choice():
     finally:
         _registry.unregister_backend("token_logprobs", NEW)
     assert_forgotten(NEW)
+
+
+def counting(name, calls):
+    def advantages(rewards, group_size, scale, eps):
+        calls.append(name)
+        return torch.zeros_like(rewards, dtype=torch.float32)
+
+    return advantages
+
+
+@pytest.fixture
+def declared():
+    """Declares backends for a test and removes every registration of them afterwards."""
+    names = []
+
+    def declare(name, priority, automatic_on=("cpu",)):
+        _registry.declare_backend(name, priority=priority, automatic_on=automatic_on)
+        names.append(name)
+        return name
+
+    yield declare
+    for name in names:
+        for op in [op for op in _registry._TABLES if _registry.is_registered(op, name)]:
+            _registry.unregister_backend(op, name)
+    assert fk.BACKENDS == ("cuda", "triton", "torch")
+
+
+def test_the_highest_priority_wins_and_unregistering_restores_the_previous_choice(declared):
+    rewards, calls = torch.randn(6), []
+    low, high = declared("low", priority=5), declared("high", priority=7)
+    _registry.register_backend("group_advantages", low, counting(low, calls))
+    assert resolve_backend(None, rewards, op="group_advantages") == low
+    _registry.register_backend("group_advantages", high, counting(high, calls))
+    fk.group_advantages(rewards, 3)
+    assert calls == [high]
+    assert fk.BACKENDS == ("cuda", "triton", "high", "low", "torch")  # listed by declared priority
+    _registry.unregister_backend("group_advantages", high)
+    fk.group_advantages(rewards, 3)
+    assert calls == [high, low]
+    _registry.unregister_backend("group_advantages", low)
+    assert resolve_backend(None, rewards, op="group_advantages") == "torch"
+    assert resolve_backend(None, rewards, op="token_logprobs") == "torch"  # never had either
+
+
+def test_an_op_priority_overrides_the_declared_one_for_that_op_only(declared):
+    rewards, logits, calls = torch.randn(6), torch.randn(2, 5), []
+    low, high = declared("low", priority=5), declared("high", priority=7)
+    for op in ("group_advantages", "token_logprobs"):
+        _registry.register_backend(op, low, counting(low, calls) if op == "group_advantages" else
+                                   Kernels(rows_forward_float64, rows_backward_float64))
+    _registry.register_backend("group_advantages", high, counting(high, calls))
+    _registry.register_backend("token_logprobs", high, Kernels(rows_forward_float64, rows_backward_float64),
+                               priority=3)
+    assert resolve_backend(None, rewards, op="group_advantages") == high
+    assert resolve_backend(None, logits, op="token_logprobs") == low
+    assert resolve_backend(None, logits) == high  # no op: the declared priorities
+    assert resolve_backend(high, logits, op="token_logprobs") == high  # backend= still reaches it
+
+
+def test_a_backend_is_chosen_only_on_the_device_types_it_is_declared_for(declared):
+    rewards = torch.randn(6)
+    gpu_only = declared("gpu_only", priority=100, automatic_on=("cuda",))
+    _registry.register_backend("group_advantages", gpu_only, counting(gpu_only, []))
+    assert resolve_backend(None, rewards, op="group_advantages") == "torch"
+    with planning_as_gpu():  # CPU tensors resolved as CUDA ones
+        assert resolve_backend(None, rewards, op="group_advantages") == gpu_only
+        assert resolve_backend(None, rewards, op="grpo_token_loss") == ("cuda" if fk.HAS_CUDA_EXT else "torch")
+
+
+def test_measured_gpu_orders_are_kept():
+    for op in ("token_logprobs", "grpo_token_loss", "group_advantages", "linear_token_logprobs"):
+        assert _registry.priority(op, "cuda") > _registry.priority(op, "triton") > _registry.priority(op, "torch")
+    op = "linear_cross_entropy"
+    assert _registry.priority(op, "triton") > _registry.priority(op, "cuda") > _registry.priority(op, "torch")
+
+
+def test_a_declared_name_is_declared_once(declared):
+    declared("once", priority=1)
+    with pytest.raises(ValueError, match="'once' is already declared"):
+        _registry.declare_backend("once", priority=2)
+    _registry.register_backend("group_advantages", "once", counting("once", []))
+
+
+@pytest.mark.parametrize(
+    ("op", "implementation", "missing"),
+    [
+        ("token_logprobs", Kernels(rows_forward_float64, differentiable=True), r"no callable backward\(grad_logits"),
+        ("token_logprobs", Kernels(lambda logits: None, rows_backward_float64), r"cannot be called as forward\("),
+        ("grpo_token_loss", object(), "no attribute 'differentiable'"),
+        ("group_advantages", "not a function", r"not callable as __call__\(rewards, group_size, scale, eps\)"),
+        ("linear_cross_entropy", Kernels(rows_forward_float64, rows_backward_float64), "no attribute 'grads_in_place'"),
+        ("linear_token_logprobs", Kernels(rows_forward_float64, rows_backward_float64), r"cannot be called as"),
+    ],
+)
+def test_an_implementation_that_breaks_its_op_contract_is_refused(op, implementation, missing):
+    with pytest.raises(TypeError, match=f"{op}: the 'broken' backend does not satisfy .*{missing}"):
+        _registry.register_backend(op, "broken", implementation)
+    assert "broken" not in fk.BACKENDS and not _registry.is_registered(op, "broken")
+
+
+def test_a_differentiable_forward_needs_no_backward_where_the_contract_says_so(grpo_backend):
+    assert _registry.implementation("grpo_token_loss", NEW).backward is None
