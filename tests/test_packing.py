@@ -6,7 +6,7 @@ import pytest
 
 from trainer.data import Document, collate, pack_documents
 from trainer.errors import BudgetError
-from trainer.packing import first_fit_decreasing
+from trainer.packing import first_fit_decreasing, in_data_order
 
 
 def first_fit_by_scanning(lengths, capacity):
@@ -48,14 +48,13 @@ def test_sft_packs_waste_less_than_packing_in_data_order():
     lengths = [generator.randint(40, 120) for _ in range(2000)]  # the embedded task's spread of documents
     documents = [Document(list(range(n)), [True] * n) for n in lengths]
     packs = pack_documents(documents, 320)
-    in_order = 1
-    filled = 0
-    for n in lengths:  # a new row whenever the next document does not fit
-        if filled + n > 320:
-            in_order, filled = in_order + 1, 0
-        filled += n
+    in_order = pack_documents(documents, 320, packing="data_order")
     assert sum(lengths) / (320 * len(packs)) > 0.97
-    assert len(packs) < 0.9 * in_order
+    assert len(packs) < 0.9 * len(in_order)
+    # Data order: a new row exactly where the next document would overflow the current one.
+    for row, following in zip(in_order, in_order[1:]):
+        assert sum(row.document_lengths) + following.document_lengths[0] > 320
+    assert [n for row in in_order for n in row.document_lengths] == lengths
     # Every document once and whole, its positions restarting at 0.
     assert sorted(n for pack in packs for n in pack.document_lengths) == sorted(lengths)
     for pack in packs:
@@ -72,3 +71,20 @@ def test_one_row_keeps_documents_in_data_order():
     batch = collate(pack_documents(documents, 6), pad_token_id=0)
     # 5 | 3, then 2 joins 3: two rows of 5 tokens, where data order would need three (3 | 5 | 2).
     assert batch["input_ids"].tolist() == [[2] * 5, [1, 1, 1, 3, 3]] and batch["pad_tokens"] == 0
+
+
+def test_data_order_packs_consecutive_sequences():
+    assert in_data_order([3, 5, 2, 7, 1], 8) == [[0, 1], [2], [3, 4]]
+    assert in_data_order([], 8) == []
+    with pytest.raises(BudgetError, match="9 tokens exceeds the budget of 8"):
+        in_data_order([1, 9], 8)
+
+
+def test_the_packing_setting_is_checked():
+    from trainer.config import ConfigError, load_config
+
+    sft = ["stage=sft", "model.path=m", "data.train_files=[a.jsonl]"]
+    assert load_config(None, sft).data.packing == "first_fit_decreasing"
+    assert load_config(None, [*sft, "data.packing=data_order"]).data.packing == "data_order"
+    with pytest.raises(ConfigError, match="data.packing"):
+        load_config(None, [*sft, "data.packing=best_fit"])

@@ -18,6 +18,7 @@ from fastmath_kernels import backend_names
 
 from .errors import ConfigError
 from .grpo_loss import AGGREGATIONS, LossSettings
+from .packing import PACKINGS
 from .rewards import (
     REWARD_SETTING_CHOICES,
     RewardSettings,
@@ -48,6 +49,7 @@ class DataConfig:
     max_seq_len: int = 2048  # tokens per packed row (SFT); longer examples follow data.overlong
     overlong: str = "truncate"  # or "drop": what happens to an example longer than max_seq_len
     pack: bool = True  # several documents per row, kept apart by document-masked attention
+    packing: str = "first_fit_decreasing"  # or "data_order": a new row wherever the next document does not fit
     loss_on: str = "completion"  # or "all": every token of each document carries the loss
     split: str = "train"  # the split read from a Hugging Face Hub dataset name
 
@@ -252,6 +254,7 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
     "data.loss_on": ("completion", "all"),
+    "data.packing": tuple(PACKINGS),
     "checkpoint.resume": ("none", "auto"),
     "model.attn_implementation": ("document_masked", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
 }

@@ -14,7 +14,7 @@ import torch
 
 from .attention import packed_inputs
 from .errors import DataError
-from .packing import first_fit_decreasing
+from .packing import PACKINGS
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = (".jsonl", ".json", ".parquet")
@@ -217,11 +217,11 @@ def document_targets(document):
     return [ids[i + 1] if mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
-def pack_documents(documents, max_seq_len, pack=True):
-    """Documents packed first-fit decreasing into rows of at most max_seq_len tokens, each row's
-    documents in data order (pack=False: one document a row). The rows are shuffled every epoch."""
+def pack_documents(documents, max_seq_len, pack=True, packing="first_fit_decreasing"):
+    """Documents packed into rows of at most max_seq_len tokens by `packing` (packing.PACKINGS), each
+    row's documents in data order (pack=False: one document a row). The rows are shuffled every epoch."""
     lengths = [len(document.input_ids) for document in documents]
-    rows = first_fit_decreasing(lengths, max_seq_len) if pack else [[index] for index in range(len(documents))]
+    rows = PACKINGS[packing](lengths, max_seq_len) if pack else [[index] for index in range(len(documents))]
     packs = []
     for members in rows:
         current = Pack([], [], [], [])

@@ -1,11 +1,30 @@
-"""First-fit decreasing: sequences into rows of a fixed capacity, with little room left over.
+"""Sequences into rows of a fixed capacity: first-fit decreasing, or in data order.
 
-SFT packs its documents with it and GRPO its rollouts. Taking the longest first and putting each
-into the first row with room for it wastes a few percent of a row where packing in data order
-(a new row whenever the next sequence does not fit) wastes up to half of one per row.
+GRPO packs its rollouts first-fit decreasing, and SFT its documents by default
+(data.packing): taking the longest first and putting each into the first row with room for it
+wastes a few percent of a row, where packing in data order (a new row whenever the next sequence
+does not fit) wastes up to half of one per row.
 """
 
 from .errors import BudgetError
+
+
+def _check_fits(length, capacity):
+    if length > capacity:
+        raise BudgetError(f"a sequence of {length} tokens exceeds the budget of {capacity}")
+
+
+def in_data_order(lengths, capacity):
+    """Bins (lists of indices, in order) of consecutive sequences, a new one wherever the next does not fit."""
+    bins, filled = [], capacity
+    for index, length in enumerate(lengths):
+        _check_fits(length, capacity)
+        if filled + length > capacity:
+            bins.append([])
+            filled = 0
+        bins[-1].append(index)
+        filled += length
+    return bins
 
 
 def first_fit_decreasing(lengths, capacity):
@@ -22,8 +41,7 @@ def first_fit_decreasing(lengths, capacity):
     bins = []
     for index in order:
         length = lengths[index]
-        if length > capacity:
-            raise BudgetError(f"a sequence of {length} tokens exceeds the budget of {capacity}")
+        _check_fits(length, capacity)
         if room[1] >= length:
             node = 1
             while node < leaves:  # the leftmost subtree with room, down to its leaf
@@ -39,3 +57,7 @@ def first_fit_decreasing(lengths, capacity):
             room[node] = max(room[2 * node], room[2 * node + 1])
             node //= 2
     return bins
+
+
+# data.packing's choices.
+PACKINGS = {"first_fit_decreasing": first_fit_decreasing, "data_order": in_data_order}

@@ -14,7 +14,7 @@ class SFTData:
         documents, stats = build_documents(records, tokenizer, data, config.model.system_prompt)
         # With a token budget each micro-batch is one pack of at most that many tokens.
         capacity = config.train.max_tokens_per_micro_batch or data.max_seq_len
-        self.packs = pack_documents(documents, capacity, data.pack)
+        self.packs = pack_documents(documents, capacity, data.pack, data.packing)
         self.micro_batch_size, self.grad_accum = config.train.micro_batch_size, config.train.grad_accum
         self.world_size, self.seed = world_size, config.train.seed
         self.pad_token_id = tokenizer.pad_token_id
